@@ -1,0 +1,1 @@
+"""Control plane: job submission and tracking."""

@@ -1,0 +1,207 @@
+"""A small driver: submit one job to the first stage and wait for the muxer's MP4.
+
+Stands in for the broker's submission path until the broker lands, so the data plane can be run
+and tested on its own. It binds the reports endpoint (where every stage sends progress, heartbeats
+and results), so run it while no broker is running.
+
+    python -m broker.driver --prompt "a cat walks on the beach" --model t2v-A14B -o cat.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from common import messages as m
+from common.config import Config
+from common.errors import InvalidRequest, JobFailedError, StageTimeout
+from common.sockets import SocketOptions, make_socket
+
+
+@dataclass
+class JobOutcome:
+    done: m.JobDone
+    reports: list[m.StageReport] = field(default_factory=list)
+    heartbeats: dict[str, m.Heartbeat] = field(default_factory=dict)
+    latency_s: float = 0.0
+
+
+def default_params(config: Config, model: str, **overrides) -> m.JobParams:
+    defaults = config.section("defaults")
+    values = {
+        "model": model,
+        "prompt": "",
+        "negative_prompt": "",
+        "seed": 0,
+        "steps": int(defaults.get("steps", 4)),
+        "height": int(defaults.get("height", 64)),
+        "width": int(defaults.get("width", 64)),
+        "num_frames": int(defaults.get("num_frames", 9)),
+        "fps": int(defaults.get("fps", 16)),
+        "guidance_scale": float(defaults.get("guidance_scale", 4.0)),
+        "guidance_scale_2": None,
+        "max_sequence_length": int(defaults.get("max_sequence_length", 512)),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    params = m.JobParams(**values)
+    validate_params(config, params)
+    return params
+
+
+def validate_params(config: Config, p: m.JobParams) -> None:
+    config.model(p.model)  # raises if the profile does not serve it
+    if not p.prompt.strip():
+        raise InvalidRequest("prompt is empty", {"field": "prompt"})
+    if p.num_frames < 1 or (p.num_frames - 1) % 4:
+        raise InvalidRequest(f"num_frames must be 4n+1, got {p.num_frames}", {"field": "num_frames"})
+    if p.steps < 1 or p.steps > 1000:
+        raise InvalidRequest(f"steps must be in 1..1000, got {p.steps}", {"field": "steps"})
+    if p.seed < 0 or p.seed >= 2**63:
+        raise InvalidRequest("seed must be in 0..2^63-1", {"field": "seed"})
+    if p.fps < 1 or p.fps > 120:
+        raise InvalidRequest(f"fps must be in 1..120, got {p.fps}", {"field": "fps"})
+
+
+class Driver:
+    """Owns the reports socket and a socket to the first stage; submits jobs and waits for them."""
+
+    def __init__(self, config: Config, ctx: zmq.Context | None = None):
+        self.config = config
+        self.ctx = ctx or zmq.Context.instance()
+        options = SocketOptions(hwm=1000, max_message_bytes=config.limits.max_message_bytes)
+        self.reports = make_socket(self.ctx, zmq.PULL, config.endpoint("reports"), bind=True, options=options)
+        self._senders: dict[str, zmq.Socket] = {}
+        self.heartbeats: dict[str, m.Heartbeat] = {}
+
+    def close(self) -> None:
+        self.reports.close(0)
+        for s in self._senders.values():
+            s.close(0)
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _sender(self, stage: str) -> zmq.Socket:
+        if stage not in self._senders:
+            opts = SocketOptions(send_timeout_ms=30_000, max_message_bytes=self.config.limits.max_message_bytes)
+            self._senders[stage] = make_socket(self.ctx, zmq.PUSH, self.config.endpoint(stage), bind=False, options=opts)
+        return self._senders[stage]
+
+    def _poll(self, timeout_s: float) -> m.Message | None:
+        if not self.reports.poll(int(timeout_s * 1000)):
+            return None
+        msg = m.decode(self.reports.recv_multipart(copy=False), self.config.limits)
+        if isinstance(msg, m.Heartbeat):
+            self.heartbeats[msg.stage] = msg
+        return msg
+
+    def wait_ready(self, stages: list[str] | None = None, timeout_s: float = 120.0) -> None:
+        """Wait until every stage has sent a heartbeat saying its models are loaded."""
+        stages = stages or self.config.stage_names()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = [s for s in stages if not (s in self.heartbeats and self.heartbeats[s].ready)]
+            if not missing:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StageTimeout(f"stages not ready after {timeout_s:.0f} s: {missing}", {"stages": missing})
+            self._poll(min(left, 0.5))
+
+    def submit(self, params: m.JobParams, job_id: str | None = None) -> str:
+        job_id = job_id or uuid.uuid4().hex
+        route = self.config.route(params.model)
+        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params, timings={"submitted_at": time.time()})
+        try:
+            self._sender(route[0]).send_multipart(m.encode(job), copy=False)
+        except zmq.Again:
+            raise StageTimeout(f"stage {route[0]} did not take the job", {"stage": route[0]}) from None
+        return job_id
+
+    def wait(
+        self, job_id: str, timeout_s: float = 600.0, on_report: Callable[[m.StageReport], None] | None = None
+    ) -> JobOutcome:
+        started = time.monotonic()
+        deadline = started + timeout_s
+        reports: list[m.StageReport] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StageTimeout(f"job {job_id} did not finish in {timeout_s:.0f} s", {"job_id": job_id})
+            msg = self._poll(min(left, 1.0))
+            if msg is None or getattr(msg, "job_id", None) != job_id:
+                continue
+            if isinstance(msg, m.StageReport):
+                reports.append(msg)
+                if on_report:
+                    on_report(msg)
+            elif isinstance(msg, m.JobDone):
+                return JobOutcome(msg, reports, dict(self.heartbeats), time.monotonic() - started)
+            elif isinstance(msg, m.JobFailed):
+                err = msg.error.get("error", {})
+                raise JobFailedError(
+                    f"job failed in {msg.stage}: {err.get('code')}: {err.get('message')}",
+                    {"stage": msg.stage, "error": err},
+                )
+
+    def run(self, params: m.JobParams, timeout_s: float = 600.0, **kw) -> JobOutcome:
+        return self.wait(self.submit(params), timeout_s, **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="submit one job to the stage pipeline and wait for its MP4")
+    parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--model", default="t2v-A14B")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int, dest="num_frames")
+    parser.add_argument("--fps", type=int)
+    parser.add_argument("--guidance", type=float, dest="guidance_scale")
+    parser.add_argument("--guidance-2", type=float, dest="guidance_scale_2", help="low-noise expert's guidance")
+    parser.add_argument("-o", "--output", type=Path, help="copy the MP4 here")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+
+    config = Config.load(args.config)
+    keys = ("prompt", "negative_prompt", "seed", "steps", "height", "width", "num_frames", "fps")
+    overrides = {k: getattr(args, k) for k in keys + ("guidance_scale", "guidance_scale_2")}
+    try:
+        params = default_params(config, args.model, **overrides)
+        with Driver(config) as driver:
+            driver.wait_ready(config.route(params.model), timeout_s=args.timeout)
+
+            def show(r: m.StageReport) -> None:
+                if r.event == "step":
+                    print(f"\r{r.stage}: step {r.step}/{r.total_steps}", end="", file=sys.stderr, flush=True)
+
+            outcome = driver.run(params, args.timeout, on_report=show)
+    except Exception as exc:
+        body = exc.to_dict() if hasattr(exc, "to_dict") else {"error": {"message": str(exc)}}
+        print(f"\nerror: {body['error'].get('code', 'ERROR')}: {body['error']['message']}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    path = Path(outcome.done.path)
+    if args.output:
+        shutil.copyfile(path, args.output)
+        path = args.output
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

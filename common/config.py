@@ -1,0 +1,191 @@
+"""Configuration: one TOML file (a deployment profile) plus environment overrides.
+
+The file is chosen by `--config PATH`, else `$WAN_SERVER_CONFIG`, else the `tiny` profile shipped in
+`common/profiles/`. Any key can be overridden from the environment as
+`WAN_SERVER__<SECTION>__<KEY>[__<KEY>...]=value` (the value is parsed as a TOML value when it
+parses, else taken as a string), e.g. `WAN_SERVER__RUNTIME__STATE_DIR=/tmp/wan`.
+
+Relative paths in the file are taken from the project root, so every process agrees on them
+whatever its working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+from common.wire import Limits
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+ENV_PREFIX = "WAN_SERVER__"
+ENV_CONFIG = "WAN_SERVER_CONFIG"
+
+STAGE_KINDS = ("text_encoder", "dit", "vae", "muxer")
+MAX_IPC_PATH = 100  # sockaddr_un allows 107 bytes; keep a margin
+
+
+def profile_path(name: str) -> Path:
+    return PROFILES_DIR / f"{name}.toml"
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            # Section names may contain '-' (model names); env vars spell them with '_'.
+            match = next((k for k in node if k.lower().replace("-", "_") == part), part)
+            node = node.setdefault(match, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key} overrides a value that is not a section", {"env": key})
+        leaf = next((k for k in node if k.lower().replace("-", "_") == path[-1]), path[-1])
+        node[leaf] = _parse_env_value(raw)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: str
+    device: str
+    dtype: str
+    options: dict[str, Any]
+
+
+class Config:
+    """A loaded profile. Read-only after load; every process builds its own from the same file."""
+
+    def __init__(self, data: dict[str, Any], source: Path | None = None):
+        self.data = data
+        self.source = source
+        self._validate()
+
+    # ---- loading ----
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+        environ = dict(os.environ if environ is None else environ)
+        chosen = Path(path) if path else Path(environ[ENV_CONFIG]) if environ.get(ENV_CONFIG) else profile_path("tiny")
+        if not chosen.is_absolute():
+            chosen = (Path.cwd() / chosen).resolve()
+        try:
+            data = tomllib.loads(chosen.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {chosen} does not exist", {"path": str(chosen)}) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {chosen} is not valid TOML: {exc}", {"path": str(chosen)}) from None
+        _apply_env(data, environ)
+        return cls(data, chosen)
+
+    def _validate(self) -> None:
+        for name, spec in self.data.get("stages", {}).items():
+            kind = spec.get("kind", name)
+            if kind not in STAGE_KINDS:
+                raise ConfigError(f"stage {name!r} has unknown kind {kind!r}", {"stage": name, "kinds": STAGE_KINDS})
+        for model, route in self.data.get("routes", {}).items():
+            for stage in route:
+                if stage not in self.data.get("stages", {}):
+                    raise ConfigError(f"route of {model!r} names unknown stage {stage!r}", {"model": model})
+
+    def copy(self) -> Config:
+        return Config(copy.deepcopy(self.data), self.source)
+
+    # ---- sections ----
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.data.get(name, {}))
+
+    def path(self, value: str | os.PathLike[str]) -> Path:
+        p = Path(os.path.expanduser(str(value)))
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(self.section("runtime").get("state_dir", "var"))
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path(self.section("runtime").get("results_dir", self.state_dir / "results"))
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.path(self.section("runtime").get("socket_dir", self.state_dir / "sock"))
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.path(self.section("runtime").get("model_cache_dir", self.state_dir / "models"))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.from_config(self.section("limits"))
+
+    @property
+    def torch_threads(self) -> int:
+        return int(self.section("runtime").get("torch_threads", 0))
+
+    @property
+    def log_level(self) -> str:
+        return str(self.section("runtime").get("log_level", "INFO"))
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return float(self.section("runtime").get("heartbeat_interval_s", 1.0))
+
+    def stage(self, name: str) -> StageSpec:
+        stages = self.data.get("stages", {})
+        if name not in stages:
+            raise ConfigError(f"no stage named {name!r} in the config", {"stage": name, "stages": sorted(stages)})
+        spec = dict(stages[name])
+        return StageSpec(
+            name=name,
+            kind=spec.pop("kind", name),
+            device=spec.pop("device", "cpu"),
+            dtype=spec.pop("dtype", "float32"),
+            options=spec,
+        )
+
+    def stage_names(self) -> list[str]:
+        return list(self.data.get("stages", {}))
+
+    def model(self, name: str) -> dict[str, Any]:
+        models = self.data.get("models", {})
+        if name not in models:
+            raise ConfigError(f"model {name!r} is not served by this profile", {"model": name, "models": sorted(models)})
+        return dict(models[name])
+
+    def model_names(self) -> list[str]:
+        return list(self.data.get("models", {}))
+
+    def route(self, model: str) -> list[str]:
+        routes = self.data.get("routes", {})
+        route = routes.get(model, routes.get("default"))
+        if not route:
+            raise ConfigError(f"no route for model {model!r}", {"model": model})
+        return list(route)
+
+    def endpoint(self, name: str) -> str:
+        """The address the named peer binds: a stage name, or `reports`."""
+        configured = self.section("endpoints").get(name)
+        if configured:
+            return str(configured)
+        path = self.socket_dir / f"{name}.sock"
+        if len(str(path)) > MAX_IPC_PATH:
+            raise ConfigError(
+                f"ipc socket path {path} is longer than {MAX_IPC_PATH} bytes; set runtime.socket_dir to a shorter folder",
+                {"path": str(path)},
+            )
+        return f"ipc://{path}"

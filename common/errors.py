@@ -1,0 +1,101 @@
+"""Structured errors: `{"success": false, "error": {"code", "message", "details"}}`.
+
+Every failure that can reach a client or another process is one of these types, so it can be
+turned into that body (or carried in a message) without losing its code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServerError(Exception):
+    """Base of every error the server reports. `code` is stable API; `message` is for people."""
+
+    code = "INTERNAL_ERROR"
+    http_status = 500
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None, *, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"success": False, "error": {"code": self.code, "message": self.message, "details": self.details}}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> ServerError:
+        err = body.get("error", body)
+        return cls(str(err.get("message", "")), dict(err.get("details") or {}), code=str(err.get("code", cls.code)))
+
+
+class ConfigError(ServerError):
+    code = "CONFIG_ERROR"
+
+
+class ModelLoadError(ServerError):
+    code = "MODEL_LOAD_ERROR"
+
+
+class InvalidRequest(ServerError):
+    code = "INVALID_REQUEST"
+    http_status = 422
+
+
+class JobFailedError(ServerError):
+    code = "JOB_FAILED"
+
+
+class JobCancelled(ServerError):
+    code = "JOB_CANCELLED"
+    http_status = 409
+
+
+class OutputError(ServerError):
+    code = "OUTPUT_WRITE_ERROR"
+
+
+class StageTimeout(ServerError):
+    code = "STAGE_TIMEOUT"
+    http_status = 504
+
+
+# --- wire format --------------------------------------------------------------------------------
+
+
+class WireError(ServerError):
+    """A message could not be decoded. The receiver logs it and drops the message."""
+
+    code = "WIRE_ERROR"
+    http_status = 400
+
+
+class MalformedHeader(WireError):
+    code = "WIRE_MALFORMED_HEADER"
+
+
+class UnknownMessageType(WireError):
+    code = "WIRE_UNKNOWN_TYPE"
+
+
+class FieldError(WireError):
+    code = "WIRE_BAD_FIELD"
+
+
+class FrameMismatch(WireError):
+    code = "WIRE_FRAME_MISMATCH"
+
+
+class BadDtype(WireError):
+    code = "WIRE_BAD_DTYPE"
+
+
+class BadShape(WireError):
+    code = "WIRE_BAD_SHAPE"
+
+
+class MessageTooLarge(WireError):
+    code = "WIRE_MESSAGE_TOO_LARGE"
+    http_status = 413

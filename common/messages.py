@@ -1,0 +1,269 @@
+"""Every message that crosses a socket, in one module.
+
+A message is a dataclass deriving from `Message`; its class name is its wire type. The header
+carries `v` (wire version), `type`, and the dataclass fields; tensors anywhere in the fields travel
+as out-of-band frames (see `common.wire`). `decode` checks the type name, the presence and type of
+every field, and refuses fields it does not know, raising a typed `WireError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from common import wire
+from common.errors import FieldError, MalformedHeader, UnknownMessageType
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Message:
+    registry: ClassVar[dict[str, type[Message]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Message.registry[cls.__name__] = cls
+
+    @property
+    def type_name(self) -> str:
+        return type(self).__name__
+
+
+# --- job parameters (resolved before the job enters the pipeline) -------------------------------
+
+
+@dataclass
+class JobParams:
+    """Everything that decides the frames of a job; carried by every job message."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    guidance_scale: float
+    guidance_scale_2: float | None = None
+    max_sequence_length: int = 512
+
+
+# --- job messages: each carries the job through one hop of its route -----------------------------
+
+
+@dataclass
+class JobMessage(Message):
+    """Base of the messages that move a job along its route."""
+
+    job_id: str
+    attempt: int
+    route: list[str]
+    params: JobParams
+    timings: dict[str, float] = field(default_factory=dict, kw_only=True)
+
+
+@dataclass
+class EncodeJob(JobMessage):
+    """Driver/broker -> text_encoder: encode the prompts."""
+
+
+@dataclass
+class DenoiseJob(JobMessage):
+    """text_encoder -> dit, and dit -> dit at the expert hand-off.
+
+    `latents` and `scheduler_state` are absent on the first DiT hop; `step` is the index of the next
+    denoising step to run.
+    """
+
+    prompt_embeds: Tensor
+    negative_prompt_embeds: Tensor | None = None
+    latents: Tensor | None = None
+    scheduler_state: dict[str, Any] | None = None
+    step: int = 0
+
+
+@dataclass
+class DecodeJob(JobMessage):
+    """dit -> vae: the denoised latents (float32)."""
+
+    latents: Tensor
+
+
+@dataclass
+class MuxJob(JobMessage):
+    """vae -> muxer: uint8 frames, shape (frames, height, width, 3)."""
+
+    frames: Tensor
+
+
+# --- reports: every stage -> whoever tracks jobs (the driver, later the broker) -----------------
+
+
+@dataclass
+class StageReport(Message):
+    """A job's progress through a stage. `event` is accepted | step | forwarded."""
+
+    job_id: str
+    attempt: int
+    stage: str
+    event: str
+    step: int = 0
+    total_steps: int = 0
+    at: float = 0.0
+
+
+@dataclass
+class JobDone(Message):
+    """muxer -> tracker: the MP4 is in place."""
+
+    job_id: str
+    attempt: int
+    path: str
+    num_frames: int
+    width: int
+    height: int
+    fps: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class JobFailed(Message):
+    """Any stage -> tracker: the job failed in that stage; `error` is the structured error body."""
+
+    job_id: str
+    attempt: int
+    stage: str
+    error: dict[str, Any]
+
+
+@dataclass
+class Heartbeat(Message):
+    stage: str
+    pid: int
+    ready: bool
+    busy_job: str | None = None
+    handled: int = 0
+    at: float = 0.0
+
+
+# --- encode / decode ---------------------------------------------------------------------------
+
+
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(msg: Message) -> list[Any]:
+    body = _to_wire(msg)
+    return wire.pack({"v": wire.WIRE_VERSION, "type": msg.type_name, **body})
+
+
+def decode(parts: list[Any], limits: wire.Limits) -> Message:
+    fields = wire.unpack(parts, limits)
+    version = fields.pop("v", None)
+    if version != wire.WIRE_VERSION:
+        raise MalformedHeader(f"wire version {version!r}, expected {wire.WIRE_VERSION}", {"version": repr(version)})
+    type_name = fields.pop("type", None)
+    if not isinstance(type_name, str):
+        raise MalformedHeader("header has no message type")
+    cls = Message.registry.get(type_name)
+    if cls is None or cls in (JobMessage,):
+        raise UnknownMessageType(f"unknown message type {type_name[:64]!r}", {"type": type_name[:64]})
+    return _build(cls, fields, type_name)
+
+
+def _build(cls: type, fields: Any, where: str) -> Any:
+    if not isinstance(fields, dict):
+        raise FieldError(f"{where} must be a map", {"field": where})
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise FieldError(f"{where}: unknown field(s) {unknown[:8]}", {"fields": unknown[:8]})
+    kwargs = {}
+    for name, f in known.items():
+        if name not in fields:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise FieldError(f"{where}: missing field {name!r}", {"field": f"{where}.{name}"})
+            continue
+        kwargs[name] = _check(hints[name], fields[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _check(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(arg, value, where)
+            except FieldError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else FieldError(f"{where}: bad value", {"field": where})
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(where, "list", value)
+        (arg,) = typing.get_args(hint) or (Any,)
+        return [_check(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, "map", value)
+        _, arg = typing.get_args(hint) or (str, Any)
+        return {k: _check(arg, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise _type_error(where, "tensor", value)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(where, "float", value)
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(where, "int", value)
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise _type_error(where, hint.__name__, value)
+        return value
+    raise FieldError(f"{where}: unsupported field type {hint!r}", {"field": where})
+
+
+def _type_error(where: str, expected: str, value: Any) -> FieldError:
+    return FieldError(
+        f"{where}: expected {expected}, got {type(value).__name__}",
+        {"field": where, "expected": expected, "got": type(value).__name__},
+    )
+
+
+def _check_registry() -> None:
+    """Import-time check: every message type is a dataclass whose fields the decoder can check."""
+    for name, cls in Message.registry.items():
+        assert dataclasses.is_dataclass(cls), name
+        typing.get_type_hints(cls)
+
+
+_check_registry()

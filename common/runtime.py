@@ -1,0 +1,260 @@
+"""The loop every stage process runs: receive -> decode -> handle -> send, plus heartbeats.
+
+A stage is a class with `setup()` (load models) and `handle(message) -> messages`. Everything that
+touches a socket lives here, so `handle` can be driven in-process by tests and by replay.
+
+- Job messages returned by `handle` go to the next stage in the job's route; anything else
+  (JobDone, JobFailed) goes to the reports endpoint.
+- A message that does not decode is logged and dropped; the stage keeps serving.
+- An exception in `handle` fails that job with a structured error; the stage keeps serving.
+- A heartbeat thread, with its own socket, reports liveness whatever the main loop is doing.
+- With `runtime.record_dir` set, every received message and what `handle` returned for it are
+  written, as raw wire frames in a msgpack file, for replay (see `replay_file`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+
+from common import messages as m
+from common.config import Config, StageSpec
+from common.errors import ServerError, StageTimeout, WireError
+from common.logs import job_context, setup_logging
+from common.sockets import SocketOptions, make_socket
+
+log = logging.getLogger(__name__)
+
+
+class Stage:
+    """Base of every stage. Subclasses set `kind` and implement `setup` and `handle`."""
+
+    kind = ""
+
+    def __init__(self, config: Config, spec: StageSpec):
+        self.config = config
+        self.spec = spec
+        self.name = spec.name
+        self.ready = False
+
+    def setup(self) -> None:
+        """Load models. Called once before the first message."""
+
+    def handle(self, msg: m.Message) -> list[m.Message]:
+        raise NotImplementedError
+
+    def emit(self, msg: m.Message) -> None:
+        """Send a side report (progress) while handling; the runtime replaces this."""
+
+
+def next_stage(route: list[str], current: str) -> str | None:
+    try:
+        i = route.index(current)
+    except ValueError:
+        raise ServerError(f"stage {current!r} is not on the job's route {route}", {"route": route}) from None
+    return route[i + 1] if i + 1 < len(route) else None
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ServerError):
+        return exc.to_dict()
+    return ServerError(f"{type(exc).__name__}: {exc}", {"exception": type(exc).__name__}).to_dict()
+
+
+class StageRuntime:
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.config = stage.config
+        self.name = stage.name
+        self.limits = self.config.limits
+        self.ctx = zmq.Context.instance()
+        runtime = self.config.section("runtime")
+        self.options = SocketOptions(
+            hwm=int(runtime.get("hwm", 16)),
+            max_message_bytes=self.limits.max_message_bytes,
+            send_timeout_ms=int(float(runtime.get("forward_timeout_s", 60)) * 1000),
+        )
+        record_dir = runtime.get("record_dir")
+        self.record_dir = self.config.path(record_dir) / self.name if record_dir else None
+        self.stop_event = threading.Event()
+        self.busy_job: str | None = None
+        self.handled = 0
+        self.seq = 0
+        self._peers: dict[str, zmq.Socket] = {}
+        # Reports queue (bounded) while the tracker is down or restarting, instead of being lost.
+        self.report_options = SocketOptions(
+            hwm=int(runtime.get("report_hwm", 1000)), max_message_bytes=self.limits.max_message_bytes, immediate=False
+        )
+
+    # ---- sockets ----
+    def _peer(self, name: str) -> zmq.Socket:
+        sock = self._peers.get(name)
+        if sock is None:
+            options = self.report_options if name == "reports" else self.options
+            sock = make_socket(self.ctx, zmq.PUSH, self.config.endpoint(name), bind=False, options=options)
+            self._peers[name] = sock
+        return sock
+
+    def _send_report(self, msg: m.Message) -> None:
+        """Reports never block the stage: if nobody is listening they are dropped."""
+        try:
+            self._peer("reports").send_multipart(m.encode(msg), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("no listener for reports; dropped %s", msg.type_name)
+
+    def _forward(self, msg: m.JobMessage, frames: list[Any]) -> None:
+        dest = next_stage(msg.route, self.name)
+        if dest is None:
+            raise ServerError(f"{msg.type_name} has nowhere to go after {self.name}", {"route": msg.route})
+        try:
+            self._peer(dest).send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest}) from None
+        self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time()))
+
+    # ---- heartbeat ----
+    def _heartbeat_loop(self) -> None:
+        options = SocketOptions(hwm=1, linger_ms=0, immediate=True)  # a stale heartbeat is worthless
+        sock = make_socket(self.ctx, zmq.PUSH, self.config.endpoint("reports"), bind=False, options=options)
+        try:
+            while not self.stop_event.is_set():
+                beat = m.Heartbeat(
+                    stage=self.name,
+                    pid=os.getpid(),
+                    ready=self.stage.ready,
+                    busy_job=self.busy_job,
+                    handled=self.handled,
+                    at=time.time(),
+                )
+                try:
+                    sock.send_multipart(m.encode(beat), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                self.stop_event.wait(self.config.heartbeat_interval)
+        finally:
+            sock.close(0)
+
+    # ---- recording ----
+    def _record(self, seq: int, job_id: str | None, incoming: list[bytes], outgoing: list[list[Any]] | None) -> None:
+        if self.record_dir is None:
+            return
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        body = {
+            "stage": self.name,
+            "job_id": job_id,
+            "in": incoming,
+            "out": None if outgoing is None else [[bytes(memoryview(f)) for f in parts] for parts in outgoing],
+        }
+        path = self.record_dir / f"{seq:06d}-{job_id or 'undecodable'}.msgpack"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(msgpack.packb(body, use_bin_type=True))
+        tmp.replace(path)
+
+    # ---- main loop ----
+    def process(self, parts: list[Any]) -> None:
+        """Handle one received multipart message (already off the socket)."""
+        self.seq += 1
+        seq = self.seq
+        incoming = [bytes(p.buffer if hasattr(p, "buffer") else p) for p in parts] if self.record_dir else []
+        try:
+            msg = m.decode(parts, self.limits)
+        except WireError as exc:
+            log.error("dropped a bad message: %s %s", exc.code, exc.message)
+            self._record(seq, None, incoming, None)
+            return
+        job_id = getattr(msg, "job_id", None)
+        attempt = getattr(msg, "attempt", 0)
+        with job_context(job_id):
+            self._record(seq, job_id, incoming, None)
+            self.busy_job = job_id
+            if job_id is not None:
+                self._send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
+            outputs: list[list[Any]] = []
+            try:
+                for out in self.stage.handle(msg):
+                    frames = m.encode(out)
+                    outputs.append(frames)
+                    if isinstance(out, m.JobMessage):
+                        self._forward(out, frames)
+                    else:
+                        self._peer("reports").send_multipart(frames, copy=False)
+                self._record(seq, job_id, incoming, outputs)
+            except Exception as exc:  # a job's failure is not the process's failure
+                log.error("job failed in %s: %s\n%s", self.name, exc, traceback.format_exc())
+                if job_id is not None:
+                    self._send_report(m.JobFailed(job_id, attempt, self.name, error_body(exc)))
+            finally:
+                self.busy_job = None
+                self.handled += 1
+
+    def run(self) -> None:
+        stage = self.stage
+        pull = make_socket(self.ctx, zmq.PULL, self.config.endpoint(self.name), bind=True, options=self.options)
+        stage.emit = self._send_report  # type: ignore[method-assign]
+        self._peer("reports")
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        started = time.monotonic()
+        stage.setup()
+        stage.ready = True
+        log.info("%s ready in %.1f s, listening on %s", self.name, time.monotonic() - started, self.config.endpoint(self.name))
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        try:
+            while not self.stop_event.is_set():
+                if not poller.poll(200):
+                    continue
+                parts = pull.recv_multipart(copy=False)
+                self.process(parts)
+        finally:
+            self.stop_event.set()
+            beat.join(timeout=2)
+            pull.close(0)
+            for sock in self._peers.values():
+                sock.close()
+            log.info("%s stopped", self.name)
+
+
+def replay_file(path: str | os.PathLike[str], stage: Stage, limits) -> tuple[list[list[bytes]], list[list[bytes]]]:
+    """Feed a recorded message to `stage.handle` in-process; returns (recorded outputs, replayed outputs)."""
+    body = msgpack.unpackb(Path(path).read_bytes(), raw=False)
+    msg = m.decode(body["in"], limits)
+    replayed = [[bytes(memoryview(f)) for f in m.encode(out)] for out in stage.handle(msg)]
+    return body["out"], replayed
+
+
+def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=f"run a {stage_cls.kind} stage process")
+    parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
+    parser.add_argument("--name", default=stage_cls.kind, help="stage name in the config (default: %(default)s)")
+    args = parser.parse_args(argv)
+    config = Config.load(args.config)
+    setup_logging(config.log_level)
+    spec = config.stage(args.name)
+    if spec.kind != stage_cls.kind:
+        parser.error(f"stage {args.name!r} is a {spec.kind} stage, not {stage_cls.kind}")
+    configure_torch(config)
+    runtime = StageRuntime(stage_cls(config, spec))
+
+    def on_term(signum, frame):  # supervisord stops us with SIGTERM
+        runtime.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    runtime.run()
+
+
+def configure_torch(config: Config) -> None:
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)

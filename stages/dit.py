@@ -1,0 +1,172 @@
+"""DiT stage: the denoising loop of diffusers' WanPipeline, or a part of it.
+
+One module serves every DiT process. An instance is configured (in the profile) with its `part`
+of the schedule and its device:
+
+- `part = "high"`: the steps before the hand-off, with the high-noise expert (`transformer`);
+  it draws the initial noise from the job's seed, as the pipeline does.
+- `part = "low"`: the steps from the hand-off on, with the low-noise expert (`transformer_2`),
+  continuing the scheduler state the high part sent; it sends the latents on to the VAE.
+- `part = "all"`: the whole loop in one process (single-GPU profiles).
+
+For a one-expert model (TI2V-5B) both parts use `transformer` and split the steps at
+`split_fraction`, so two DiT processes pipeline consecutive jobs the same way.
+A step-progress report is sent after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from common import messages as m
+from common.errors import InvalidRequest
+from common.runtime import Stage, stage_main
+from stages import schedule
+from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class DitStage(Stage):
+    kind = "dit"
+
+    def setup(self) -> None:
+        self.device = torch.device(self.spec.device)
+        self.dtype = torch_dtype(self.spec.dtype)
+        self.part = self.spec.options.get("part", "all")
+        if self.part not in schedule.PARTS:
+            raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
+        self.models: dict[str, dict] = {}
+        for model in self.spec.options.get("models", self.config.model_names()):
+            folder = model_dir(self.config, model)
+            info = PipelineInfo.read(folder)
+            two_experts = info.has_transformer_2 and info.boundary_ratio is not None
+            wanted = {"high": ["transformer"], "low": ["transformer_2"], "all": ["transformer", "transformer_2"]}
+            names = wanted[self.part] if two_experts else ["transformer"]
+            experts = {
+                name: load_component(WanTransformer3DModel, folder, name, torch_dtype=self.dtype).to(self.device).eval()
+                for name in names
+            }
+            scheduler_config = UniPCMultistepScheduler.load_config(folder, subfolder="scheduler")
+            self.models[model] = {
+                "info": info,
+                "experts": experts,
+                "two_experts": two_experts,
+                "scheduler_config": scheduler_config,
+                "split_fraction": float(self.config.model(model).get("split_fraction", 0.5)),
+            }
+            log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
+
+    def prepare_latents(self, info: PipelineInfo, p: m.JobParams, channels: int) -> torch.Tensor:
+        shape = (
+            1,
+            channels,
+            (p.num_frames - 1) // info.vae_scale_temporal + 1,
+            p.height // info.vae_scale_spatial,
+            p.width // info.vae_scale_spatial,
+        )
+        generator = torch.Generator(device="cpu").manual_seed(p.seed)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def handle(self, msg: m.Message) -> list[m.Message]:
+        if not isinstance(msg, m.DenoiseJob):
+            raise InvalidRequest(f"dit does not take {msg.type_name}")
+        p = msg.params
+        entry = self.models.get(p.model)
+        if entry is None:
+            raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
+        info: PipelineInfo = entry["info"]
+        multiple = info.vae_scale_spatial * info.patch_size[1]
+        if p.height % multiple or p.width % multiple or p.height <= 0 or p.width <= 0:
+            raise InvalidRequest(
+                f"{p.model} needs width and height that are multiples of {multiple}, got {p.width}x{p.height}",
+                {"multiple": multiple, "width": p.width, "height": p.height},
+            )
+        if p.num_frames < 1 or (p.num_frames - 1) % info.vae_scale_temporal:
+            raise InvalidRequest(f"num_frames must be {info.vae_scale_temporal}n+1, got {p.num_frames}")
+        experts = entry["experts"]
+        any_expert = next(iter(experts.values()))
+
+        scheduler = UniPCMultistepScheduler.from_config(entry["scheduler_config"])
+        scheduler.set_timesteps(p.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        scheduler.set_begin_index(0)
+        if msg.latents is None:
+            latents = self.prepare_latents(info, p, any_expert.config.in_channels)
+        else:
+            latents = msg.latents.to(self.device, torch.float32)
+            if msg.scheduler_state is not None:
+                schedule.restore_state(scheduler, msg.scheduler_state, self.device)
+
+        boundary = (
+            schedule.boundary_timestep(info.boundary_ratio, scheduler.config.num_train_timesteps)
+            if entry["two_experts"]
+            else None
+        )
+        steps = schedule.step_range(self.part, timesteps, boundary, entry["split_fraction"])
+        if msg.step != steps.start:
+            raise InvalidRequest(
+                f"job arrived at step {msg.step} but this {self.part} part starts at {steps.start}",
+                {"step": msg.step, "expected": steps.start},
+            )
+        guidance_2 = p.guidance_scale if p.guidance_scale_2 is None else p.guidance_scale_2
+        do_cfg = p.guidance_scale > 1.0
+        if do_cfg and msg.negative_prompt_embeds is None:
+            raise InvalidRequest("guidance is on but the job has no negative prompt embeddings")
+        mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
+        started = time.time()
+        for i in steps:
+            t = timesteps[i]
+            if boundary is None or t >= boundary:
+                model, scale = experts["transformer"], p.guidance_scale
+            else:
+                model, scale = experts["transformer_2"], guidance_2
+            cond = msg.prompt_embeds.to(self.device, model.dtype)
+            model_input = latents.to(model.dtype)
+            if info.expand_timesteps:
+                timestep = (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
+            else:
+                timestep = t.expand(latents.shape[0])
+            cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
+            with model.cache_context("cond", **cache_kwargs):
+                noise_pred = model(
+                    hidden_states=model_input, timestep=timestep, encoder_hidden_states=cond, return_dict=False
+                )[0]
+            if do_cfg:
+                uncond = msg.negative_prompt_embeds.to(self.device, model.dtype)
+                with model.cache_context("uncond", **cache_kwargs):
+                    noise_uncond = model(
+                        hidden_states=model_input, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
+                    )[0]
+                noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "step", i + 1, len(timesteps), time.time()))
+
+        timings = {**msg.timings, f"{self.name}_s": time.time() - started}
+        common = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p, timings=timings)
+        if steps.stop < len(timesteps):
+            return [
+                m.DenoiseJob(
+                    **common,
+                    prompt_embeds=msg.prompt_embeds,
+                    negative_prompt_embeds=msg.negative_prompt_embeds,
+                    latents=latents.cpu(),
+                    scheduler_state=schedule.export_state(scheduler),
+                    step=steps.stop,
+                )
+            ]
+        return [m.DecodeJob(**common, latents=latents.cpu())]
+
+
+def main() -> None:
+    stage_main(DitStage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Text encoder stage: prompt -> UMT5 embeddings (the `encode_prompt` step of diffusers' WanPipeline).
+
+Replicates the pipeline exactly: prompt cleaning (ftfy + whitespace), padding to
+`max_sequence_length`, then trimming each sequence to its real length and zero-padding it back.
+The negative prompt (default empty) is encoded only when guidance is on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from common import messages as m
+from common.errors import InvalidRequest
+from common.runtime import Stage, stage_main
+from stages.models import load_component, model_dir, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class TextEncoderStage(Stage):
+    kind = "text_encoder"
+
+    def setup(self) -> None:
+        self.device = torch.device(self.spec.device)
+        dtype = torch_dtype(self.spec.dtype)
+        self.encoders: dict[str, tuple[object, UMT5EncoderModel]] = {}
+        for model in self.spec.options.get("models", self.config.model_names()):
+            folder = model_dir(self.config, model)
+            tokenizer = load_component(AutoTokenizer, folder, "tokenizer")
+            encoder = load_component(UMT5EncoderModel, folder, "text_encoder", dtype=dtype)
+            self.encoders[model] = (tokenizer, encoder.to(self.device).eval())
+            log.info("loaded text encoder of %s on %s (%s)", model, self.device, dtype)
+
+    def encode(self, model: str, prompt: str, max_sequence_length: int) -> torch.Tensor:
+        tokenizer, encoder = self.encoders[model]
+        inputs = tokenizer(
+            [prompt_clean(prompt)],
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        seq_lens = mask.gt(0).sum(dim=1).long()
+        embeds = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
+        embeds = embeds.to(dtype=encoder.dtype)
+        embeds = [u[:v] for u, v in zip(embeds, seq_lens)]
+        return torch.stack(
+            [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in embeds], dim=0
+        )
+
+    @torch.no_grad()
+    def handle(self, msg: m.Message) -> list[m.Message]:
+        if not isinstance(msg, m.EncodeJob):
+            raise InvalidRequest(f"text_encoder does not take {msg.type_name}")
+        p = msg.params
+        if p.model not in self.encoders:
+            raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
+        prompt_embeds = self.encode(p.model, p.prompt, p.max_sequence_length)
+        negative = None
+        if p.guidance_scale > 1.0:
+            negative = self.encode(p.model, p.negative_prompt or "", p.max_sequence_length)
+        return [
+            m.DenoiseJob(
+                job_id=msg.job_id,
+                attempt=msg.attempt,
+                route=msg.route,
+                params=p,
+                timings=msg.timings,
+                prompt_embeds=prompt_embeds.cpu(),
+                negative_prompt_embeds=None if negative is None else negative.cpu(),
+            )
+        ]
+
+
+def main() -> None:
+    stage_main(TextEncoderStage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""VAE stage: latents -> uint8 RGB frames (the decode step of diffusers' WanPipeline).
+
+Un-normalises the latents with the VAE's `latents_mean`/`latents_std`, decodes, post-processes as
+the pipeline's `output_type="np"` does, and converts to uint8 with `to_uint8`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.video_processor import VideoProcessor
+
+from common import messages as m
+from common.errors import InvalidRequest
+from common.runtime import Stage, stage_main
+from stages.models import load_component, model_dir, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (as WanPipeline returns with output_type="np") to uint8."""
+    return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+class VaeStage(Stage):
+    kind = "vae"
+
+    def setup(self) -> None:
+        self.device = torch.device(self.spec.device)
+        dtype = torch_dtype(self.spec.dtype)
+        self.vaes: dict[str, tuple[AutoencoderKLWan, VideoProcessor]] = {}
+        for model in self.spec.options.get("models", self.config.model_names()):
+            vae = load_component(AutoencoderKLWan, model_dir(self.config, model), "vae", torch_dtype=dtype)
+            vae = vae.to(self.device).eval()
+            if self.spec.options.get("tiling"):
+                vae.enable_tiling()
+            processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
+            self.vaes[model] = (vae, processor)
+            log.info("loaded VAE of %s on %s (%s, z%d)", model, self.device, dtype, vae.config.z_dim)
+
+    def decode(self, model: str, latents: torch.Tensor) -> np.ndarray:
+        vae, processor = self.vaes[model]
+        z = vae.config.z_dim
+        latents = latents.to(self.device, vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return processor.postprocess_video(video, output_type="np")
+
+    @torch.no_grad()
+    def handle(self, msg: m.Message) -> list[m.Message]:
+        if not isinstance(msg, m.DecodeJob):
+            raise InvalidRequest(f"vae does not take {msg.type_name}")
+        if msg.params.model not in self.vaes:
+            raise InvalidRequest(f"model {msg.params.model!r} is not loaded here", {"model": msg.params.model})
+        started = time.time()
+        frames = to_uint8(self.decode(msg.params.model, msg.latents))[0]  # (F, H, W, 3)
+        timings = {**msg.timings, f"{self.name}_s": time.time() - started}
+        return [
+            m.MuxJob(
+                job_id=msg.job_id,
+                attempt=msg.attempt,
+                route=msg.route,
+                params=msg.params,
+                timings=timings,
+                frames=torch.from_numpy(np.ascontiguousarray(frames)),
+            )
+        ]
+
+
+def main() -> None:
+    stage_main(VaeStage)
+
+
+if __name__ == "__main__":
+    main()
