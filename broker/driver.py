@@ -80,6 +80,7 @@ class Driver:
         self.reports = make_socket(self.ctx, zmq.PULL, config.endpoint("reports"), bind=True, options=options)
         self._senders: dict[str, zmq.Socket] = {}
         self.heartbeats: dict[str, m.Heartbeat] = {}
+        self._pending: dict[str, list[m.Message]] = {}  # messages of jobs nobody is waiting on yet
 
     def close(self) -> None:
         self.reports.close(0)
@@ -104,6 +105,8 @@ class Driver:
         msg = m.decode(self.reports.recv_multipart(copy=False), self.config.limits)
         if isinstance(msg, m.Heartbeat):
             self.heartbeats[msg.stage] = msg
+        elif getattr(msg, "job_id", None) is not None:
+            self._pending.setdefault(msg.job_id, []).append(msg)
         return msg
 
     def wait_ready(self, stages: list[str] | None = None, timeout_s: float = 120.0) -> None:
@@ -122,7 +125,7 @@ class Driver:
     def submit(self, params: m.JobParams, job_id: str | None = None) -> str:
         job_id = job_id or uuid.uuid4().hex
         route = self.config.route(params.model)
-        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params, timings={"submitted_at": time.time()})
+        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params)
         try:
             self._sender(route[0]).send_multipart(m.encode(job), copy=False)
         except zmq.Again:
@@ -139,16 +142,20 @@ class Driver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StageTimeout(f"job {job_id} did not finish in {timeout_s:.0f} s", {"job_id": job_id})
-            msg = self._poll(min(left, 1.0))
-            if msg is None or getattr(msg, "job_id", None) != job_id:
+            queue = self._pending.get(job_id)
+            if not queue:
+                self._poll(min(left, 1.0))
                 continue
+            msg = queue.pop(0)
             if isinstance(msg, m.StageReport):
                 reports.append(msg)
                 if on_report:
                     on_report(msg)
             elif isinstance(msg, m.JobDone):
+                self._pending.pop(job_id, None)
                 return JobOutcome(msg, reports, dict(self.heartbeats), time.monotonic() - started)
             elif isinstance(msg, m.JobFailed):
+                self._pending.pop(job_id, None)
                 err = msg.error.get("error", {})
                 raise JobFailedError(
                     f"job failed in {msg.stage}: {err.get('code')}: {err.get('message')}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -61,18 +61,25 @@ class JobParams:
 
 @dataclass
 class JobMessage(Message):
-    """Base of the messages that move a job along its route."""
+    """Base of the messages that move a job along its route. `stage_kind` is the kind of stage
+    that takes it: a job goes to the next stage of that kind on its route (so a DiT that ran every
+    step sends the latents straight to the VAE).
+
+    What a stage returns depends only on what it received (no clocks, no counters), so a recorded
+    message replays to the same bytes; timings travel in StageReports instead.
+    """
 
     job_id: str
     attempt: int
     route: list[str]
     params: JobParams
-    timings: dict[str, float] = field(default_factory=dict, kw_only=True)
 
 
 @dataclass
 class EncodeJob(JobMessage):
     """Driver/broker -> text_encoder: encode the prompts."""
+
+    stage_kind: ClassVar[str] = "text_encoder"
 
 
 @dataclass
@@ -82,6 +89,8 @@ class DenoiseJob(JobMessage):
     `latents` and `scheduler_state` are absent on the first DiT hop; `step` is the index of the next
     denoising step to run.
     """
+
+    stage_kind: ClassVar[str] = "dit"
 
     prompt_embeds: Tensor
     negative_prompt_embeds: Tensor | None = None
@@ -94,12 +103,16 @@ class DenoiseJob(JobMessage):
 class DecodeJob(JobMessage):
     """dit -> vae: the denoised latents (float32)."""
 
+    stage_kind: ClassVar[str] = "vae"
+
     latents: Tensor
 
 
 @dataclass
 class MuxJob(JobMessage):
     """vae -> muxer: uint8 frames, shape (frames, height, width, 3)."""
+
+    stage_kind: ClassVar[str] = "muxer"
 
     frames: Tensor
 
@@ -131,7 +144,6 @@ class JobDone(Message):
     width: int
     height: int
     fps: int
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

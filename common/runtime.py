@@ -58,12 +58,13 @@ class Stage:
         """Send a side report (progress) while handling; the runtime replaces this."""
 
 
-def next_stage(route: list[str], current: str) -> str | None:
+def next_stage(config: Config, route: list[str], current: str, kind: str) -> str | None:
+    """The first stage of `kind` after `current` on `route`."""
     try:
         i = route.index(current)
     except ValueError:
         raise ServerError(f"stage {current!r} is not on the job's route {route}", {"route": route}) from None
-    return route[i + 1] if i + 1 < len(route) else None
+    return next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
@@ -114,9 +115,11 @@ class StageRuntime:
             log.warning("no listener for reports; dropped %s", msg.type_name)
 
     def _forward(self, msg: m.JobMessage, frames: list[Any]) -> None:
-        dest = next_stage(msg.route, self.name)
+        dest = next_stage(self.config, msg.route, self.name, msg.stage_kind)
         if dest is None:
-            raise ServerError(f"{msg.type_name} has nowhere to go after {self.name}", {"route": msg.route})
+            raise ServerError(
+                f"no {msg.stage_kind} stage after {self.name} on the route {msg.route}", {"route": msg.route}
+            )
         try:
             self._peer(dest).send_multipart(frames, copy=False)
         except zmq.Again:

@@ -120,7 +120,6 @@ class DitStage(Stage):
         if do_cfg and msg.negative_prompt_embeds is None:
             raise InvalidRequest("guidance is on but the job has no negative prompt embeddings")
         mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
-        started = time.time()
         for i in steps:
             t = timesteps[i]
             if boundary is None or t >= boundary:
@@ -148,8 +147,7 @@ class DitStage(Stage):
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "step", i + 1, len(timesteps), time.time()))
 
-        timings = {**msg.timings, f"{self.name}_s": time.time() - started}
-        common = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p, timings=timings)
+        common = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p)
         if steps.stop < len(timesteps):
             return [
                 m.DenoiseJob(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -66,11 +65,9 @@ class MuxerStage(Stage):
             raise InvalidRequest(f"muxer does not take {msg.type_name}")
         if not SAFE_JOB_ID.match(msg.job_id):
             raise InvalidRequest("job id may only hold letters, digits, '-' and '_'", {"job_id": msg.job_id[:80]})
-        started = time.time()
         frames = msg.frames.numpy()
         path = self.results_dir / f"{msg.job_id}.mp4"
         write_mp4(frames, msg.params.fps, path, self.crf, self.preset)
-        timings = {**msg.timings, f"{self.name}_s": time.time() - started}
         log.info("wrote %s (%d frames %dx%d @ %d fps)", path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
         return [
             m.JobDone(
@@ -81,7 +78,6 @@ class MuxerStage(Stage):
                 width=int(frames.shape[2]),
                 height=int(frames.shape[1]),
                 fps=msg.params.fps,
-                timings=timings,
             )
         ]
 

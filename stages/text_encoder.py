@@ -72,7 +72,6 @@ class TextEncoderStage(Stage):
                 attempt=msg.attempt,
                 route=msg.route,
                 params=p,
-                timings=msg.timings,
                 prompt_embeds=prompt_embeds.cpu(),
                 negative_prompt_embeds=None if negative is None else negative.cpu(),
             )

@@ -7,7 +7,6 @@ the pipeline's `output_type="np"` does, and converts to uint8 with `to_uint8`.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import torch
@@ -58,16 +57,13 @@ class VaeStage(Stage):
             raise InvalidRequest(f"vae does not take {msg.type_name}")
         if msg.params.model not in self.vaes:
             raise InvalidRequest(f"model {msg.params.model!r} is not loaded here", {"model": msg.params.model})
-        started = time.time()
         frames = to_uint8(self.decode(msg.params.model, msg.latents))[0]  # (F, H, W, 3)
-        timings = {**msg.timings, f"{self.name}_s": time.time() - started}
         return [
             m.MuxJob(
                 job_id=msg.job_id,
                 attempt=msg.attempt,
                 route=msg.route,
                 params=msg.params,
-                timings=timings,
                 frames=torch.from_numpy(np.ascontiguousarray(frames)),
             )
         ]
