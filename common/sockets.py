@@ -29,6 +29,9 @@ class SocketOptions:
     # IMMEDIATE: queue only for connected peers. Off for sockets whose messages should wait for a
     # peer that is (re)starting, such as reports to the broker.
     immediate: bool = True
+    # SO_SNDBUF/SO_RCVBUF (0 keeps the OS default). Larger kernel buffers mean fewer wake-ups per
+    # large tensor: 64 MiB over ipc:// went from 0.86 to 1.2 GB/s with 4 MiB here (bench/transport.py).
+    kernel_buffer_bytes: int = 4 << 20
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -67,6 +70,9 @@ def make_socket(
     sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
     sock.setsockopt(zmq.SNDTIMEO, options.send_timeout_ms)
     sock.setsockopt(zmq.RCVTIMEO, options.recv_timeout_ms)
+    if options.kernel_buffer_bytes:
+        sock.setsockopt(zmq.SNDBUF, options.kernel_buffer_bytes)
+        sock.setsockopt(zmq.RCVBUF, options.kernel_buffer_bytes)
     if options.immediate and kind in (zmq.PUSH, zmq.DEALER, zmq.ROUTER, zmq.REQ):
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if bind:
