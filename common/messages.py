@@ -166,6 +166,46 @@ class Heartbeat(Message):
     at: float = 0.0
 
 
+# --- control plane: gateway <-> broker, broker -> everyone -----------------------------------------
+
+
+@dataclass
+class ApiRequest(Message):
+    """gateway -> broker (DEALER/ROUTER): one API operation; `op` names a broker handler."""
+
+    request_id: str
+    op: str
+    args: dict[str, Any]
+
+
+@dataclass
+class ApiReply(Message):
+    """broker -> gateway: the result of one ApiRequest, or its structured error and HTTP status."""
+
+    request_id: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    http_status: int = 200
+
+
+@dataclass
+class JobEvent(Message):
+    """broker -> gateway (PUB, topic `job`): status | progress | complete | error for one job."""
+
+    job_id: str
+    event: str
+    data: dict[str, Any]
+    owner: str = ""
+
+
+@dataclass
+class CancelJob(Message):
+    """broker -> stages (PUB, topic `cancel`): stop this job at the next step and drop it."""
+
+    job_id: str
+
+
 # --- encode / decode ---------------------------------------------------------------------------
 
 

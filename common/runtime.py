@@ -15,6 +15,7 @@ touches a socket lives here, so `handle` can be driven in-process by tests and b
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ import zmq
 
 from common import messages as m
 from common.config import Config, StageSpec
-from common.errors import ServerError, StageTimeout, WireError
+from common.errors import JobCancelled, ServerError, StageTimeout, WireError
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket
 
@@ -56,6 +57,15 @@ class Stage:
 
     def emit(self, msg: m.Message) -> None:
         """Send a side report (progress) while handling; the runtime replaces this."""
+
+    def cancelled(self, job_id: str) -> bool:
+        """True once the broker has cancelled `job_id`; the runtime replaces this."""
+        return False
+
+    def check_cancelled(self, job_id: str) -> None:
+        """Called between steps of long work: stops a cancelled job there."""
+        if self.cancelled(job_id):
+            raise JobCancelled(f"job {job_id} was cancelled", {"job_id": job_id})
 
 
 def next_stage(config: Config, route: list[str], current: str, kind: str) -> str | None:
@@ -93,6 +103,8 @@ class StageRuntime:
         self.handled = 0
         self.seq = 0
         self._peers: dict[str, zmq.Socket] = {}
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cancel_lock = threading.Lock()
         # Reports queue (bounded) while the tracker is down or restarting, instead of being lost.
         self.report_options = SocketOptions(
             hwm=int(runtime.get("report_hwm", 1000)), max_message_bytes=self.limits.max_message_bytes, immediate=False
@@ -148,6 +160,33 @@ class StageRuntime:
         finally:
             sock.close(0)
 
+    # ---- cancellation ----
+    def cancelled(self, job_id: str) -> bool:
+        with self._cancel_lock:
+            return job_id in self._cancelled
+
+    def _cancel_loop(self) -> None:
+        """Listen to the broker's `cancel` events; the main loop checks the set between steps."""
+        sub = make_socket(self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=SocketOptions(hwm=1000))
+        sub.setsockopt(zmq.SUBSCRIBE, b"cancel")
+        try:
+            while not self.stop_event.is_set():
+                if not sub.poll(200):
+                    continue
+                parts = sub.recv_multipart(copy=False)
+                try:
+                    msg = m.decode(parts[1:], self.limits)
+                except WireError as exc:
+                    log.error("dropped a bad cancel event: %s %s", exc.code, exc.message)
+                    continue
+                if isinstance(msg, m.CancelJob):
+                    with self._cancel_lock:
+                        self._cancelled[msg.job_id] = None
+                        while len(self._cancelled) > 10_000:
+                            self._cancelled.popitem(last=False)
+        finally:
+            sub.close(0)
+
     # ---- recording ----
     def _record(self, seq: int, job_id: str | None, incoming: list[bytes], outgoing: list[list[Any]] | None) -> None:
         if self.record_dir is None:
@@ -181,6 +220,11 @@ class StageRuntime:
         with job_context(job_id):
             self._record(seq, job_id, incoming, None)
             self.busy_job = job_id
+            if job_id is not None and self.cancelled(job_id):
+                log.info("dropped a cancelled job")
+                self._send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
+                self.busy_job = None
+                return
             if job_id is not None:
                 self._send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
             outputs: list[list[Any]] = []
@@ -193,6 +237,9 @@ class StageRuntime:
                     else:
                         self._peer("reports").send_multipart(frames, copy=False)
                 self._record(seq, job_id, incoming, outputs)
+            except JobCancelled:
+                log.info("stopped: the job was cancelled")
+                self._send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
             except Exception as exc:  # a job's failure is not the process's failure
                 log.error("job failed in %s: %s\n%s", self.name, exc, traceback.format_exc())
                 if job_id is not None:
@@ -205,6 +252,9 @@ class StageRuntime:
         stage = self.stage
         pull = make_socket(self.ctx, zmq.PULL, self.config.endpoint(self.name), bind=True, options=self.options)
         stage.emit = self._send_report  # type: ignore[method-assign]
+        stage.cancelled = self.cancelled  # type: ignore[method-assign]
+        cancel = threading.Thread(target=self._cancel_loop, name="cancel", daemon=True)
+        cancel.start()
         self._peer("reports")
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
@@ -223,6 +273,7 @@ class StageRuntime:
         finally:
             self.stop_event.set()
             beat.join(timeout=2)
+            cancel.join(timeout=2)
             pull.close(0)
             for sock in self._peers.values():
                 sock.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -53,6 +54,17 @@ def check_endpoint(endpoint: str) -> str:
     raise ConfigError(f"endpoint {endpoint} must be ipc:// or tcp://127.0.0.1", {"endpoint": endpoint})
 
 
+def _ipc_in_use(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def make_socket(
     ctx: zmq.Context,
     kind: int,
@@ -79,8 +91,12 @@ def make_socket(
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[len("ipc://") :])
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A socket file left by a killed process would make bind fail or, worse, shadow us.
+            # A socket file left by a killed process would make bind fail; but never take the
+            # address of a process that is still serving on it.
             if path.exists():
+                if _ipc_in_use(path):
+                    sock.close(0)
+                    raise ConfigError(f"{endpoint} is in use by another process", {"endpoint": endpoint})
                 os.unlink(path)
         sock.bind(endpoint)
     else:

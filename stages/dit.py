@@ -121,6 +121,7 @@ class DitStage(Stage):
             raise InvalidRequest("guidance is on but the job has no negative prompt embeddings")
         mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
         for i in steps:
+            self.check_cancelled(msg.job_id)
             t = timesteps[i]
             if boundary is None or t >= boundary:
                 model, scale = experts["transformer"], p.guidance_scale

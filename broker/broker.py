@@ -1,0 +1,452 @@
+"""The broker process: owns every job, admits, dispatches, tracks progress, cancels, recovers.
+
+Sockets (all from the factory, named for their peer):
+- `recv_from_gateway` ROUTER at endpoint `broker`: ApiRequest -> ApiReply.
+- `publish` PUB at endpoint `events`: JobEvent (topic `job`) for the gateway, CancelJob (topic
+  `cancel`) for the stages.
+- `recv_from_stages` PULL at endpoint `reports`: StageReport, JobDone, JobFailed, Heartbeat.
+- one PUSH per first stage of a route, to dispatch EncodeJob.
+
+Every transition is written to the store before it is published or acted on. On start, jobs that
+were processing are dispatched again with a new attempt; reports of older attempts are ignored.
+
+    python -m broker.broker [--config PROFILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import asdict
+from importlib import metadata
+from typing import Any, Callable
+
+import zmq
+
+from broker import admission
+from broker.store import FINAL, Job, JobStore
+from common import messages as m
+from common.config import PROJECT_ROOT, Config
+from common.errors import ServerError, WireError
+from common.logs import job_context, setup_logging
+from common.sockets import SocketOptions, make_socket
+
+log = logging.getLogger(__name__)
+
+# Share of a job's progress each stage kind accounts for (the DiT share is split by steps).
+PROGRESS_WEIGHTS = {"text_encoder": 0.05, "dit": 0.80, "vae": 0.10, "muxer": 0.05}
+
+
+class JobNotFound(ServerError):
+    code = "JOB_NOT_FOUND"
+    http_status = 404
+
+
+class QueueFull(ServerError):
+    code = "QUEUE_FULL"
+    http_status = 429
+
+
+class NotCancellable(ServerError):
+    code = "JOB_NOT_CANCELLABLE"
+    http_status = 409
+
+
+class UnknownOperation(ServerError):
+    code = "UNKNOWN_OPERATION"
+    http_status = 400
+
+
+def code_version() -> str:
+    try:
+        version = metadata.version("wan-server")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def timing_key(params: dict[str, Any]) -> str:
+    return f"{params['model']}:{params['width']}x{params['height']}x{params['num_frames']}:{params['steps']}"
+
+
+class Broker:
+    def __init__(self, config: Config):
+        self.config = config
+        self.limits = config.limits
+        adm = config.section("admission")
+        self.max_queued = int(adm.get("max_queued", 100))
+        self.max_inflight = int(adm.get("max_inflight_per_route", 4))
+        self.store = JobStore(config.state_dir / "jobs.sqlite3")
+        self.version = code_version()
+        self.ctx = zmq.Context.instance()
+        opts = SocketOptions(hwm=10_000, max_message_bytes=self.limits.max_message_bytes, immediate=False)
+        self.recv_from_gateway = make_socket(self.ctx, zmq.ROUTER, config.endpoint("broker"), bind=True, options=opts)
+        self.publish = make_socket(self.ctx, zmq.PUB, config.endpoint("events"), bind=True, options=opts)
+        self.recv_from_stages = make_socket(self.ctx, zmq.PULL, config.endpoint("reports"), bind=True, options=opts)
+        self._send_to: dict[str, zmq.Socket] = {}
+        self.heartbeats: dict[str, tuple[m.Heartbeat, float]] = {}
+        self.stage_started: dict[tuple[str, str], float] = {}  # (job, stage) -> accepted at
+        self.running = True
+        self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "submit": self.op_submit,
+            "status": self.op_status,
+            "result": self.op_result,
+            "cancel": self.op_cancel,
+            "list": self.op_list,
+            "models": self.op_models,
+            "presets": self.op_presets,
+            "ready": self.op_ready,
+        }
+
+    # ---- helpers ----
+    def _stage_socket(self, stage: str) -> zmq.Socket:
+        if stage not in self._send_to:
+            opts = SocketOptions(send_timeout_ms=0, max_message_bytes=self.limits.max_message_bytes)
+            self._send_to[stage] = make_socket(self.ctx, zmq.PUSH, self.config.endpoint(stage), bind=False, options=opts)
+        return self._send_to[stage]
+
+    def _job(self, args: dict[str, Any]) -> Job:
+        job_id = args.get("job_id")
+        job = self.store.get(job_id) if isinstance(job_id, str) else None
+        owner = args.get("owner")
+        if job is None or (owner is not None and job.owner != owner):
+            raise JobNotFound("no such job", {"job_id": str(job_id)[:80]})
+        return job
+
+    def _emit(self, job: Job, event: str, data: dict[str, Any]) -> None:
+        msg = m.JobEvent(job_id=job.id, event=event, data=data, owner=job.owner)
+        self.publish.send_multipart([b"job", *m.encode(msg)])
+
+    def stage_alive(self, stage: str) -> bool:
+        entry = self.heartbeats.get(stage)
+        if entry is None:
+            return False
+        beat, seen = entry
+        return beat.ready and time.monotonic() - seen < 3 * self.config.heartbeat_interval + 1
+
+    def route_stages(self) -> set[str]:
+        return {s for model in self.config.model_names() for s in self.config.route(model)}
+
+    def eta(self, job: Job) -> float | None:
+        """Seconds until the job should finish, from measured stage timings; None until measured."""
+        if job.final:
+            return 0.0
+        means = self.store.timings(timing_key(job.params))
+        if any(stage not in means for stage in job.route):
+            return None
+        total = sum(means[s] for s in job.route)
+        remaining = total * (1.0 - job.progress)
+        if job.status == "queued":
+            position = self.store.queue_position(job) or 1
+            running = self.store.count("processing")
+            slots = max(1, self.max_inflight)
+            remaining += max(means.values()) * ((position - 1 + running) / slots)
+        return round(remaining, 2)
+
+    def status_body(self, job: Job) -> dict[str, Any]:
+        body = {
+            "job_id": job.id,
+            "status": job.status,
+            "progress": round(job.progress, 4),
+            "eta": self.eta(job),
+            "stage": job.stage,
+            "queue_position": self.store.queue_position(job),
+            "attempt": job.attempt,
+            "created_at": job.created_at,
+        }
+        if job.error:
+            body["error"] = job.error
+        return body
+
+    def result_body(self, job: Job) -> dict[str, Any]:
+        return {
+            "job_id": job.id,
+            "status": job.status,
+            "output_url": f"/api/v1/files/{job.id}.mp4" if job.status == "completed" else None,
+            "output_path": job.output_path if job.status == "completed" else None,  # for the gateway only
+            "error": job.error,
+            "metadata": {
+                "model": job.model,
+                "quality_preset": job.preset,
+                "params": job.params,
+                "seed": job.params["seed"],
+                "route": job.route,
+                "attempts": job.attempt,
+                "timings": job.timings,
+                "created_at": job.created_at,
+                "started_at": job.started_at,
+                "finished_at": job.finished_at,
+                "code_version": self.version,
+            },
+        }
+
+    # ---- API operations ----
+    def op_submit(self, args: dict[str, Any]) -> dict[str, Any]:
+        preset, params, priority = admission.resolve(self.config, args.get("request"))
+        if self.store.count("queued") >= self.max_queued:
+            raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later",
+                            {"max_queued": self.max_queued, "retry_after": 10})
+        job_id = uuid.uuid4().hex
+        route = self.config.route(params.model)
+        job = self.store.add(job_id, str(args.get("owner") or ""), params.model, preset, asdict(params), route, priority)
+        with job_context(job_id):
+            log.info("queued %s/%s %dx%d x%d frames, %d steps", params.model, preset, params.width, params.height,
+                     params.num_frames, params.steps)
+        self._emit(job, "status", {"status": "queued"})
+        self.dispatch()
+        job = self.store.get(job_id)
+        assert job is not None
+        return {
+            "job_id": job.id,
+            "status": job.status,
+            "created_at": job.created_at,
+            "eta_seconds": self.eta(job),
+            "queue_position": self.store.queue_position(job),
+        }
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status_body(self._job(args))
+
+    def op_result(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.result_body(self._job(args))
+
+    def op_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        job = self._job(args)
+        if job.final:
+            raise NotCancellable(f"job is already {job.status}", {"job_id": job.id, "status": job.status})
+        error = {"code": "JOB_CANCELLED", "message": "cancelled by the client", "details": {}}
+        if self.store.finish(job.id, "cancelled", error=error):
+            self.publish.send_multipart([b"cancel", *m.encode(m.CancelJob(job_id=job.id))])
+            with job_context(job.id):
+                log.info("cancelled (was %s)", job.status)
+            self._emit(job, "status", {"status": "cancelled"})
+            self.dispatch()
+        return self.status_body(self.store.get(job.id))  # type: ignore[arg-type]
+
+    def op_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        status = args.get("status")
+        if status is not None and status not in ("queued", "processing", *FINAL):
+            raise admission.ValidationError(f"unknown status {str(status)[:32]!r}", {"field": "status"})
+        limit, offset = int(args.get("limit", 20)), int(args.get("offset", 0))
+        jobs, total = self.store.list(status, limit, offset, args.get("owner"))
+        return {"jobs": [self.status_body(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+
+    def op_models(self, args: dict[str, Any]) -> dict[str, Any]:
+        models = []
+        for name in admission.MODELS:
+            served = name in self.config.model_names()
+            entry: dict[str, Any] = {"id": name, "served": served,
+                                     "aliases": [a for a, full in admission.ALIASES.items() if full == name]}
+            if served:
+                entry.update(
+                    resolutions=admission.supported_resolutions(self.config, name),
+                    max_frames=admission.max_frames(self.config, name),
+                    presets=list(admission.preset_table(self.config, name)),
+                    ready=all(self.stage_alive(s) for s in self.config.route(name)),
+                )
+            models.append(entry)
+        return {"models": models}
+
+    def op_presets(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"presets": {name: admission.preset_table(self.config, name) for name in self.config.model_names()}}
+
+    def op_ready(self, args: dict[str, Any]) -> dict[str, Any]:
+        stages = {s: self.stage_alive(s) for s in sorted(self.route_stages())}
+        return {"ready": all(stages.values()), "stages": stages}
+
+    # ---- dispatch ----
+    def dispatch(self) -> None:
+        inflight: dict[str, int] = {}
+        for job in self.store.by_status("processing"):
+            key = ",".join(job.route)
+            inflight[key] = inflight.get(key, 0) + 1
+        for job in self.store.by_status("queued"):
+            key = ",".join(job.route)
+            if inflight.get(key, 0) >= self.max_inflight or not self.stage_alive(job.route[0]):
+                continue
+            if self._send(job):
+                inflight[key] = inflight.get(key, 0) + 1
+
+    def _send(self, job: Job) -> bool:
+        attempt = self.store.start(job.id)
+        if attempt is None:
+            return False
+        params = m.JobParams(**job.params)
+        msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=params)
+        try:
+            self._stage_socket(job.route[0]).send_multipart(m.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            with job_context(job.id):
+                log.warning("%s did not take the job; it stays in line", job.route[0])
+            return False
+        with job_context(job.id):
+            log.info("dispatched attempt %d to %s", attempt, job.route[0])
+        if attempt == 1:
+            self._emit(job, "status", {"status": "processing"})
+        return True
+
+    def recover(self) -> None:
+        """After a restart: every job that was processing is dispatched again with a new attempt."""
+        for job in self.store.by_status("processing"):
+            with job_context(job.id):
+                log.warning("was processing at attempt %d when the broker stopped; dispatching again", job.attempt)
+            self.store.db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'processing'", (job.id,))
+
+    # ---- reports ----
+    def on_report(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Heartbeat):
+            was = self.stage_alive(msg.stage)
+            self.heartbeats[msg.stage] = (msg, time.monotonic())
+            if not was and msg.ready:
+                log.info("stage %s is up (pid %d)", msg.stage, msg.pid)
+                self.dispatch()
+            return
+        job = self.store.get(getattr(msg, "job_id", ""))
+        if job is None or job.final or getattr(msg, "attempt", None) != job.attempt:
+            return  # a stale attempt, a cancelled job, or a job we never had
+        with job_context(job.id):
+            if isinstance(msg, m.StageReport):
+                self.on_stage_report(job, msg)
+            elif isinstance(msg, m.JobDone):
+                self.on_done(job, msg)
+            elif isinstance(msg, m.JobFailed):
+                if self.store.finish(job.id, "failed", attempt=msg.attempt, error=msg.error.get("error", msg.error)):
+                    log.error("failed in %s: %s", msg.stage, msg.error.get("error", {}).get("message"))
+                    self._emit(job, "error", {"error": msg.error.get("error", msg.error), "stage": msg.stage})
+                    self.dispatch()
+
+    def _progress_at(self, job: Job, stage: str, fraction: float) -> float:
+        """Job progress when `stage` of the route is `fraction` done."""
+        done = 0.0
+        kinds = [self.config.stage(s).kind for s in job.route]
+        dit_count = max(1, kinds.count("dit"))
+        for s, kind in zip(job.route, kinds):
+            weight = PROGRESS_WEIGHTS.get(kind, 0.0) / (dit_count if kind == "dit" else 1)
+            if s == stage:
+                return done + weight * fraction
+            done += weight
+        return done
+
+    def on_stage_report(self, job: Job, r: m.StageReport) -> None:
+        timings = dict(job.timings)
+        now = time.time()
+        if r.event == "accepted":
+            self.stage_started[(job.id, r.stage)] = now
+            progress = self._progress_at(job, r.stage, 0.0)
+        elif r.event == "step":
+            kinds = [self.config.stage(s).kind for s in job.route]
+            dits = [s for s, k in zip(job.route, kinds) if k == "dit"]
+            base = self._progress_at(job, dits[0], 0.0) if dits else 0.0
+            progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
+        elif r.event == "forwarded":
+            started = self.stage_started.pop((job.id, r.stage), None)
+            if started is not None:
+                timings[r.stage] = round(now - started, 4)
+                self.store.record_timing(timing_key(job.params), r.stage, now - started)
+            progress = self._progress_at(job, r.stage, 1.0)
+        else:
+            return
+        progress = min(progress, 0.99)
+        if self.store.progress(job.id, r.attempt, r.stage, progress, timings):
+            job = self.store.get(job.id)  # type: ignore[assignment]
+            self._emit(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job), "stage": r.stage})
+
+    def on_done(self, job: Job, done: m.JobDone) -> None:
+        timings = dict(job.timings)
+        started = self.stage_started.pop((job.id, "muxer"), None) or self.stage_started.pop(
+            (job.id, job.route[-1]), None
+        )
+        if started is not None:
+            timings[job.route[-1]] = round(time.time() - started, 4)
+            self.store.record_timing(timing_key(job.params), job.route[-1], time.time() - started)
+        if job.started_at:
+            timings["total"] = round(time.time() - job.started_at, 4)
+        if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings):
+            log.info("completed: %s", done.path)
+            self._emit(job, "progress", {"progress": 1.0, "eta": 0.0, "stage": job.route[-1]})
+            self._emit(job, "complete", {"output_url": f"/api/v1/files/{job.id}.mp4"})
+            self.dispatch()
+
+    # ---- loop ----
+    def handle_request(self, parts: list[Any]) -> None:
+        identity, body = parts[0], parts[1:]
+        request_id = ""
+        try:
+            req = m.decode(body, self.limits)
+            if not isinstance(req, m.ApiRequest):
+                raise UnknownOperation(f"expected ApiRequest, got {req.type_name}")
+            request_id = req.request_id
+            handler = self.ops.get(req.op)
+            if handler is None:
+                raise UnknownOperation(f"unknown operation {req.op[:32]!r}")
+            reply = m.ApiReply(request_id=request_id, ok=True, result=handler(req.args))
+        except ServerError as exc:
+            if isinstance(exc, WireError):
+                log.error("dropped a bad request: %s %s", exc.code, exc.message)
+            reply = m.ApiReply(request_id=request_id, ok=False, error=exc.to_dict()["error"], http_status=exc.http_status)
+        except Exception as exc:  # never let one request take the broker down
+            log.exception("request failed")
+            reply = m.ApiReply(request_id=request_id, ok=False, http_status=500,
+                               error={"code": "INTERNAL_ERROR", "message": "internal error", "details": {"type": type(exc).__name__}})
+        self.recv_from_gateway.send_multipart([identity, *m.encode(reply)])
+
+    def run(self) -> None:
+        self.recover()
+        poller = zmq.Poller()
+        poller.register(self.recv_from_gateway, zmq.POLLIN)
+        poller.register(self.recv_from_stages, zmq.POLLIN)
+        log.info("broker up (%s); %d jobs queued", self.version, self.store.count("queued"))
+        last_dispatch = 0.0
+        while self.running:
+            events = dict(poller.poll(200))
+            if self.recv_from_stages in events:
+                for _ in range(1000):  # drain reports first: they free capacity
+                    try:
+                        parts = self.recv_from_stages.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        self.on_report(m.decode(parts, self.limits))
+                    except WireError as exc:
+                        log.error("dropped a bad report: %s %s", exc.code, exc.message)
+            if self.recv_from_gateway in events:
+                self.handle_request(self.recv_from_gateway.recv_multipart(copy=False))
+            if time.monotonic() - last_dispatch > 1.0:
+                last_dispatch = time.monotonic()
+                self.dispatch()
+        self.close()
+
+    def close(self) -> None:
+        for sock in [self.recv_from_gateway, self.publish, self.recv_from_stages, *self._send_to.values()]:
+            sock.close(0)
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="run the broker process")
+    parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
+    args = parser.parse_args(argv)
+    config = Config.load(args.config)
+    setup_logging(config.log_level)
+    broker = Broker(config)
+
+    def stop(signum, frame):
+        broker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    broker.run()
+
+
+if __name__ == "__main__":
+    main()

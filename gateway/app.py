@@ -1,0 +1,280 @@
+"""The gateway: REST under /api/v1 and WebSocket /ws, in front of the broker (Starlette + uvicorn).
+
+Every error is `{"success": false, "error": {"code", "message", "details"}}` with its HTTP status;
+no stack trace ever reaches a client. Videos are served by job id only (the broker knows the
+path); no path from the client reaches the file system.
+
+    python -m gateway.app [--config PROFILE] [--host 127.0.0.1] [--port 8001]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from common import messages as m
+from common.config import Config
+from common.errors import ServerError
+from common.logs import setup_logging
+from gateway.broker_client import BrokerClient
+from gateway.openapi import openapi_document
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error")
+
+
+class ApiError(ServerError):
+    pass
+
+
+def error_response(exc: ServerError) -> JSONResponse:
+    headers = {}
+    if exc.http_status == 429:
+        headers["Retry-After"] = str(exc.details.get("retry_after", 10))
+    return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+
+
+def api_error(code: str, message: str, status: int, **details: Any) -> ApiError:
+    err = ApiError(message, details, code=code)
+    err.http_status = status
+    return err
+
+
+def job_id_of(request: Request) -> str:
+    job_id = request.path_params["job_id"]
+    if not JOB_ID.match(job_id):
+        raise api_error("JOB_NOT_FOUND", "no such job", 404, job_id=job_id[:80])
+    return job_id
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise api_error("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", 413, limit=limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:  # also bounds chunked bodies with no Content-Length
+            raise api_error("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", 413, limit=limit)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise api_error("INVALID_JSON", f"request body is not valid JSON: {exc}", 400) from None
+
+
+class Gateway:
+    def __init__(self, config: Config):
+        self.config = config
+        section = config.section("gateway")
+        self.max_body = int(section.get("max_body_bytes", 1 << 20))
+        self.broker: BrokerClient | None = None
+        self.subscribers: set[Subscriber] = set()
+
+    # ---- REST ----
+    async def generate(self, request: Request) -> Response:
+        body = await read_json(request, self.max_body)
+        result = await self.broker.call("submit", request=body)
+        return JSONResponse(result, status_code=202)
+
+    async def status(self, request: Request) -> Response:
+        body = await self.broker.call("status", job_id=job_id_of(request))
+        return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
+
+    async def result(self, request: Request) -> Response:
+        body = await self.broker.call("result", job_id=job_id_of(request))
+        body.pop("output_path", None)
+        return JSONResponse(body)
+
+    async def cancel(self, request: Request) -> Response:
+        body = await self.broker.call("cancel", job_id=job_id_of(request))
+        return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
+
+    async def jobs(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            limit = int(q.get("limit", "20"))
+            offset = int(q.get("offset", "0"))
+        except ValueError:
+            raise api_error("VALIDATION_ERROR", "limit and offset must be integers", 422) from None
+        if not (1 <= limit <= 100 and 0 <= offset <= 10**9):
+            raise api_error("VALIDATION_ERROR", "limit must be 1..100 and offset >= 0", 422)
+        args: dict[str, Any] = {"limit": limit, "offset": offset}
+        if "status" in q:
+            args["status"] = q["status"]
+        return JSONResponse(await self.broker.call("list", **args))
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(await self.broker.call("models"))
+
+    async def presets(self, request: Request) -> Response:
+        return JSONResponse(await self.broker.call("presets"))
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        body = await self.broker.call("ready")
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    async def file(self, request: Request) -> Response:
+        body = await self.broker.call("result", job_id=job_id_of(request))
+        path = body.get("output_path")
+        if body["status"] != "completed" or not path or not Path(path).is_file():
+            raise api_error("RESULT_NOT_AVAILABLE", "the job has no video (yet)", 404, status=body["status"])
+        return FileResponse(path, media_type="video/mp4", filename=f"{body['job_id']}.mp4")
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    # ---- WebSocket ----
+    async def ws(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        sub = Subscriber(websocket)
+        self.subscribers.add(sub)
+        sender = asyncio.create_task(sub.pump())
+        try:
+            while True:
+                try:
+                    data = await websocket.receive_json()
+                except (json.JSONDecodeError, KeyError, ValueError):
+                    await sub.send({"event": "error", "error": {"code": "INVALID_JSON", "message": "send JSON objects"}})
+                    continue
+                await self.on_ws_message(sub, data)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.subscribers.discard(sub)
+            sender.cancel()
+
+    async def on_ws_message(self, sub: Subscriber, data: Any) -> None:
+        action = data.get("action") if isinstance(data, dict) else None
+        if action == "subscribe" and data.get("all") is True:
+            sub.all = True
+            listing = await self.broker.call("list", limit=100, offset=0)
+            for job in listing["jobs"]:
+                if job["status"] in ("queued", "processing"):
+                    sub.queue.put_nowait({"event": "snapshot", **job})
+        elif action == "subscribe" and isinstance(data.get("job_id"), str) and JOB_ID.match(data["job_id"]):
+            sub.jobs.add(data["job_id"])  # before the snapshot, so nothing falls between the two
+            try:
+                job = await self.broker.call("status", job_id=data["job_id"])
+            except ServerError as exc:
+                sub.jobs.discard(data["job_id"])
+                sub.queue.put_nowait({"event": "error", "job_id": data["job_id"], "error": exc.to_dict()["error"]})
+                return
+            snapshot = {"event": "snapshot", **{k: job[k] for k in STATUS_FIELDS if k in job}}
+            if job["status"] == "completed":
+                snapshot["output_url"] = f"/api/v1/files/{job['job_id']}.mp4"
+            sub.queue.put_nowait(snapshot)
+        elif action == "unsubscribe":
+            sub.jobs.discard(data.get("job_id"))
+            sub.all = sub.all and not data.get("all")
+        else:
+            sub.queue.put_nowait({"event": "error", "error": {
+                "code": "VALIDATION_ERROR",
+                "message": 'send {"action": "subscribe", "job_id": "<id>"} or {"action": "subscribe", "all": true}',
+            }})
+
+    def on_event(self, event: m.JobEvent) -> None:
+        payload = {"event": event.event, "job_id": event.job_id, **event.data}
+        for sub in list(self.subscribers):
+            if sub.all or event.job_id in sub.jobs:
+                with contextlib.suppress(asyncio.QueueFull):  # a client that stopped reading
+                    sub.queue.put_nowait(payload)
+
+    # ---- app ----
+    def app(self) -> Starlette:
+        routes = [
+            Route("/api/v1/generate", self.generate, methods=["POST"]),
+            Route("/api/v1/status/{job_id}", self.status, methods=["GET"]),
+            Route("/api/v1/result/{job_id}", self.result, methods=["GET"]),
+            Route("/api/v1/cancel/{job_id}", self.cancel, methods=["POST"]),
+            Route("/api/v1/jobs", self.jobs, methods=["GET"]),
+            Route("/api/v1/models", self.models, methods=["GET"]),
+            Route("/api/v1/presets", self.presets, methods=["GET"]),
+            Route("/api/v1/files/{job_id}.mp4", self.file, methods=["GET", "HEAD"]),
+            Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+            WebSocketRoute("/ws", self.ws),
+        ]
+
+        async def server_error(request: Request, exc: ServerError) -> Response:
+            return error_response(exc)
+
+        async def http_error(request: Request, exc: HTTPException) -> Response:
+            codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+            err = api_error(codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail), exc.status_code)
+            return error_response(err)
+
+        async def unexpected(request: Request, exc: Exception) -> Response:
+            log.exception("unexpected error on %s", request.url.path)
+            return error_response(api_error("INTERNAL_ERROR", "internal error", 500))
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.broker = BrokerClient(self.config)
+            self.broker.listeners.append(self.on_event)
+            self.broker.start()
+            try:
+                yield
+            finally:
+                await self.broker.close()
+
+        return Starlette(
+            routes=routes,
+            lifespan=lifespan,
+            exception_handlers={ServerError: server_error, HTTPException: http_error, Exception: unexpected},
+        )
+
+
+class Subscriber:
+    """One WebSocket client: what it subscribed to, and its outgoing queue (bounded)."""
+
+    def __init__(self, websocket: WebSocket):
+        self.websocket = websocket
+        self.jobs: set[str] = set()
+        self.all = False
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        await self.websocket.send_json(payload)
+
+    async def pump(self) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await self.send(await self.queue.get())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="run the HTTP/WebSocket gateway")
+    parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+    config = Config.load(args.config)
+    setup_logging(config.log_level)
+    section = config.section("gateway")
+    host = args.host or section.get("host", "127.0.0.1")
+    port = args.port or int(section.get("port", 8001))
+    uvicorn.run(Gateway(config).app(), host=host, port=port, log_level="warning", ws="websockets-sansio")
+
+
+if __name__ == "__main__":
+    main()

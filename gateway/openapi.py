@@ -1,0 +1,151 @@
+"""The OpenAPI document of the gateway (served at /api/v1/openapi.json; tests check it against the routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.admission import ALIASES, MODELS, PRESETS
+
+ERROR = {
+    "type": "object",
+    "required": ["success", "error"],
+    "properties": {
+        "success": {"type": "boolean", "enum": [False]},
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}},
+        },
+    },
+}
+
+GENERATE_REQUEST = {
+    "type": "object",
+    "required": ["prompt", "model"],
+    "additionalProperties": False,
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "negative_prompt": {"type": "string", "maxLength": 2000},
+        "model": {"type": "string", "enum": [*MODELS, *ALIASES]},
+        "quality_preset": {"type": "string", "enum": list(PRESETS)},
+        "quality": {"type": "string", "enum": list(PRESETS), "description": "alias of quality_preset"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+        "priority": {"type": "integer", "minimum": -10, "maximum": 10},
+        "custom_options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "steps": {"type": "integer", "minimum": 1},
+                "cfg_scale": {"type": "number", "minimum": 0, "maximum": 20},
+                "cfg_scale_2": {"type": "number", "minimum": 0, "maximum": 20},
+                "resolution": {"type": "string", "pattern": "^[0-9]+x[0-9]+$", "description": "WxH, one the model supports"},
+                "fps": {"type": "integer", "minimum": 1, "maximum": 60},
+                "duration": {"type": "number", "exclusiveMinimum": 0, "description": "seconds; frames = 4n+1 nearest duration x fps"},
+                "num_frames": {"type": "integer", "minimum": 1, "description": "4n+1"},
+            },
+        },
+    },
+}
+
+STATUS = {
+    "type": "object",
+    "required": ["job_id", "status", "progress", "eta"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["queued", "processing", "completed", "failed", "cancelled"]},
+        "progress": {"type": "number", "minimum": 0, "maximum": 1},
+        "eta": {"type": ["number", "null"], "description": "seconds, from measured stage timings; null until measured"},
+        "stage": {"type": ["string", "null"]},
+        "queue_position": {"type": ["integer", "null"]},
+        "error": {"type": "object"},
+    },
+}
+
+SUBMITTED = {
+    "type": "object",
+    "required": ["job_id", "status", "created_at", "eta_seconds", "queue_position"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "status": {"type": "string"},
+        "created_at": {"type": "number"},
+        "eta_seconds": {"type": ["number", "null"]},
+        "queue_position": {"type": ["integer", "null"]},
+    },
+}
+
+RESULT = {
+    "type": "object",
+    "required": ["job_id", "status", "output_url", "metadata"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "status": {"type": "string"},
+        "output_url": {"type": ["string", "null"]},
+        "error": {"type": ["object", "null"]},
+        "metadata": {"type": "object"},
+    },
+}
+
+OBJECT = {"type": "object"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): _json(ERROR, "error") for c in codes}
+
+
+JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "wan-server", "version": "1"},
+        "paths": {
+            "/api/v1/generate": {"post": {
+                "summary": "Submit a generation job",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": GENERATE_REQUEST}}},
+                "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 413, 422, 429, 503)},
+            }},
+            "/api/v1/status/{job_id}": {"get": {
+                "summary": "A job's status, progress and ETA", "parameters": [JOB_ID_PARAM],
+                "responses": {"200": _json(STATUS), **_errors(404, 503)},
+            }},
+            "/api/v1/result/{job_id}": {"get": {
+                "summary": "A job's result: video URL and metadata", "parameters": [JOB_ID_PARAM],
+                "responses": {"200": _json(RESULT), **_errors(404, 503)},
+            }},
+            "/api/v1/cancel/{job_id}": {"post": {
+                "summary": "Cancel a queued or running job", "parameters": [JOB_ID_PARAM],
+                "responses": {"200": _json(STATUS), **_errors(404, 409, 503)},
+            }},
+            "/api/v1/jobs": {"get": {
+                "summary": "List jobs, newest first",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                ],
+                "responses": {"200": _json(OBJECT), **_errors(422, 503)},
+            }},
+            "/api/v1/models": {"get": {"summary": "Models and what this server serves",
+                                       "responses": {"200": _json(OBJECT), **_errors(503)}}},
+            "/api/v1/presets": {"get": {"summary": "What each quality preset resolves to, per model",
+                                        "responses": {"200": _json(OBJECT), **_errors(503)}}},
+            "/api/v1/files/{job_id}.mp4": {"get": {
+                "summary": "The video of a completed job (HTTP Range supported)", "parameters": [JOB_ID_PARAM],
+                "responses": {"200": {"description": "MP4", "content": {"video/mp4": {}}},
+                              "206": {"description": "partial MP4", "content": {"video/mp4": {}}}, **_errors(404, 503)},
+            }},
+            "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json(OBJECT)}}},
+            "/health": {"get": {"summary": "The gateway process is alive", "responses": {"200": _json(OBJECT)}}},
+            "/ready": {"get": {"summary": "Every stage on every route is up with its models loaded",
+                               "responses": {"200": _json(OBJECT), "503": _json(OBJECT, "not ready")}}},
+        },
+        "x-websocket": {
+            "/ws": "send {action: subscribe, job_id} or {action: subscribe, all: true}; receive snapshot, then "
+                   "status | progress | complete | error events",
+        },
+    }
