@@ -230,6 +230,7 @@ class Broker:
             with job_context(job.id):
                 log.info("cancelled (was %s)", job.status)
             self._emit(job, "status", {"status": "cancelled"})
+            self._forget(job.id)
             self.dispatch()
         return self.status_body(self.store.get(job.id))  # type: ignore[arg-type]
 
@@ -286,6 +287,7 @@ class Broker:
         try:
             self._stage_socket(job.route[0]).send_multipart(m.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
+            self.store.requeue(job.id, attempt)
             with job_context(job.id):
                 log.warning("%s did not take the job; it stays in line", job.route[0])
             return False
@@ -300,7 +302,11 @@ class Broker:
         for job in self.store.by_status("processing"):
             with job_context(job.id):
                 log.warning("was processing at attempt %d when the broker stopped; dispatching again", job.attempt)
-            self.store.db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'processing'", (job.id,))
+            self.store.requeue(job.id, job.attempt, keep_attempt=True)
+
+    def _forget(self, job_id: str) -> None:
+        for key in [k for k in self.stage_started if k[0] == job_id]:
+            del self.stage_started[key]
 
     # ---- reports ----
     def on_report(self, msg: m.Message) -> None:
@@ -323,6 +329,7 @@ class Broker:
                 if self.store.finish(job.id, "failed", attempt=msg.attempt, error=msg.error.get("error", msg.error)):
                     log.error("failed in %s: %s", msg.stage, msg.error.get("error", {}).get("message"))
                     self._emit(job, "error", {"error": msg.error.get("error", msg.error), "stage": msg.stage})
+                    self._forget(job.id)
                     self.dispatch()
 
     def _progress_at(self, job: Job, stage: str, fraction: float) -> float:
@@ -351,7 +358,7 @@ class Broker:
         elif r.event == "forwarded":
             started = self.stage_started.pop((job.id, r.stage), None)
             if started is not None:
-                timings[r.stage] = round(now - started, 4)
+                timings[r.stage] = {"start": started, "end": now, "seconds": round(now - started, 4)}
                 self.store.record_timing(timing_key(job.params), r.stage, now - started)
             progress = self._progress_at(job, r.stage, 1.0)
         else:
@@ -363,18 +370,19 @@ class Broker:
 
     def on_done(self, job: Job, done: m.JobDone) -> None:
         timings = dict(job.timings)
-        started = self.stage_started.pop((job.id, "muxer"), None) or self.stage_started.pop(
-            (job.id, job.route[-1]), None
-        )
+        now = time.time()
+        last = job.route[-1]
+        started = self.stage_started.pop((job.id, last), None)
         if started is not None:
-            timings[job.route[-1]] = round(time.time() - started, 4)
-            self.store.record_timing(timing_key(job.params), job.route[-1], time.time() - started)
+            timings[last] = {"start": started, "end": now, "seconds": round(now - started, 4)}
+            self.store.record_timing(timing_key(job.params), last, now - started)
         if job.started_at:
-            timings["total"] = round(time.time() - job.started_at, 4)
+            timings["total_seconds"] = round(now - job.started_at, 4)
         if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings):
             log.info("completed: %s", done.path)
             self._emit(job, "progress", {"progress": 1.0, "eta": 0.0, "stage": job.route[-1]})
             self._emit(job, "complete", {"output_url": f"/api/v1/files/{job.id}.mp4"})
+            self._forget(job.id)
             self.dispatch()
 
     # ---- loop ----
@@ -402,6 +410,8 @@ class Broker:
 
     def run(self) -> None:
         self.recover()
+        for model in self.config.model_names():  # connect early: a fresh PUSH has no peer yet
+            self._stage_socket(self.config.route(model)[0])
         poller = zmq.Poller()
         poller.register(self.recv_from_gateway, zmq.POLLIN)
         poller.register(self.recv_from_stages, zmq.POLLIN)

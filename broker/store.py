@@ -153,6 +153,19 @@ class JobStore:
             return None
         return self.db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
+    def requeue(self, job_id: str, attempt: int, keep_attempt: bool = False) -> bool:
+        """processing -> queued: a dispatch that did not go out, or a job the broker must send again.
+
+        `keep_attempt` keeps the attempt counter, so the next dispatch is a new attempt and reports
+        of the old one are ignored; otherwise the attempt that never left is taken back.
+        """
+        cur = self.db.execute(
+            "UPDATE jobs SET status = 'queued', attempt = CASE WHEN ? THEN attempt ELSE attempt - 1 END"
+            " WHERE id = ? AND status = 'processing' AND attempt = ?",
+            (keep_attempt, job_id, attempt),
+        )
+        return cur.rowcount == 1
+
     def progress(self, job_id: str, attempt: int, stage: str, progress: float, timings: dict | None = None) -> bool:
         sets, args = ["stage = ?", "progress = MAX(progress, ?)"], [stage, progress]
         if timings is not None:

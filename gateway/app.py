@@ -171,17 +171,24 @@ class Gateway:
                 if job["status"] in ("queued", "processing"):
                     sub.queue.put_nowait({"event": "snapshot", **job})
         elif action == "subscribe" and isinstance(data.get("job_id"), str) and JOB_ID.match(data["job_id"]):
-            sub.jobs.add(data["job_id"])  # before the snapshot, so nothing falls between the two
+            job_id = data["job_id"]
+            # Events that arrive while the snapshot is fetched are held, then sent after it, so
+            # nothing falls between the two and nothing older than the snapshot follows it.
+            sub.held[job_id] = []
             try:
-                job = await self.broker.call("status", job_id=data["job_id"])
+                job = await self.broker.call("status", job_id=job_id)
             except ServerError as exc:
-                sub.jobs.discard(data["job_id"])
-                sub.queue.put_nowait({"event": "error", "job_id": data["job_id"], "error": exc.to_dict()["error"]})
+                sub.held.pop(job_id, None)
+                sub.queue.put_nowait({"event": "error", "job_id": job_id, "error": exc.to_dict()["error"]})
                 return
             snapshot = {"event": "snapshot", **{k: job[k] for k in STATUS_FIELDS if k in job}}
             if job["status"] == "completed":
                 snapshot["output_url"] = f"/api/v1/files/{job['job_id']}.mp4"
             sub.queue.put_nowait(snapshot)
+            for event in sub.held.pop(job_id, []):
+                if event["event"] != "progress" or event["progress"] >= job["progress"]:
+                    sub.queue.put_nowait(event)
+            sub.jobs.add(job_id)
         elif action == "unsubscribe":
             sub.jobs.discard(data.get("job_id"))
             sub.all = sub.all and not data.get("all")
@@ -194,7 +201,9 @@ class Gateway:
     def on_event(self, event: m.JobEvent) -> None:
         payload = {"event": event.event, "job_id": event.job_id, **event.data}
         for sub in list(self.subscribers):
-            if sub.all or event.job_id in sub.jobs:
+            if event.job_id in sub.held:
+                sub.held[event.job_id].append(payload)
+            elif sub.all or event.job_id in sub.jobs:
                 with contextlib.suppress(asyncio.QueueFull):  # a client that stopped reading
                     sub.queue.put_nowait(payload)
 
@@ -251,6 +260,7 @@ class Subscriber:
         self.websocket = websocket
         self.jobs: set[str] = set()
         self.all = False
+        self.held: dict[str, list[dict[str, Any]]] = {}  # job -> events waiting for its snapshot
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
 
     async def send(self, payload: dict[str, Any]) -> None:

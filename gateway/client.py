@@ -1,0 +1,164 @@
+"""Python client and command line for the server's HTTP/WebSocket API (standard library + websockets).
+
+    python -m gateway.client generate --prompt "a cat walks" --model t2v --quality draft --wait -o cat.mp4
+    python -m gateway.client status JOB_ID | result JOB_ID | cancel JOB_ID | list [--status completed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from websockets.sync.client import connect
+
+DEFAULT_URL = "http://127.0.0.1:8001"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]):
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        super().__init__(f"{status} {error.get('code', 'ERROR')}: {error.get('message', body)}")
+        self.status = status
+        self.code = error.get("code")
+        self.body = body
+
+
+class Client:
+    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = json.loads(exc.read())
+            except ValueError:
+                payload = {}
+            raise ApiError(exc.code, payload) from None
+
+    def generate(self, prompt: str, model: str = "t2v-A14B", quality_preset: str = "standard", **extra: Any) -> dict:
+        return self._request("POST", "/api/v1/generate",
+                             {"prompt": prompt, "model": model, "quality_preset": quality_preset, **extra})
+
+    def status(self, job_id: str) -> dict:
+        return self._request("GET", f"/api/v1/status/{job_id}")
+
+    def result(self, job_id: str) -> dict:
+        return self._request("GET", f"/api/v1/result/{job_id}")
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("POST", f"/api/v1/cancel/{job_id}")
+
+    def jobs(self, status: str | None = None, limit: int = 20, offset: int = 0) -> dict:
+        query = {"limit": limit, "offset": offset, **({"status": status} if status else {})}
+        return self._request("GET", f"/api/v1/jobs?{urlencode(query)}")
+
+    def download(self, job_id: str, dest: Path) -> Path:
+        result = self.result(job_id)
+        if not result.get("output_url"):
+            raise ApiError(409, {"error": {"code": "NO_VIDEO", "message": f"job is {result.get('status')}"}})
+        with urllib.request.urlopen(self.base_url + result["output_url"], timeout=self.timeout_s) as resp:
+            tmp = dest.with_name(dest.name + ".part")
+            with open(tmp, "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+            tmp.replace(dest)
+        return dest
+
+    def events(self, job_id: str | None = None, timeout_s: float = 600.0) -> Iterator[dict[str, Any]]:
+        """WebSocket events for one job (or all jobs): a snapshot first, then status/progress/complete/error."""
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        with connect(f"{scheme}://{parts.netloc}/ws", open_timeout=self.timeout_s) as ws:
+            ws.send(json.dumps({"action": "subscribe", **({"job_id": job_id} if job_id else {"all": True})}))
+            while True:
+                yield json.loads(ws.recv(timeout=timeout_s))
+
+    def wait(self, job_id: str, on_event: Callable[[dict], None] | None = None, timeout_s: float = 600.0) -> dict:
+        """Follow a job over the WebSocket until it ends; returns its final status."""
+        for event in self.events(job_id, timeout_s):
+            if on_event:
+                on_event(event)
+            status = event.get("status")
+            if event["event"] in ("complete", "error") or status in ("completed", "failed", "cancelled"):
+                return self.status(job_id)
+        raise TimeoutError(job_id)
+
+
+def _bar(event: dict[str, Any]) -> None:
+    if "progress" in event:
+        width = 30
+        filled = int(width * float(event["progress"]))
+        eta = event.get("eta")
+        eta_text = f" eta {eta:.0f}s" if isinstance(eta, (int, float)) else ""
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * float(event['progress']):5.1f}%{eta_text}   ",
+              end="", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="wan-server client")
+    parser.add_argument("--url", default=DEFAULT_URL)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="submit a job")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--model", default="t2v-A14B")
+    gen.add_argument("--quality", default="standard")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--cfg-scale", type=float)
+    gen.add_argument("--resolution", help="WxH")
+    gen.add_argument("--fps", type=int)
+    gen.add_argument("--duration", type=float)
+    gen.add_argument("--wait", action="store_true", help="follow progress and download the video")
+    gen.add_argument("-o", "--output", type=Path, help="where --wait writes the MP4")
+    for name in ("status", "result", "cancel"):
+        sub.add_parser(name).add_argument("job_id")
+    lst = sub.add_parser("list")
+    lst.add_argument("--status")
+    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--offset", type=int, default=0)
+    args = parser.parse_args(argv)
+    client = Client(args.url)
+    try:
+        if args.command == "generate":
+            options = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg_scale, "resolution": args.resolution,
+                                         "fps": args.fps, "duration": args.duration}.items() if v is not None}
+            extra = {k: v for k, v in {"negative_prompt": args.negative_prompt, "seed": args.seed}.items() if v is not None}
+            if options:
+                extra["custom_options"] = options
+            job = client.generate(args.prompt, args.model, args.quality, **extra)
+            print(json.dumps(job))
+            if args.wait:
+                final = client.wait(job["job_id"], on_event=_bar)
+                print(file=sys.stderr)
+                if final["status"] != "completed":
+                    print(json.dumps(final), file=sys.stderr)
+                    return 1
+                dest = client.download(job["job_id"], args.output or Path(f"{job['job_id']}.mp4"))
+                print(dest)
+        elif args.command == "list":
+            print(json.dumps(client.jobs(args.status, args.limit, args.offset), indent=1))
+        else:
+            print(json.dumps(getattr(client, args.command)(args.job_id), indent=1))
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

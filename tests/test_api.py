@@ -1,0 +1,283 @@
+"""The REST and WebSocket API against the running system (supervisord, broker, gateway, stages)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+
+import av
+import pytest
+from websockets.sync.client import connect
+
+from gateway.app import Gateway
+from gateway.openapi import openapi_document
+from tests.stack import short_tmpdir
+from tests.system import System, kill9
+
+
+@pytest.fixture(scope="module")
+def system(model_cache):
+    state = short_tmpdir("wsa-")
+    s = System(state, model_cache).start()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def ws_connect(system):
+    return connect(f"ws://127.0.0.1:{system.port}/ws", open_timeout=10)
+
+
+def follow(ws, until=("complete", "error"), timeout_s=120.0) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        events.append(event)
+        if event["event"] in until or event.get("status") in ("completed", "cancelled", "failed"):
+            return events
+    raise AssertionError(f"no {until} event: {events[-3:]}")  # pragma: no cover
+
+
+def test_submit_progress_complete_download(system):
+    # Enough steps that the job is still running when the WebSocket subscribes.
+    job_id = system.submit(prompt="a red car drives through the city", seed=7, quality_preset="standard",
+                           custom_options={"steps": 40})
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        events = follow(ws)
+    assert events[0]["event"] == "snapshot" and events[0]["job_id"] == job_id
+    assert events[-1] == {"event": "complete", "job_id": job_id, "output_url": f"/api/v1/files/{job_id}.mp4"}
+    progress = [e["progress"] for e in events if "progress" in e]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert len([e for e in events if e["event"] == "progress"]) >= 4  # every step reports
+
+    status, body = system.json("GET", f"/api/v1/status/{job_id}")
+    assert status == 200
+    assert {"status": "completed", "progress": 1.0, "eta": 0.0}.items() <= body.items()
+    status, result = system.json("GET", f"/api/v1/result/{job_id}")
+    assert status == 200 and result["status"] == "completed"
+    assert result["output_url"] == f"/api/v1/files/{job_id}.mp4" and "output_path" not in result
+    meta = result["metadata"]
+    assert meta["model"] == "t2v-A14B" and meta["quality_preset"] == "standard" and meta["seed"] == 7
+    params = meta["params"]
+    assert (params["steps"], params["width"], params["height"], params["num_frames"], params["fps"]) == (40, 48, 32, 9, 16)
+    assert params["guidance_scale"] == 4.0 and params["guidance_scale_2"] == 3.0
+    assert meta["code_version"].startswith("0.1.0") and meta["timings"]["dit_high"]["seconds"] > 0
+
+    status, headers, video = system.request("GET", result["output_url"])
+    assert status == 200 and headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(video)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (48, 32)
+    status, headers, part = system.request("GET", result["output_url"], headers={"Range": "bytes=10-109"})
+    assert status == 206 and part == video[10:110]
+    assert headers["content-range"] == f"bytes 10-109/{len(video)}"
+
+    # ETA is measured: a second job of the same shape gets one from the first job's stage timings.
+    status, body = system.json("POST", "/api/v1/generate", {"model": "t2v-A14B", "prompt": "again", "quality": "standard",
+                                                            "seed": 8, "custom_options": {"steps": 40}})
+    assert status == 202 and isinstance(body["eta_seconds"], float) and body["eta_seconds"] > 0
+    system.wait_final(body["job_id"])
+
+
+def test_four_jobs_complete_with_both_dits_busy_at_once(system):
+    ids = [system.submit(prompt=f"job {i}", seed=i, custom_options={"steps": 12, "resolution": "64x64"})
+           for i in range(4)]
+    for job_id in ids:
+        assert system.wait_final(job_id)["status"] == "completed"
+    spans = {}
+    for job_id in ids:
+        timings = system.json("GET", f"/api/v1/result/{job_id}")[1]["metadata"]["timings"]
+        spans[job_id] = {s: (timings[s]["start"], timings[s]["end"]) for s in ("dit_high", "dit_low")}
+    overlaps = [
+        (a, b) for a in ids for b in ids if a != b
+        and spans[a]["dit_high"][0] < spans[b]["dit_low"][1] and spans[b]["dit_low"][0] < spans[a]["dit_high"][1]
+    ]
+    assert overlaps, spans
+
+
+def test_cancel_while_denoising_then_next_job_runs(system):
+    job_id = system.submit(prompt="a long one", custom_options={"steps": 100, "resolution": "64x64"})
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        while True:
+            event = json.loads(ws.recv(timeout=60))
+            if event["event"] == "progress" and event.get("stage", "").startswith("dit") and event["progress"] > 0.1:
+                break
+        t0 = time.time()
+        status, body = system.json("POST", f"/api/v1/cancel/{job_id}")
+        assert status == 200 and body["status"] == "cancelled"
+        events = follow(ws, until=("status",), timeout_s=10)
+    assert events[-1]["status"] == "cancelled"
+    # The DiT holding the job stops at its next step.
+    deadline = time.time() + 10
+    while "stopped: the job was cancelled" not in system.log("dit_high") + system.log("dit_low"):
+        assert time.time() < deadline, "the DiT did not stop the cancelled job"
+        time.sleep(0.1)
+    stop_delay = time.time() - t0
+    timings_step = 5.0  # generous bound for one tiny step plus log flush on a loaded 2-core machine
+    assert stop_delay < timings_step
+    assert system.json("POST", f"/api/v1/cancel/{job_id}")[0] == 409  # already final
+    nxt = system.submit(prompt="after the cancel")
+    assert system.wait_final(nxt)["status"] == "completed"
+
+
+def test_websocket_reconnect_gets_snapshot_then_the_rest(system):
+    job_id = system.submit(prompt="reconnect", custom_options={"steps": 30, "resolution": "64x64"})
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        seen = []
+        while len([e for e in seen if e["event"] == "progress"]) < 3:
+            seen.append(json.loads(ws.recv(timeout=60)))
+    last = max(e.get("progress", 0) for e in seen)
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        events = follow(ws)
+    assert events[0]["event"] == "snapshot" and events[0]["progress"] >= last
+    assert events[-1]["event"] == "complete"
+
+
+def test_subscribe_all_and_bad_ws_messages(system):
+    with ws_connect(system) as ws:
+        ws.send("not json")
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "INVALID_JSON"
+        ws.send(json.dumps({"action": "dance"}))
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "VALIDATION_ERROR"
+        ws.send(json.dumps({"action": "subscribe", "job_id": "0" * 32}))
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "JOB_NOT_FOUND"
+        ws.send(json.dumps({"action": "subscribe", "all": True}))
+        job_id = system.submit(prompt="seen by all")
+        events = []
+        while not any(e["event"] == "complete" and e["job_id"] == job_id for e in events):
+            events.append(json.loads(ws.recv(timeout=60)))
+    assert any(e["job_id"] == job_id and e["event"] == "status" for e in events)
+
+
+def test_listing_models_presets_health_ready(system):
+    status, body = system.json("GET", "/api/v1/jobs?limit=2&status=completed")
+    assert status == 200 and len(body["jobs"]) <= 2 and body["total"] >= 1
+    assert all(j["status"] == "completed" for j in body["jobs"])
+    page2 = system.json("GET", "/api/v1/jobs?limit=2&offset=2&status=completed")[1]
+    assert not {j["job_id"] for j in page2["jobs"]} & {j["job_id"] for j in body["jobs"]}
+    models = {m["id"]: m for m in system.json("GET", "/api/v1/models")[1]["models"]}
+    assert models["t2v-A14B"]["served"] and models["t2v-A14B"]["ready"] and not models["s2v-14B"]["served"]
+    presets = system.json("GET", "/api/v1/presets")[1]["presets"]
+    assert set(presets["ti2v-5B"]) == {"draft", "standard", "pro", "cinema", "ultimate"}
+    assert presets["t2v-A14B"]["draft"]["steps"] < presets["t2v-A14B"]["ultimate"]["steps"]
+    assert system.json("GET", "/health") == (200, {"status": "ok"})
+    status, ready = system.json("GET", "/ready")
+    assert status == 200 and ready["ready"] and all(ready["stages"].values())
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", {"raw": b"{not json"}, 400, "INVALID_JSON"),
+    ("body not an object", {"body": ["a"]}, 422, "VALIDATION_ERROR"),
+    ("prompt of wrong type", {"body": {"prompt": 5, "model": "t2v"}}, 422, "VALIDATION_ERROR"),
+    ("unknown model", {"body": {"prompt": "x", "model": "sora"}}, 422, "VALIDATION_ERROR"),
+    ("model not served", {"body": {"prompt": "x", "model": "s2v"}}, 422, "MODEL_NOT_SERVED"),
+    ("unknown preset", {"body": {"prompt": "x", "model": "t2v", "quality": "epic"}}, 422, "VALIDATION_ERROR"),
+    ("empty prompt", {"body": {"prompt": "  ", "model": "t2v"}}, 422, "VALIDATION_ERROR"),
+    ("10,000-character prompt", {"body": {"prompt": "a" * 10_000, "model": "t2v"}}, 422, "VALIDATION_ERROR"),
+    ("steps 0", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"steps": 0}}}, 422, "VALIDATION_ERROR"),
+    ("steps 10^6", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"steps": 10**6}}}, 422, "VALIDATION_ERROR"),
+    ("unsupported resolution", {"body": {"prompt": "x", "model": "ti2v", "custom_options": {"resolution": "48x32"}}},
+     422, "VALIDATION_ERROR"),
+    ("frames not 4n+1", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"num_frames": 10}}},
+     422, "VALIDATION_ERROR"),
+    ("negative seed", {"body": {"prompt": "x", "model": "t2v", "seed": -1}}, 422, "VALIDATION_ERROR"),
+    ("unknown field", {"body": {"prompt": "x", "model": "t2v", "steps": 4}}, 422, "VALIDATION_ERROR"),
+    ("oversize body", {"raw": b'{"prompt": "' + b"a" * (2 << 20) + b'"}'}, 413, "PAYLOAD_TOO_LARGE"),
+]
+
+
+@pytest.mark.parametrize("name,kw,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_generate_requests(system, name, kw, status, code):
+    got, _, content = system.request("POST", "/api/v1/generate", kw.get("body"), raw=kw.get("raw"))
+    body = json.loads(content)
+    assert got == status, body
+    assert body["success"] is False and body["error"]["code"] == code
+    assert set(body["error"]) == {"code", "message", "details"} and "Traceback" not in content.decode()
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/api/v1/status/" + "0" * 32, 404),
+    ("GET", "/api/v1/status/../../etc/passwd", 404),
+    ("GET", "/api/v1/result/not-a-job", 404),
+    ("POST", "/api/v1/cancel/" + "f" * 32, 404),
+    ("GET", "/api/v1/files/%2e%2e%2fjobs.sqlite3.mp4", 404),
+    ("GET", "/api/v1/jobs?limit=0", 422),
+    ("GET", "/api/v1/jobs?status=bogus", 422),
+    ("GET", "/api/v1/nope", 404),
+    ("DELETE", "/api/v1/generate", 405),
+])
+def test_bad_paths_give_structured_errors(system, method, path, status):
+    got, _, content = system.request(method, path)
+    assert got == status
+    assert json.loads(content)["success"] is False
+
+
+def test_still_serving_after_bad_requests(system):
+    assert system.wait_final(system.submit(prompt="fine"))["status"] == "completed"
+
+
+def test_kill_broker_with_jobs_queued_and_running(system):
+    ids = [system.submit(prompt=f"survivor {i}", custom_options={"steps": 60, "resolution": "64x64"}) for i in range(6)]
+    deadline = time.monotonic() + 60
+    while system.json("GET", f"/api/v1/status/{ids[0]}")[1]["progress"] < 0.2:  # running, the rest queued
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert system.json("GET", f"/api/v1/status/{ids[-1]}")[1]["status"] == "queued"
+    old = system.pid("broker")
+    kill9(old)
+    deadline = time.monotonic() + 60
+    while system.pid("broker") in (0, old):
+        assert time.monotonic() < deadline, system.supervisorctl("status")
+        time.sleep(0.2)
+    finals = [system.wait_final(job_id, timeout_s=240) for job_id in ids]
+    assert [f["status"] for f in finals] == ["completed"] * 6
+    log = system.log("broker")
+    for job_id in ids:
+        assert log.count(f"job={job_id} completed:") == 1
+    # The jobs that were running are taken up again by the new broker (their own results, queued
+    # in the stages while it was down, may finish them first; either way each completes once).
+    assert f"job={ids[0]} was processing at attempt 1 when the broker stopped" in log
+
+
+def test_kill_gateway_clients_see_the_same_state(system):
+    _, before = system.json("GET", "/api/v1/jobs?limit=50")
+    old = system.pid("gateway")
+    kill9(old)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status, after = system.json("GET", "/api/v1/jobs?limit=50")
+            if status == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert system.pid("gateway") != old
+    assert [(j["job_id"], j["status"]) for j in after["jobs"]] == [(j["job_id"], j["status"]) for j in before["jobs"]]
+    job_id = system.submit(prompt="after the gateway came back")
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        assert follow(ws)[-1]["event"] == "complete"
+
+
+def test_openapi_document_matches_routes(system):
+    status, doc = system.json("GET", "/api/v1/openapi.json")
+    assert status == 200 and doc == json.loads(json.dumps(openapi_document()))
+    app = Gateway.__new__(Gateway)
+    app.config, app.max_body, app.broker, app.subscribers = None, 0, None, set()
+    routes = {r.path for r in Gateway.app(app).routes if r.path != "/ws"}
+    assert routes == set(doc["paths"])
