@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # connection refused, reset, timed out
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

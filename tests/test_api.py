@@ -281,3 +281,23 @@ def test_openapi_document_matches_routes(system):
     app.config, app.max_body, app.broker, app.subscribers = None, 0, None, set()
     routes = {r.path for r in Gateway.app(app).routes if r.path != "/ws"}
     assert routes == set(doc["paths"])
+
+
+def test_client_cli_generates_and_downloads(system, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.mp4"
+    cmd = [sys.executable, "-m", "gateway.client", "--url", system.url, "generate", "--prompt", "a cli job",
+           "--model", "ti2v", "--quality", "draft", "--seed", "3", "--wait", "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout.splitlines()[0])
+    assert result.stdout.splitlines()[-1] == str(out) and out.stat().st_size > 0
+    assert "100.0%" in result.stderr  # the progress bar reached the end
+    status = subprocess.run([sys.executable, "-m", "gateway.client", "--url", system.url, "status", job["job_id"]],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["status"] == "completed"
+    bad = subprocess.run([sys.executable, "-m", "gateway.client", "--url", system.url, "cancel", "0" * 32],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "JOB_NOT_FOUND" in bad.stderr

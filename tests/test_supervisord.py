@@ -1,5 +1,6 @@
-"""The README's run command, on a fresh copy of the tree, brings the stage processes up under
-supervisord; the driver then produces an MP4; `supervisorctl restart <stage>` brings one back."""
+"""The README's run command, on a fresh copy of the tree, brings the whole system up under
+supervisord; the README's client command then produces an MP4; `supervisorctl restart <stage>`
+brings one back."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 from tests.stack import ROOT, short_tmpdir
 
-STAGES = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
+from tests.system import free_port
+
+STAGES = ["text_encoder", "dit_high", "dit_low", "vae", "muxer", "broker", "gateway"]
 
 
 def quick_start_blocks() -> list[str]:
@@ -46,6 +49,7 @@ def deployed():
     clone = short_tmpdir("wsc-")
     fresh_copy(clone)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WAN_SERVER") and k != "VIRTUAL_ENV"}
+    env["WAN_SERVER__GATEWAY__PORT"] = str(free_port())  # not 8001: a server may be running here
     run_cmd = quick_start_blocks()[0]
     result = subprocess.run(["bash", "-c", run_cmd], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -63,10 +67,19 @@ def status(ctl) -> dict[str, str]:
 
 
 def drive(clone: Path, env, prompt: str, out: Path) -> None:
-    cmd = [str(clone / ".venv/bin/python"), "-m", "broker.driver", "--prompt", prompt, "-o", str(out), "--timeout", "300"]
-    result = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=360)
+    """The README's client command, with the prompt, output and port of this test."""
+    readme_cmd = next(b for b in quick_start_blocks() if "gateway.client generate" in b).splitlines()[0]
+    assert "--wait" in readme_cmd
+    cmd = [str(clone / ".venv/bin/python"), "-m", "gateway.client", "--url",
+           f"http://127.0.0.1:{env['WAN_SERVER__GATEWAY__PORT']}", "generate", "--prompt", prompt, "--wait", "-o", str(out)]
+    deadline = time.monotonic() + 180
+    while True:  # the gateway answers 503 until the stages have loaded their models
+        result = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=360)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == str(out)
+    assert result.stdout.strip().splitlines()[-1] == str(out)
 
 
 def wait_running(ctl, timeout_s: float = 120) -> dict[str, str]:
@@ -85,7 +98,7 @@ def test_readme_run_command_serves_jobs(deployed):
     drive(clone, env, "a boat floats on a calm river", out)
     with av.open(str(out)) as container:
         frames = list(container.decode(video=0))
-    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (64, 64)
+    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (48, 32)  # the standard preset
     assert (clone / "var/models/tiny-t2v-A14B-seed0/model_index.json").is_file()  # built on first start
 
 

@@ -1,0 +1,88 @@
+"""The broker in-process (no stages running): admission, queue bound, priority order, cancel, persistence."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from broker.broker import Broker, JobNotFound, NotCancellable, QueueFull
+from broker.admission import ModelNotServed, ValidationError
+from common.config import Config
+from tests.stack import short_tmpdir
+
+
+@pytest.fixture
+def config():
+    state = short_tmpdir("wsb-")
+    yield Config.load(environ={
+        "WAN_SERVER__RUNTIME__STATE_DIR": str(state),
+        "WAN_SERVER__ADMISSION__MAX_QUEUED": "3",
+    })
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def submit(broker, **request):
+    return broker.op_submit({"request": {"prompt": "x", "model": "t2v", "quality": "draft", **request}})
+
+
+def test_queue_bound_priority_order_and_cancel(config):
+    broker = Broker(config)
+    try:
+        low = submit(broker, priority=0)
+        high = submit(broker, priority=5)
+        mid = submit(broker, priority=1)
+        assert low["status"] == "queued"  # no stage is up: nothing is dispatched
+        positions = {j["job_id"]: broker.op_status({"job_id": j["job_id"]})["queue_position"] for j in (low, high, mid)}
+        assert [positions[high["job_id"]], positions[mid["job_id"]], positions[low["job_id"]]] == [1, 2, 3]
+        with pytest.raises(QueueFull) as info:
+            submit(broker)
+        assert info.value.http_status == 429 and info.value.details["max_queued"] == 3
+        cancelled = broker.op_cancel({"job_id": high["job_id"]})
+        assert cancelled["status"] == "cancelled" and cancelled["queue_position"] is None
+        assert broker.op_status({"job_id": mid["job_id"]})["queue_position"] == 1
+        with pytest.raises(NotCancellable):
+            broker.op_cancel({"job_id": high["job_id"]})
+        submit(broker)  # the cancelled job freed its place in the queue
+        with pytest.raises(JobNotFound):
+            broker.op_status({"job_id": "f" * 32})
+        listed = broker.op_list({"status": "queued", "limit": 10, "offset": 0})
+        assert listed["total"] == 3
+    finally:
+        broker.close()
+    # Every job survives a broker restart.
+    again = Broker(config)
+    try:
+        assert again.op_status({"job_id": low["job_id"]})["status"] == "queued"
+        assert again.op_status({"job_id": high["job_id"]})["status"] == "cancelled"
+    finally:
+        again.close()
+
+
+def test_admission_errors(config):
+    broker = Broker(config)
+    try:
+        with pytest.raises(ModelNotServed):
+            submit(broker, model="i2v")
+        with pytest.raises(ValidationError, match="4n\\+1"):
+            submit(broker, custom_options={"num_frames": 8})
+        result = submit(broker, custom_options={"duration": 0.5, "fps": 16})
+        params = broker.op_result({"job_id": result["job_id"]})["metadata"]["params"]
+        assert params["num_frames"] == 9 and params["fps"] == 16  # 0.5 s x 16 fps -> nearest 4n+1
+    finally:
+        broker.close()
+
+
+def test_eta_comes_from_measured_timings(config):
+    broker = Broker(config)
+    try:
+        job = submit(broker)
+        assert job["eta_seconds"] is None  # nothing measured yet for this shape
+        stored = broker.store.get(job["job_id"])
+        from broker.broker import timing_key
+        for stage, seconds in zip(stored.route, (0.5, 2.0, 1.0, 0.7, 0.3)):
+            broker.store.record_timing(timing_key(stored.params), stage, seconds)
+        eta = broker.op_status({"job_id": job["job_id"]})["eta"]
+        assert eta == pytest.approx(4.5, abs=0.01)  # its own stages; nothing ahead of it
+    finally:
+        broker.close()
