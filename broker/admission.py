@@ -14,7 +14,7 @@ from typing import Any
 
 from common import messages as m
 from common.config import Config
-from common.errors import InvalidRequest
+from common.errors import ModelNotServed, ValidationError
 
 MODELS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B")
 ALIASES = {"t2v": "t2v-A14B", "i2v": "i2v-A14B", "ti2v": "ti2v-5B", "s2v": "s2v-14B"}
@@ -23,16 +23,6 @@ REQUEST_FIELDS = {"prompt", "negative_prompt", "model", "quality_preset", "quali
 OPTION_FIELDS = {"steps", "cfg_scale", "cfg_scale_2", "resolution", "fps", "duration", "num_frames"}
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
-
-
-class ValidationError(InvalidRequest):
-    code = "VALIDATION_ERROR"
-    http_status = 422
-
-
-class ModelNotServed(InvalidRequest):
-    code = "MODEL_NOT_SERVED"
-    http_status = 422
 
 
 def _bad(field: str, message: str, **details: Any) -> ValidationError:

@@ -31,7 +31,15 @@ from broker import admission
 from broker.store import FINAL, Job, JobStore
 from common import messages as m
 from common.config import PROJECT_ROOT, Config
-from common.errors import ServerError, WireError
+from common.errors import (
+    JobNotFound,
+    NotCancellable,
+    QueueFull,
+    ServerError,
+    UnknownOperation,
+    ValidationError,
+    WireError,
+)
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket
 
@@ -39,26 +47,6 @@ log = logging.getLogger(__name__)
 
 # Share of a job's progress each stage kind accounts for (the DiT share is split by steps).
 PROGRESS_WEIGHTS = {"text_encoder": 0.05, "dit": 0.80, "vae": 0.10, "muxer": 0.05}
-
-
-class JobNotFound(ServerError):
-    code = "JOB_NOT_FOUND"
-    http_status = 404
-
-
-class QueueFull(ServerError):
-    code = "QUEUE_FULL"
-    http_status = 429
-
-
-class NotCancellable(ServerError):
-    code = "JOB_NOT_CANCELLABLE"
-    http_status = 409
-
-
-class UnknownOperation(ServerError):
-    code = "UNKNOWN_OPERATION"
-    http_status = 400
 
 
 def code_version() -> str:
@@ -237,7 +225,7 @@ class Broker:
     def op_list(self, args: dict[str, Any]) -> dict[str, Any]:
         status = args.get("status")
         if status is not None and status not in ("queued", "processing", *FINAL):
-            raise admission.ValidationError(f"unknown status {str(status)[:32]!r}", {"field": "status"})
+            raise ValidationError(f"unknown status {str(status)[:32]!r}", {"field": "status"})
         limit, offset = int(args.get("limit", 20)), int(args.get("offset", 0))
         jobs, total = self.store.list(status, limit, offset, args.get("owner"))
         return {"jobs": [self.status_body(j) for j in jobs], "total": total, "limit": limit, "offset": offset}

@@ -192,6 +192,7 @@ class JobStore:
         sql = (
             "UPDATE jobs SET status = ?, finished_at = ?, error = ?, output_path = ?,"
             " progress = CASE WHEN ? = 'completed' THEN 1.0 ELSE progress END,"
+            " stage = CASE WHEN status = 'queued' THEN NULL ELSE stage END,"
             " timings = COALESCE(?, timings) WHERE id = ? AND status IN ('queued', 'processing')"
         )
         args: list[Any] = [status, time.time(), json.dumps(error) if error else None, output_path, status,

@@ -57,6 +57,39 @@ class OutputError(ServerError):
     code = "OUTPUT_WRITE_ERROR"
 
 
+class ValidationError(InvalidRequest):
+    code = "VALIDATION_ERROR"
+
+
+class ModelNotServed(InvalidRequest):
+    code = "MODEL_NOT_SERVED"
+
+
+class JobNotFound(ServerError):
+    code = "JOB_NOT_FOUND"
+    http_status = 404
+
+
+class QueueFull(ServerError):
+    code = "QUEUE_FULL"
+    http_status = 429
+
+
+class NotCancellable(ServerError):
+    code = "JOB_NOT_CANCELLABLE"
+    http_status = 409
+
+
+class UnknownOperation(ServerError):
+    code = "UNKNOWN_OPERATION"
+    http_status = 400
+
+
+class BrokerUnavailable(ServerError):
+    code = "BROKER_UNAVAILABLE"
+    http_status = 503
+
+
 class StageTimeout(ServerError):
     code = "STAGE_TIMEOUT"
     http_status = 504

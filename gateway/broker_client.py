@@ -17,15 +17,10 @@ import zmq.asyncio
 
 from common import messages as m
 from common.config import Config
-from common.errors import ServerError, WireError
+from common.errors import BrokerUnavailable, ServerError, WireError
 from common.sockets import SocketOptions, make_socket
 
 log = logging.getLogger(__name__)
-
-
-class BrokerUnavailable(ServerError):
-    code = "BROKER_UNAVAILABLE"
-    http_status = 503
 
 
 class BrokerClient:

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from broker.broker import Broker, JobNotFound, NotCancellable, QueueFull
-from broker.admission import ModelNotServed, ValidationError
+from broker.broker import Broker
+from common.errors import JobNotFound, ModelNotServed, NotCancellable, QueueFull, ValidationError
 from common.config import Config
 from tests.stack import short_tmpdir
 
