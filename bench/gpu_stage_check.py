@@ -766,6 +766,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="optional measurements are skipped past this many seconds (default %(default)s)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs of each direct call (default 3)")
+    parser.add_argument("--only", help="comma-separated sections to run (e.g. vae22_float32,vae22_bfloat16)")
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # NaN/inf casts from random weights
@@ -791,7 +792,11 @@ def main() -> None:
         traceback.print_exc()
         sys.exit("could not import diffusers / the stage modules; see the traceback above")
 
+    only = set(args.only.split(",")) if args.only else None
+
     def section(name: str, fn: Callable[[], dict], need_s: float = 0.0) -> None:
+        if only is not None and name not in only and name != "env":
+            return
         say(f"== {name}")
         if env.left_s() < need_s:
             results[name] = {"skipped": f"time budget ({env.left_s():.0f}s left, needs ~{need_s:.0f}s)"}
