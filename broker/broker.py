@@ -84,6 +84,14 @@ class Broker:
         self._send_to: dict[str, zmq.Socket] = {}
         self.heartbeats: dict[str, tuple[m.Heartbeat, float]] = {}
         self.stage_started: dict[tuple[str, str], float] = {}  # (job, stage) -> accepted at
+        # Where each running job is: the stage holding it, or the stage it was forwarded to. A job
+        # at a stage whose process dies or restarts is lost there and is dispatched again.
+        # (stage, pid of its process then; None while the stage is down, for a job in transit to
+        # whatever process comes up next)
+        self.location: dict[str, tuple[str, int | None]] = {}
+        self.stage_pid: dict[str, int | None] = {}
+        self.lost_stages: set[str] = set()
+        self.max_attempts = int(adm.get("max_attempts", 3))
         self.running = True
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "submit": self.op_submit,
@@ -265,6 +273,7 @@ class Broker:
                 continue
             if self._send(job):
                 inflight[key] = inflight.get(key, 0) + 1
+                self.location[job.id] = (job.route[0], self.stage_pid.get(job.route[0]))
 
     def _send(self, job: Job) -> bool:
         attempt = self.store.start(job.id)
@@ -295,12 +304,48 @@ class Broker:
     def _forget(self, job_id: str) -> None:
         for key in [k for k in self.stage_started if k[0] == job_id]:
             del self.stage_started[key]
+        self.location.pop(job_id, None)
+
+    def check_stages(self) -> None:
+        """A stage that stopped sending heartbeats is lost, with the jobs it held."""
+        timeout = 3 * self.config.heartbeat_interval + 2
+        now = time.monotonic()
+        for stage, (_, seen) in self.heartbeats.items():
+            if now - seen > timeout and stage not in self.lost_stages:
+                self.lost_stages.add(stage)
+                self.stage_pid[stage] = None  # jobs sent to it from now on wait for its next process
+                self.on_stage_lost(stage, lambda pid: pid is not None, f"sent no heartbeat for {now - seen:.0f} s")
+
+    def on_stage_lost(self, stage: str, dead: Callable[[int | None], bool], why: str) -> None:
+        """Dispatch again every job held by a dead process of `stage`; fail those out of attempts."""
+        lost = [job_id for job_id, (where, pid) in self.location.items() if where == stage and dead(pid)]
+        if lost:
+            log.warning("stage %s %s while holding %d job(s)", stage, why, len(lost))
+        for job_id in lost:
+            job = self.store.get(job_id)
+            self._forget(job_id)
+            if job is None or job.status != "processing":
+                continue
+            with job_context(job_id):
+                if job.attempt >= self.max_attempts:
+                    error = {"code": "STAGE_CRASHED", "details": {"stage": stage, "attempts": job.attempt},
+                             "message": f"stage {stage} failed while running this job {job.attempt} times; giving up"}
+                    if self.store.finish(job_id, "failed", attempt=job.attempt, error=error):
+                        log.error("failed after %d attempts: %s died each time", job.attempt, stage)
+                        self._emit(job, "error", {"error": error, "stage": stage})
+                elif self.store.requeue(job_id, job.attempt, keep_attempt=True):
+                    log.warning("lost in %s at attempt %d; dispatching again", stage, job.attempt)
+        self.dispatch()
 
     # ---- reports ----
     def on_report(self, msg: m.Message) -> None:
         if isinstance(msg, m.Heartbeat):
             was = self.stage_alive(msg.stage)
             self.heartbeats[msg.stage] = (msg, time.monotonic())
+            self.stage_pid[msg.stage] = msg.pid
+            # Jobs held by any other process of this stage died with it.
+            self.on_stage_lost(msg.stage, lambda pid: pid is not None and pid != msg.pid, f"restarted (now pid {msg.pid})")
+            self.lost_stages.discard(msg.stage)
             if not was and msg.ready:
                 log.info("stage %s is up (pid %d)", msg.stage, msg.pid)
                 self.dispatch()
@@ -336,6 +381,7 @@ class Broker:
         timings = dict(job.timings)
         now = time.time()
         if r.event == "accepted":
+            self.location[job.id] = (r.stage, r.pid or self.stage_pid.get(r.stage))
             self.stage_started[(job.id, r.stage)] = now
             progress = self._progress_at(job, r.stage, 0.0)
         elif r.event == "step":
@@ -344,6 +390,8 @@ class Broker:
             base = self._progress_at(job, dits[0], 0.0) if dits else 0.0
             progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
         elif r.event == "forwarded":
+            if r.to:
+                self.location[job.id] = (r.to, self.stage_pid.get(r.to))
             started = self.stage_started.pop((job.id, r.stage), None)
             if started is not None:
                 timings[r.stage] = {"start": started, "end": now, "seconds": round(now - started, 4)}
@@ -354,7 +402,8 @@ class Broker:
         progress = min(progress, 0.99)
         if self.store.progress(job.id, r.attempt, r.stage, progress, timings):
             job = self.store.get(job.id)  # type: ignore[assignment]
-            self._emit(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job), "stage": r.stage})
+            self._emit(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job), "stage": r.stage,
+                                         "attempt": r.attempt})
 
     def on_done(self, job: Job, done: m.JobDone) -> None:
         timings = dict(job.timings)
@@ -421,6 +470,7 @@ class Broker:
                 self.handle_request(self.recv_from_gateway.recv_multipart(copy=False))
             if time.monotonic() - last_dispatch > 1.0:
                 last_dispatch = time.monotonic()
+                self.check_stages()
                 self.dispatch()
         self.close()
 

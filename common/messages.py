@@ -122,7 +122,8 @@ class MuxJob(JobMessage):
 
 @dataclass
 class StageReport(Message):
-    """A job's progress through a stage. `event` is accepted | step | forwarded."""
+    """A job's progress through a stage. `event` is accepted | step | forwarded | cancelled;
+    `to` names the stage a forwarded job was sent to."""
 
     job_id: str
     attempt: int
@@ -131,6 +132,8 @@ class StageReport(Message):
     step: int = 0
     total_steps: int = 0
     at: float = 0.0
+    to: str = ""
+    pid: int = 0
 
 
 @dataclass

@@ -122,6 +122,8 @@ class StageRuntime:
     def _send_report(self, msg: m.Message) -> None:
         """Reports never block the stage: if nobody is listening they are dropped."""
         try:
+            if isinstance(msg, m.StageReport):
+                msg.pid = os.getpid()
             self._peer("reports").send_multipart(m.encode(msg), copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("no listener for reports; dropped %s", msg.type_name)
@@ -136,7 +138,8 @@ class StageRuntime:
             self._peer(dest).send_multipart(frames, copy=False)
         except zmq.Again:
             raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest}) from None
-        self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time()))
+        self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
+        log.info("attempt %d: %s sent to %s", msg.attempt, msg.type_name, dest)
 
     # ---- heartbeat ----
     def _heartbeat_loop(self) -> None:

@@ -335,3 +335,47 @@ def test_client_cli_generates_and_downloads(system, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gateway.client", "--url", system.url, "cancel", "0" * 32],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "JOB_NOT_FOUND" in bad.stderr
+
+
+def kill_at(ws, system, stage: str, attempt: int, timeout_s: float = 180) -> None:
+    """kill -9 `stage` as soon as the broker reports it working on `attempt` of the subscribed job."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+        assert event["event"] not in ("complete", "error"), event
+        if event["event"] == "progress" and (event.get("stage"), event.get("attempt")) == (stage, attempt):
+            kill9(system.pid(stage))
+            return
+
+
+def attempts_of(system, job_id: str) -> int:
+    return system.json("GET", f"/api/v1/result/{job_id}")[1]["metadata"]["attempts"]
+
+
+@pytest.mark.parametrize("stage", ["dit_high", "dit_low"])
+def test_stage_killed_while_holding_a_job_is_dispatched_again(system, stage):
+    job_id = system.submit(prompt=f"outlives {stage}", custom_options={"steps": 100, "resolution": "64x64"})
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        kill_at(ws, system, stage, attempt=1)
+    final = system.wait_final(job_id, timeout_s=240)
+    assert final["status"] == "completed", final
+    assert attempts_of(system, job_id) == 2
+    log = system.log("broker")
+    assert f"job={job_id} lost in {stage} at attempt 1; dispatching again" in log
+    assert log.count(f"job={job_id} completed:") == 1
+    status, _, video = system.request("GET", f"/api/v1/files/{job_id}.mp4")
+    assert status == 200 and len(video) > 0
+
+
+def test_job_that_keeps_killing_its_stage_fails_after_bounded_attempts(system):
+    job_id = system.submit(prompt="poison", custom_options={"steps": 100, "resolution": "64x64"})
+    with ws_connect(system) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        for attempt in (1, 2, 3):
+            kill_at(ws, system, "dit_low", attempt)
+    final = system.wait_final(job_id, timeout_s=120)
+    assert final["status"] == "failed" and final["error"]["code"] == "STAGE_CRASHED"
+    assert final["error"]["details"] == {"stage": "dit_low", "attempts": 3}
+    # The stage and the other jobs are unaffected.
+    assert system.wait_final(system.submit(prompt="next one"), timeout_s=180)["status"] == "completed"
