@@ -169,5 +169,6 @@ def test_no_pickle_in_the_code_base():
     root = pathlib.Path(__file__).resolve().parent.parent
     for path in [*root.glob("common/*.py"), *root.glob("stages/*.py"), *root.glob("broker/*.py")]:
         text = path.read_text()
-        for needle in ("import pickle", "recv_pyobj", "send_pyobj", "weights_only=False"):
+        # spelled in pieces so this file does not match its own search
+        for needle in ("import " + "pickle", "recv_" + "pyobj", "send_" + "pyobj", "weights_only=" + "False"):
             assert needle not in text, f"{needle} in {path}"
