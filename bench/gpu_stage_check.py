@@ -23,6 +23,21 @@ $OUT/gpu_stage_check.json and the table to $OUT/gpu_stage_check.md.
 
     python3 bench/gpu_stage_check.py            # on a GPU (H100/H200), ~3-4 minutes
     python3 bench/gpu_stage_check.py --small    # same code path, tiny sizes, CPU float32 (a smoke test)
+    python3 bench/gpu_stage_check.py --only vae22_bfloat16,vae21_bfloat16   # some sections
+
+The lent GPU machines have torch and transformers but not diffusers, pyzmq, msgpack or ftfy. Carry
+them as cp312 wheels in `.whl/` (keep it out of git with .git/info/exclude; about 8 MiB):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl diffusers==0.42.1 pyzmq msgpack ftfy wcwidth importlib_metadata zipp lazy-importer
+
+and run there (carry [".whl"]):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_stage_check.py
+
+Results of earlier runs: bench/results/gpu_stage_check_h200.* and gpu_vae_after_device_uint8_h200.*.
 """
 
 from __future__ import annotations
