@@ -9,7 +9,6 @@ The request is the plan's: `prompt`, `negative_prompt?`, `model`, `quality_prese
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict
 from typing import Any
 
 from common import messages as m
@@ -154,6 +153,3 @@ def resolve(config: Config, request: Any) -> tuple[str, m.JobParams, int]:
     )
     return preset, params, priority
 
-
-def params_dict(params: m.JobParams) -> dict[str, Any]:
-    return asdict(params)

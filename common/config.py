@@ -11,7 +11,6 @@ whatever its working directory.
 
 from __future__ import annotations
 
-import copy
 import os
 import tomllib
 from dataclasses import dataclass
@@ -101,9 +100,6 @@ class Config:
             for stage in route:
                 if stage not in self.data.get("stages", {}):
                     raise ConfigError(f"route of {model!r} names unknown stage {stage!r}", {"model": model})
-
-    def copy(self) -> Config:
-        return Config(copy.deepcopy(self.data), self.source)
 
     # ---- sections ----
     def section(self, name: str) -> dict[str, Any]:
