@@ -118,6 +118,15 @@ class Config:
         return self.path(self.section("runtime").get("results_dir", self.state_dir / "results"))
 
     @property
+    def spool_dir(self) -> Path:
+        """Per-job working files (`<spool_dir>/<job_id>/`): uploaded inputs, DiT hand-off checkpoints.
+        The broker removes a job's folder once the job is final."""
+        return self.path(self.section("runtime").get("spool_dir", self.state_dir / "spool"))
+
+    def job_spool(self, job_id: str) -> Path:
+        return self.spool_dir / job_id
+
+    @property
     def socket_dir(self) -> Path:
         return self.path(self.section("runtime").get("socket_dir", self.state_dir / "sock"))
 
