@@ -41,7 +41,7 @@ from common.errors import (
     WireError,
 )
 from common.logs import job_context, setup_logging
-from common.sockets import SocketOptions, make_socket
+from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
 
 log = logging.getLogger(__name__)
 
@@ -477,6 +477,7 @@ class Broker:
     def close(self) -> None:
         for sock in [self.recv_from_gateway, self.publish, self.recv_from_stages, *self._send_to.values()]:
             sock.close(0)
+        stop_authenticators()
         self.store.close()
 
 
@@ -486,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = Config.load(args.config)
     setup_logging(config.log_level)
+    use_curve(config.curve_keys())
     broker = Broker(config)
 
     def stop(signum, frame):

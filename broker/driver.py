@@ -23,7 +23,7 @@ import zmq
 from common import messages as m
 from common.config import Config
 from common.errors import InvalidRequest, JobFailedError, StageTimeout
-from common.sockets import SocketOptions, make_socket
+from common.sockets import SocketOptions, make_socket, use_curve
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Driver:
     def __init__(self, config: Config, ctx: zmq.Context | None = None):
         self.config = config
         self.ctx = ctx or zmq.Context.instance()
+        use_curve(config.curve_keys())
         options = SocketOptions(hwm=1000, max_message_bytes=config.limits.max_message_bytes)
         self.reports = make_socket(self.ctx, zmq.PULL, config.endpoint("reports"), bind=True, options=options)
         self._senders: dict[str, zmq.Socket] = {}

@@ -182,6 +182,15 @@ class Config:
             raise ConfigError(f"no route for model {model!r}", {"model": model})
         return list(route)
 
+    def curve_keys(self):
+        """The deployment's CURVE keys (`[network] curve_keys_dir`), or None when not configured."""
+        keys_dir = self.section("network").get("curve_keys_dir")
+        if not keys_dir:
+            return None
+        from common.curve import CurveKeys
+
+        return CurveKeys.load(self.path(keys_dir))
+
     def endpoint(self, name: str) -> str:
         """The address the named peer binds: a stage name, or `reports`."""
         configured = self.section("endpoints").get(name)

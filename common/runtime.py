@@ -33,7 +33,7 @@ from common import messages as m
 from common.config import Config, StageSpec
 from common.errors import JobCancelled, ServerError, StageTimeout, WireError
 from common.logs import job_context, setup_logging
-from common.sockets import SocketOptions, make_socket
+from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ class StageRuntime:
             pull.close(0)
             for sock in self._peers.values():
                 sock.close()
+            stop_authenticators()
             log.info("%s stopped", self.name)
 
 
@@ -302,6 +303,7 @@ def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
     if spec.kind != stage_cls.kind:
         parser.error(f"stage {args.name!r} is a {spec.kind} stage, not {stage_cls.kind}")
     configure_torch(config)
+    use_curve(config.curve_keys())
     runtime = StageRuntime(stage_cls(config, spec))
 
     def on_term(signum, frame):  # supervisord stops us with SIGTERM

@@ -1,9 +1,11 @@
 """The one place sockets are made.
 
 Every socket gets a bounded queue (HWM), a bounded LINGER, IMMEDIATE (a PUSH does not queue
-messages for peers that are not connected) and a maximum message size. Endpoints must be ipc:// or
-loopback TCP: a cross-host deployment needs CURVE keys, which this factory does not set up yet, so
-it refuses any other address rather than open an unauthenticated port.
+messages for peers that are not connected) and a maximum message size. Endpoints are ipc:// or
+loopback TCP; another address is accepted only with CURVE keys (`[network] curve_keys_dir`, see
+`common/curve.py`): with keys, every tcp:// socket is encrypted and authenticated, binding sockets as
+CURVE servers that accept only authorized client keys. Without keys, a non-loopback address is refused
+rather than opened unauthenticated.
 """
 
 from __future__ import annotations
@@ -17,7 +19,19 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from common.curve import CurveKeys
 from common.errors import ConfigError
+
+# The deployment's CURVE keys, set once per process by `use_curve` from the config; None: no CURVE.
+_curve: CurveKeys | None = None
+# One ZAP authenticator per context that has a CURVE server socket.
+_authenticators: dict[int, object] = {}
+
+
+def use_curve(keys: CurveKeys | None) -> None:
+    """Make every tcp:// socket this process creates from now on use these CURVE keys."""
+    global _curve
+    _curve = keys
 
 
 @dataclass(frozen=True)
@@ -35,12 +49,12 @@ class SocketOptions:
     kernel_buffer_bytes: int = 4 << 20
 
 
-def check_endpoint(endpoint: str) -> str:
+def check_endpoint(endpoint: str, curve: CurveKeys | None = None) -> str:
     if endpoint.startswith("ipc://"):
         return endpoint
     if endpoint.startswith("tcp://"):
         host = urlsplit(endpoint).hostname or ""
-        if host == "localhost":
+        if host == "localhost" or curve is not None:
             return endpoint
         try:
             if ipaddress.ip_address(host).is_loopback:
@@ -72,10 +86,15 @@ def make_socket(
     *,
     bind: bool,
     options: SocketOptions | None = None,
+    curve: CurveKeys | None = None,
 ) -> zmq.Socket:
+    """`curve` defaults to the process's keys (`use_curve`); it applies to tcp:// endpoints only."""
     options = options or SocketOptions()
-    endpoint = check_endpoint(endpoint)
+    curve = curve or _curve
+    endpoint = check_endpoint(endpoint, curve)
     sock = ctx.socket(kind)
+    if curve is not None and endpoint.startswith("tcp://"):
+        _set_curve(ctx, sock, curve, server=bind)
     sock.setsockopt(zmq.SNDHWM, options.hwm)
     sock.setsockopt(zmq.RCVHWM, options.hwm)
     sock.setsockopt(zmq.LINGER, options.linger_ms)
@@ -102,3 +121,38 @@ def make_socket(
     else:
         sock.connect(endpoint)
     return sock
+
+
+def stop_authenticators() -> None:
+    """Stop the ZAP threads, so their contexts can be terminated (call before `ctx.term()`)."""
+    while _authenticators:
+        _, auth = _authenticators.popitem()
+        auth.stop()
+
+
+def _set_curve(ctx: zmq.Context, sock: zmq.Socket, keys: CurveKeys, *, server: bool) -> None:
+    if server:
+        if keys.server_secret is None:
+            sock.close(0)
+            raise ConfigError("this process binds a tcp:// socket but the keys folder has no server.key_secret", {})
+        _authenticator(ctx, keys)
+        sock.curve_secretkey = keys.server_secret
+        sock.curve_publickey = keys.server_public
+        sock.curve_server = True
+    else:
+        sock.curve_serverkey = keys.server_public
+        sock.curve_publickey = keys.client_public
+        sock.curve_secretkey = keys.client_secret
+
+
+def _authenticator(ctx: zmq.Context, keys: CurveKeys) -> None:
+    """Start (once per context) the ZAP handler that admits only the authorized client keys."""
+    if id(ctx) in _authenticators:
+        return
+    from zmq.auth.thread import ThreadAuthenticator
+
+    # The authenticator's thread needs blocking sockets, also when `ctx` is an asyncio context.
+    auth = ThreadAuthenticator(zmq.Context.shadow(ctx.underlying))
+    auth.start()
+    auth.configure_curve(domain="*", location=str(keys.authorized_dir))
+    _authenticators[id(ctx)] = auth

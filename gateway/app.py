@@ -30,6 +30,7 @@ from common import messages as m
 from common.config import Config
 from common.errors import ServerError
 from common.logs import setup_logging
+from common.sockets import use_curve
 from gateway.broker_client import BrokerClient
 from gateway.openapi import openapi_document
 
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = Config.load(args.config)
     setup_logging(config.log_level)
+    use_curve(config.curve_keys())
     section = config.section("gateway")
     host = args.host or section.get("host", "127.0.0.1")
     port = args.port or int(section.get("port", 8001))
