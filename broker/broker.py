@@ -28,6 +28,7 @@ from typing import Any, Callable
 import zmq
 
 from broker import admission
+from broker.fairness import fair_order
 from broker.store import FINAL, Job, JobStore
 from common import messages as m
 from common.config import PROJECT_ROOT, Config
@@ -36,6 +37,7 @@ from common.errors import (
     NotCancellable,
     QueueFull,
     ServerError,
+    TooManyActiveJobs,
     UnknownOperation,
     ValidationError,
     WireError,
@@ -91,6 +93,8 @@ class Broker:
         self.location: dict[str, tuple[str, int | None]] = {}
         self.stage_pid: dict[str, int | None] = {}
         self.lost_stages: set[str] = set()
+        self.last_served: dict[str, float] = {}  # owner -> when a job of theirs was last dispatched
+        self._positions: tuple[int, dict[str, int]] = (-1, {})  # queue positions, valid while the store is unchanged
         self.max_attempts = int(adm.get("max_attempts", 3))
         self.running = True
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -143,7 +147,7 @@ class Broker:
         total = sum(means[s] for s in job.route)
         remaining = total * (1.0 - job.progress)
         if job.status == "queued":
-            position = self.store.queue_position(job) or 1
+            position = self.queue_position(job) or 1
             running = self.store.count("processing")
             slots = max(1, self.max_inflight)
             remaining += max(means.values()) * ((position - 1 + running) / slots)
@@ -156,7 +160,7 @@ class Broker:
             "progress": round(job.progress, 4),
             "eta": self.eta(job),
             "stage": job.stage,
-            "queue_position": self.store.queue_position(job),
+            "queue_position": self.queue_position(job),
             "attempt": job.attempt,
             "created_at": job.created_at,
         }
@@ -192,12 +196,17 @@ class Broker:
         if self.store.count("queued") >= self.max_queued:
             raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later",
                             {"max_queued": self.max_queued, "retry_after": 10})
+        owner = str(args.get("owner") or "")
+        max_active = args.get("max_active")
+        if isinstance(max_active, int) and self.store.count_active(owner) >= max_active:
+            raise TooManyActiveJobs(f"this key already has {max_active} jobs queued or running; wait for one to end",
+                                    {"max_active_jobs": max_active, "retry_after": 10})
         job_id = uuid.uuid4().hex
         route = self.config.route(params.model)
-        job = self.store.add(job_id, str(args.get("owner") or ""), params.model, preset, asdict(params), route, priority)
+        job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority)
         with job_context(job_id):
-            log.info("queued %s/%s %dx%d x%d frames, %d steps", params.model, preset, params.width, params.height,
-                     params.num_frames, params.steps)
+            log.info("queued %s/%s %dx%d x%d frames, %d steps%s", params.model, preset, params.width, params.height,
+                     params.num_frames, params.steps, f" for key {owner}" if owner else "")
         self._emit(job, "status", {"status": "queued"})
         self.dispatch()
         job = self.store.get(job_id)
@@ -207,7 +216,7 @@ class Broker:
             "status": job.status,
             "created_at": job.created_at,
             "eta_seconds": self.eta(job),
-            "queue_position": self.store.queue_position(job),
+            "queue_position": self.queue_position(job),
         }
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -262,18 +271,37 @@ class Broker:
         return {"ready": all(stages.values()), "stages": stages}
 
     # ---- dispatch ----
-    def dispatch(self) -> None:
+    def queue_order(self) -> tuple[list[Job], dict[str, int]]:
+        """Queued jobs in the order they will be dispatched (users take turns: broker/fairness.py),
+        and the jobs in flight per route."""
         inflight: dict[str, int] = {}
+        by_owner: dict[str, int] = {}
         for job in self.store.by_status("processing"):
             key = ",".join(job.route)
             inflight[key] = inflight.get(key, 0) + 1
-        for job in self.store.by_status("queued"):
+            by_owner[job.owner] = by_owner.get(job.owner, 0) + 1
+        return fair_order(self.store.by_status("queued"), by_owner, self.last_served), inflight
+
+    def queue_position(self, job: Job) -> int | None:
+        """1-based place in dispatch order; None when not queued."""
+        if job.status != "queued":
+            return None
+        version = self.store.db.total_changes  # the broker is the store's only writer
+        if self._positions[0] != version:
+            order, _ = self.queue_order()
+            self._positions = (version, {j.id: i + 1 for i, j in enumerate(order)})
+        return self._positions[1].get(job.id)
+
+    def dispatch(self) -> None:
+        order, inflight = self.queue_order()
+        for job in order:
             key = ",".join(job.route)
             if inflight.get(key, 0) >= self.max_inflight or not self.stage_alive(job.route[0]):
                 continue
             if self._send(job):
                 inflight[key] = inflight.get(key, 0) + 1
                 self.location[job.id] = (job.route[0], self.stage_pid.get(job.route[0]))
+                self.last_served[job.owner] = time.monotonic()
 
     def _send(self, job: Job) -> bool:
         attempt = self.store.start(job.id)

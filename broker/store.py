@@ -110,6 +110,11 @@ class JobStore:
     def count(self, status: str) -> int:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
 
+    def count_active(self, owner: str) -> int:
+        """Jobs of `owner` not yet final (queued or processing)."""
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'processing')",
+                               (owner,)).fetchone()[0]
+
     def list(self, status: str | None, limit: int, offset: int, owner: str | None = None) -> tuple[list[Job], int]:
         where, args = [], []
         if status:
@@ -122,16 +127,6 @@ class JobStore:
         total = self.db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
         rows = self.db.execute(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset])
         return [Job.from_row(r) for r in rows.fetchall()], total
-
-    def queue_position(self, job: Job) -> int | None:
-        """1-based position among queued jobs in dispatch order; None when not queued."""
-        if job.status != "queued":
-            return None
-        ahead = self.db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
-            (job.priority, job.priority, job.seq),
-        ).fetchone()[0]
-        return ahead + 1
 
     # ---- transitions ----
     def add(self, job_id: str, owner: str, model: str, preset: str, params: dict, route: list[str], priority: int) -> Job:

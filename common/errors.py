@@ -80,6 +80,34 @@ class NotCancellable(ServerError):
     http_status = 409
 
 
+class TooManyActiveJobs(ServerError):
+    """The key already has its limit of queued + running jobs."""
+
+    code = "TOO_MANY_ACTIVE_JOBS"
+    http_status = 429
+
+
+class Unauthorized(ServerError):
+    """No API key, or one that is unknown or revoked (the body does not say which of the two)."""
+
+    code = "UNAUTHORIZED"
+    http_status = 401
+
+
+class OriginNotAllowed(ServerError):
+    """A WebSocket handshake from a browser origin not in `[gateway] allowed_origins`."""
+
+    code = "ORIGIN_NOT_ALLOWED"
+    http_status = 403
+
+
+class RateLimited(ServerError):
+    """The key sent more requests in the last minute than its limit."""
+
+    code = "RATE_LIMITED"
+    http_status = 429
+
+
 class UnknownOperation(ServerError):
     code = "UNKNOWN_OPERATION"
     http_status = 400

@@ -86,3 +86,38 @@ def test_eta_comes_from_measured_timings(config):
         assert eta == pytest.approx(4.5, abs=0.01)  # its own stages; nothing ahead of it
     finally:
         broker.close()
+
+
+def test_users_take_turns_and_active_jobs_per_key_are_bounded(config):
+    from broker.fairness import fair_order
+    from common.errors import TooManyActiveJobs
+
+    broker = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(config.state_dir)}))
+    try:
+        def submit_as(owner, **request):
+            return broker.op_submit({"owner": owner, "max_active": 6,
+                                     "request": {"prompt": "x", "model": "t2v", "quality": "draft", **request}})
+
+        batch = [submit_as("aaaa0001")["job_id"] for _ in range(5)]
+        single = submit_as("bbbb0002")["job_id"]
+        assert broker.op_status({"job_id": single})["queue_position"] == 2  # after A's first, before the rest
+        assert [broker.op_status({"job_id": j})["queue_position"] for j in batch] == [1, 3, 4, 5, 6]
+        # Fewest in flight first: with two of A's jobs running, B's next jobs go ahead of A's.
+        queued = broker.store.by_status("queued")
+        order = fair_order(queued, {"aaaa0001": 2}, {})
+        assert [j.id for j in order][:2] == [single, batch[0]]
+        # Within one user, priority then arrival: A's urgent job goes ahead of A's others (not of B's).
+        urgent = submit_as("aaaa0001", priority=5)["job_id"]
+        assert broker.op_status({"job_id": urgent})["queue_position"] == 2
+        assert broker.op_status({"job_id": batch[0]})["queue_position"] == 3
+        with pytest.raises(TooManyActiveJobs) as info:
+            submit_as("aaaa0001")
+        assert info.value.http_status == 429 and info.value.details["max_active_jobs"] == 6
+        broker.op_cancel({"job_id": batch[0]})
+        submit_as("aaaa0001")  # a finished job frees its place
+        # Another user's job is not found, the same as a job that does not exist.
+        with pytest.raises(JobNotFound):
+            broker.op_status({"job_id": single, "owner": "aaaa0001"})
+        assert broker.op_list({"limit": 50, "offset": 0, "owner": "bbbb0002"})["total"] == 1
+    finally:
+        broker.close()
