@@ -14,13 +14,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -31,6 +34,7 @@ from common.config import Config
 from common.errors import ServerError
 from common.logs import setup_logging
 from common.sockets import use_curve
+from gateway.auth import AuthMiddleware, auth_required, principal_of
 from gateway.broker_client import BrokerClient
 from gateway.openapi import openapi_document
 
@@ -46,14 +50,16 @@ class ApiError(ServerError):
 
 def error_response(exc: ServerError) -> JSONResponse:
     headers = {}
+    if exc.http_status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="wan-server"'
     if exc.http_status == 429:
         headers["Retry-After"] = str(exc.details.get("retry_after", 10))
     return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
 
-def api_error(code: str, message: str, status: int, **details: Any) -> ApiError:
+def api_error(code: str, message: str, http_status: int, **details: Any) -> ApiError:
     err = ApiError(message, details, code=code)
-    err.http_status = status
+    err.http_status = http_status
     return err
 
 
@@ -62,6 +68,11 @@ def job_id_of(request: Request) -> str:
     if not JOB_ID.match(job_id):
         raise api_error("JOB_NOT_FOUND", "no such job", 404, job_id=job_id[:80])
     return job_id
+
+
+def owner_of(request: Request) -> str | None:
+    """Whose jobs the caller may see: its own key id's, or everyone's (None) for an admin or with auth off."""
+    return principal_of(request.scope).owner_filter
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -80,9 +91,10 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 class Gateway:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, host: str = "127.0.0.1"):
         self.config = config
         section = config.section("gateway")
+        self.auth = auth_required(config, host)
         self.max_body = int(section.get("max_body_bytes", 1 << 20))
         self.broker: BrokerClient | None = None
         self.subscribers: set[Subscriber] = set()
@@ -90,20 +102,22 @@ class Gateway:
     # ---- REST ----
     async def generate(self, request: Request) -> Response:
         body = await read_json(request, self.max_body)
-        result = await self.broker.call("submit", request=body)
+        who = principal_of(request.scope)
+        limit = who.max_active_jobs if self.auth else None
+        result = await self.broker.call("submit", request=body, owner=who.key_id, max_active=limit)
         return JSONResponse(result, status_code=202)
 
     async def status(self, request: Request) -> Response:
-        body = await self.broker.call("status", job_id=job_id_of(request))
+        body = await self.broker.call("status", job_id=job_id_of(request), owner=owner_of(request))
         return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
 
     async def result(self, request: Request) -> Response:
-        body = await self.broker.call("result", job_id=job_id_of(request))
+        body = await self.broker.call("result", job_id=job_id_of(request), owner=owner_of(request))
         body.pop("output_path", None)
         return JSONResponse(body)
 
     async def cancel(self, request: Request) -> Response:
-        body = await self.broker.call("cancel", job_id=job_id_of(request))
+        body = await self.broker.call("cancel", job_id=job_id_of(request), owner=owner_of(request))
         return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
 
     async def jobs(self, request: Request) -> Response:
@@ -115,7 +129,7 @@ class Gateway:
             raise api_error("VALIDATION_ERROR", "limit and offset must be integers", 422) from None
         if not (1 <= limit <= 100 and 0 <= offset <= 10**9):
             raise api_error("VALIDATION_ERROR", "limit must be 1..100 and offset >= 0", 422)
-        args: dict[str, Any] = {"limit": limit, "offset": offset}
+        args: dict[str, Any] = {"limit": limit, "offset": offset, "owner": owner_of(request)}
         if "status" in q:
             args["status"] = q["status"]
         return JSONResponse(await self.broker.call("list", **args))
@@ -134,19 +148,41 @@ class Gateway:
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def file(self, request: Request) -> Response:
-        body = await self.broker.call("result", job_id=job_id_of(request))
-        path = body.get("output_path")
-        if body["status"] != "completed" or not path or not Path(path).is_file():
+        body = await self.broker.call("result", job_id=job_id_of(request), owner=owner_of(request))
+        found = self.result_file(body["job_id"], body.get("output_path")) if body["status"] == "completed" else None
+        if found is None:
             raise api_error("RESULT_NOT_AVAILABLE", "the job has no video (yet)", 404, status=body["status"])
-        return FileResponse(path, media_type="video/mp4", filename=f"{body['job_id']}.mp4")
+        path, stat = found
+        return FileResponse(path, media_type="video/mp4", filename=f"{body['job_id']}.mp4", stat_result=stat)
+
+    def result_file(self, job_id: str, path: str | None) -> tuple[Path, os.stat_result] | None:
+        """The job's video: `<results_dir>/<job_id>.mp4`, a regular file, not a symlink; else None.
+
+        Only the job id (checked against JOB_ID) names the file; whatever else is in the results
+        folder (a symlink or a FIFO planted under a job's name) is never served."""
+        if not path:
+            return None
+        candidate = Path(path)
+        if candidate.name != f"{job_id}.mp4" or candidate.parent.resolve() != self.config.results_dir.resolve():
+            return None
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            stat = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (candidate, stat) if S_ISREG(stat.st_mode) else None
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
 
     # ---- WebSocket ----
     async def ws(self, websocket: WebSocket) -> None:
-        await websocket.accept()
-        sub = Subscriber(websocket)
+        who = principal_of(websocket.scope)
+        await websocket.accept(subprotocol=who.subprotocol)
+        sub = Subscriber(websocket, who.owner_filter)
         self.subscribers.add(sub)
         sender = asyncio.create_task(sub.pump())
         try:
@@ -167,7 +203,7 @@ class Gateway:
         action = data.get("action") if isinstance(data, dict) else None
         if action == "subscribe" and data.get("all") is True:
             sub.all = True
-            listing = await self.broker.call("list", limit=100, offset=0)
+            listing = await self.broker.call("list", limit=100, offset=0, owner=sub.owner)
             for job in listing["jobs"]:
                 if job["status"] in ("queued", "processing"):
                     sub.queue.put_nowait({"event": "snapshot", **job})
@@ -177,7 +213,7 @@ class Gateway:
             # nothing falls between the two and nothing older than the snapshot follows it.
             sub.held[job_id] = []
             try:
-                job = await self.broker.call("status", job_id=job_id)
+                job = await self.broker.call("status", job_id=job_id, owner=sub.owner)
             except ServerError as exc:
                 sub.held.pop(job_id, None)
                 sub.queue.put_nowait({"event": "error", "job_id": job_id, "error": exc.to_dict()["error"]})
@@ -202,6 +238,8 @@ class Gateway:
     def on_event(self, event: m.JobEvent) -> None:
         payload = {"event": event.event, "job_id": event.job_id, **event.data}
         for sub in list(self.subscribers):
+            if sub.owner is not None and event.owner != sub.owner:
+                continue  # another user's job
             if event.job_id in sub.held:
                 sub.held[event.job_id].append(payload)
             elif sub.all or event.job_id in sub.jobs:
@@ -251,14 +289,16 @@ class Gateway:
             routes=routes,
             lifespan=lifespan,
             exception_handlers={ServerError: server_error, HTTPException: http_error, Exception: unexpected},
+            middleware=[Middleware(AuthMiddleware, config=self.config, required=self.auth)],
         )
 
 
 class Subscriber:
     """One WebSocket client: what it subscribed to, and its outgoing queue (bounded)."""
 
-    def __init__(self, websocket: WebSocket):
+    def __init__(self, websocket: WebSocket, owner: str | None = None):
         self.websocket = websocket
+        self.owner = owner  # whose jobs it may follow; None: everyone's
         self.jobs: set[str] = set()
         self.all = False
         self.held: dict[str, list[dict[str, Any]]] = {}  # job -> events waiting for its snapshot
@@ -285,7 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     section = config.section("gateway")
     host = args.host or section.get("host", "127.0.0.1")
     port = args.port or int(section.get("port", 8001))
-    uvicorn.run(Gateway(config).app(), host=host, port=port, log_level="warning", ws="websockets-sansio")
+    try:
+        gateway = Gateway(config, host)
+    except ServerError as exc:
+        log.error("%s: %s", exc.code, exc.message)
+        raise SystemExit(2) from None
+    log.info("gateway on %s:%d, API keys %s", host, port, "required" if gateway.auth else "off (loopback only)")
+    uvicorn.run(gateway.app(), host=host, port=port, log_level="warning", ws="websockets-sansio")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
     python -m gateway.client generate --prompt "a cat walks" --model t2v --quality draft --wait -o cat.mp4
     python -m gateway.client status JOB_ID | result JOB_ID | cancel JOB_ID | list [--status completed]
+
+With API keys on (`python -m gateway.keys create NAME`), pass the token as `--api-key` or in
+$WAN_SERVER_API_KEY; it is sent as `Authorization: Bearer <token>`, on the WebSocket too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -19,6 +23,7 @@ from urllib.parse import urlencode, urlsplit
 from websockets.sync.client import connect
 
 DEFAULT_URL = "http://127.0.0.1:8001"
+ENV_API_KEY = "WAN_SERVER_API_KEY"
 
 
 class ApiError(Exception):
@@ -31,14 +36,15 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 30.0):
+    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 30.0, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
@@ -70,7 +76,8 @@ class Client:
         result = self.result(job_id)
         if not result.get("output_url"):
             raise ApiError(409, {"error": {"code": "NO_VIDEO", "message": f"job is {result.get('status')}"}})
-        with urllib.request.urlopen(self.base_url + result["output_url"], timeout=self.timeout_s) as resp:
+        req = urllib.request.Request(self.base_url + result["output_url"], headers=self.headers)
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
             tmp = dest.with_name(dest.name + ".part")
             with open(tmp, "wb") as f:
                 while chunk := resp.read(1 << 20):
@@ -82,7 +89,8 @@ class Client:
         """WebSocket events for one job (or all jobs): a snapshot first, then status/progress/complete/error."""
         parts = urlsplit(self.base_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        with connect(f"{scheme}://{parts.netloc}/ws", open_timeout=self.timeout_s) as ws:
+        with connect(f"{scheme}://{parts.netloc}/ws", open_timeout=self.timeout_s,
+                     additional_headers=self.headers) as ws:
             ws.send(json.dumps({"action": "subscribe", **({"job_id": job_id} if job_id else {"all": True})}))
             while True:
                 yield json.loads(ws.recv(timeout=timeout_s))
@@ -111,6 +119,8 @@ def _bar(event: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wan-server client")
     parser.add_argument("--url", default=DEFAULT_URL)
+    parser.add_argument("--api-key", default=os.environ.get(ENV_API_KEY),
+                        help=f"API key token (default: ${ENV_API_KEY}); needed when the server requires keys")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="submit a job")
     gen.add_argument("--prompt", required=True)
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--limit", type=int, default=20)
     lst.add_argument("--offset", type=int, default=0)
     args = parser.parse_args(argv)
-    client = Client(args.url)
+    client = Client(args.url, api_key=args.api_key)
     try:
         if args.command == "generate":
             options = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg_scale, "resolution": args.resolution,

@@ -99,7 +99,33 @@ def _errors(*codes: int) -> dict[str, Any]:
 JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+AUTH_DESCRIPTION = (
+    "API keys (`python -m gateway.keys create NAME`) are sent as `Authorization: Bearer <token>`; the WebSocket "
+    "also takes the subprotocol pair [\"wan.bearer\", \"<token>\"]. Keys are required unless the gateway listens on "
+    "loopback with [gateway] auth = auto (the default) or off. Errors of this layer: 401 UNAUTHORIZED (with "
+    "WWW-Authenticate: Bearer), 403 ORIGIN_NOT_ALLOWED, 429 RATE_LIMITED (with Retry-After); POST /generate also "
+    "gives 429 TOO_MANY_ACTIVE_JOBS (the key's queued + running jobs at its limit) or QUEUE_FULL. A job of another "
+    "user is 404 JOB_NOT_FOUND on every route, as if it did not exist; an admin key sees every job."
+)
+OPEN_PATHS = ("/health",)
+
+
 def openapi_document() -> dict[str, Any]:
+    doc = _document()
+    doc["info"]["description"] = AUTH_DESCRIPTION
+    doc["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                        "description": "an API key token: wan_<key id>_<secret>"}}}
+    doc["security"] = [{"bearer": []}]
+    for path, item in doc["paths"].items():
+        for operation in item.values():
+            if path in OPEN_PATHS:
+                operation["security"] = []
+            else:
+                operation["responses"] = {**operation["responses"], **_errors(401, 403, 429)}
+    return doc
+
+
+def _document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "wan-server", "version": "1"},
@@ -146,6 +172,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "x-websocket": {
             "/ws": "send {action: subscribe, job_id} or {action: subscribe, all: true}; receive snapshot, then "
-                   "status | progress | complete | error events",
+                   "status | progress | complete | error events (a user's own jobs only, all of them for an admin); "
+                   "the key and the Origin are checked before the handshake is accepted",
         },
     }

@@ -26,11 +26,12 @@ def free_port() -> int:
 
 
 class System:
-    def __init__(self, state_dir: Path, model_cache: Path):
+    def __init__(self, state_dir: Path, model_cache: Path, **extra_env: str):
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = stack_env(state_dir, model_cache, WAN_SERVER__GATEWAY__PORT=str(self.port))
+        self.env = stack_env(state_dir, model_cache, WAN_SERVER__GATEWAY__PORT=str(self.port), **extra_env)
+        self.headers: dict[str, str] = {}  # sent with every request (e.g. an API key), under per-call headers
         self.conf = state_dir / "supervisord.conf"
         var = state_dir / "var"
         (var / "log").mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,12 @@ class System:
     def pid(self, program: str) -> int:
         return int(self.supervisorctl("pid", program).strip() or 0)
 
+    def create_key(self, name: str, *flags: str) -> str:
+        """A new API key through the keys CLI (`python -m gateway.keys create`); returns its token."""
+        out = subprocess.run([sys.executable, "-m", "gateway.keys", "create", name, "--json", *flags], cwd=ROOT,
+                             env=self.env, capture_output=True, text=True, timeout=60, check=True).stdout
+        return json.loads(out)["token"]
+
     def log(self, program: str) -> str:
         path = self.log_dir / f"{program}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -62,7 +69,8 @@ class System:
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        headers = {**self.headers, **(headers or {})}
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         if data is not None and "Content-Type" not in req.headers:
             req.add_header("Content-Type", "application/json")
         try:

@@ -312,7 +312,7 @@ def test_openapi_document_matches_routes(system):
     status, doc = system.json("GET", "/api/v1/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(openapi_document()))
     app = Gateway.__new__(Gateway)
-    app.config, app.max_body, app.broker, app.subscribers = None, 0, None, set()
+    app.config, app.max_body, app.broker, app.subscribers, app.auth = None, 0, None, set(), False
     routes = {r.path for r in Gateway.app(app).routes if r.path != "/ws"}
     assert routes == set(doc["paths"])
 

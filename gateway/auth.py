@@ -1,0 +1,173 @@
+"""Who is calling: API-key authentication, per-key rate limits and the Origin check, as one ASGI middleware.
+
+`[gateway] auth`: `auto` (the default) requires a key unless the gateway listens on a loopback
+address; `required` always; `off` never, and is refused on a non-loopback host (the gateway will
+not start). With auth on, every route but `/health` needs `Authorization: Bearer <token>`; a
+WebSocket may send the token in that header or, from a browser (which cannot set headers), as the
+subprotocol pair `["wan.bearer", "<token>"]`. Refusals happen before a WebSocket is accepted: the
+handshake gets the HTTP error (401, 403 or 429) with the structured body.
+
+A request that carries an `Origin` header (every browser request, HTTP or WebSocket) must come
+from the gateway's own origin or one in `[gateway] allowed_origins` ("*" allows any): so a web
+page elsewhere can neither drive a loopback server with auth off nor open its WebSocket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from common.config import Config
+from common.errors import ConfigError, OriginNotAllowed, RateLimited, ServerError, Unauthorized
+from gateway.keys import KeyStore, keys_path
+
+log = logging.getLogger(__name__)
+
+AUTH_MODES = ("auto", "required", "off")
+OPEN_PATHS = frozenset({"/health"})
+WS_SUBPROTOCOL = "wan.bearer"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller. `key_id` is the owner recorded on its jobs ("" for the local user with auth off)."""
+
+    key_id: str
+    admin: bool
+    rate_per_minute: int | None = None
+    max_active_jobs: int | None = None
+    subprotocol: str | None = None  # the WebSocket subprotocol to accept with, when the token came in one
+
+    @property
+    def owner_filter(self) -> str | None:
+        """Whose jobs this caller may see: its own, or everyone's (None) for an admin."""
+        return None if self.admin else self.key_id
+
+
+LOCAL = Principal(key_id="", admin=True)
+
+
+def principal_of(scope: Scope) -> Principal:
+    return scope.get("state", {}).get("principal", LOCAL)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_required(config: Config, host: str) -> bool:
+    """Whether the gateway on `host` requires keys; ConfigError for an unknown mode or `off` off loopback."""
+    mode = str(config.section("gateway").get("auth", "auto")).lower()
+    if mode not in AUTH_MODES:
+        raise ConfigError(f"[gateway] auth must be one of {', '.join(AUTH_MODES)}", {"auth": mode[:32]})
+    if mode == "off" and not is_loopback(host):
+        raise ConfigError(f"refusing to serve {host} with [gateway] auth = \"off\": anyone who can reach it could run "
+                          "and read every job; use auth = \"auto\" or \"required\" and create keys with "
+                          "`python -m gateway.keys create NAME`", {"host": host})
+    return mode == "required" or (mode == "auto" and not is_loopback(host))
+
+
+class RateLimiter:
+    """A token bucket per key: `per_minute` requests a minute, in bursts of up to `per_minute`."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str, per_minute: int, now: float | None = None) -> float:
+        """0 when the request may go; else the seconds until it could."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self.buckets.get(key, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+        if tokens >= 1.0:
+            self.buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self.buckets[key] = (tokens, now)
+        return (1.0 - tokens) * 60.0 / per_minute
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, config: Config, required: bool):
+        self.app = app
+        self.required = required
+        section = config.section("gateway")
+        self.allowed_origins = {str(o).rstrip("/") for o in section.get("allowed_origins", [])}
+        self.default_rate = int(section.get("rate_limit_per_minute", 600))
+        self.default_max_active = int(section.get("max_active_jobs_per_key", 20))
+        self.keys = KeyStore(keys_path(config)) if required else None
+        self.limiter = RateLimiter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            headers = _headers(scope)
+            self.check_origin(headers)
+            principal = self.authenticate(scope, headers)
+        except ServerError as exc:
+            await self.refuse(exc, scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    def check_origin(self, headers: dict[str, str]) -> None:
+        origin = headers.get("origin")
+        if origin is None or "*" in self.allowed_origins or origin.rstrip("/") in self.allowed_origins:
+            return
+        if urlsplit(origin).netloc == headers.get("host"):
+            return  # same origin: a page the gateway itself served
+        raise OriginNotAllowed("this origin may not use the API; add it to [gateway] allowed_origins",
+                               {"origin": origin[:200]})
+
+    def authenticate(self, scope: Scope, headers: dict[str, str]) -> Principal:
+        if not self.required or scope["path"] in OPEN_PATHS:
+            return LOCAL
+        assert self.keys is not None
+        token, subprotocol = None, None
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            token = value.strip()
+        elif scope["type"] == "websocket":
+            offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+            if WS_SUBPROTOCOL in offered and offered.index(WS_SUBPROTOCOL) + 1 < len(offered):
+                token, subprotocol = offered[offered.index(WS_SUBPROTOCOL) + 1], WS_SUBPROTOCOL
+        if token is None:
+            raise Unauthorized("an API key is required: send Authorization: Bearer <token>")
+        key = self.keys.verify(token)
+        if key is None:
+            log.warning("refused %s %s: unknown or revoked API key", scope["type"], scope["path"][:100])
+            raise Unauthorized("the API key is not valid")
+        rate = key.rate_per_minute or self.default_rate
+        wait = self.limiter.take(key.id, rate)
+        if wait > 0:
+            raise RateLimited(f"over {rate} requests a minute for this key; retry later",
+                              {"limit_per_minute": rate, "retry_after": max(1, math.ceil(wait))})
+        return Principal(key_id=key.id, admin=key.admin, rate_per_minute=rate,
+                         max_active_jobs=key.max_active_jobs or self.default_max_active, subprotocol=subprotocol)
+
+    async def refuse(self, exc: ServerError, scope: Scope, receive: Receive, send: Send) -> None:
+        """The structured error, as an HTTP response (also as a WebSocket handshake's denial)."""
+        response_headers: dict[str, Any] = {}
+        if exc.http_status == 401:
+            response_headers["WWW-Authenticate"] = 'Bearer realm="wan-server"'
+        if exc.http_status == 429:
+            response_headers["Retry-After"] = str(exc.details.get("retry_after", 10))
+        response = JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=response_headers)
+        await response(scope, receive, send)
