@@ -85,9 +85,37 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:  # also bounds chunked bodies with no Content-Length
             raise api_error("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", 413, limit=limit)
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise api_error("INVALID_JSON", f"request body is not valid JSON: {exc}", 400) from None
+    except RecursionError:
+        raise api_error("INVALID_JSON", "request body is nested too deeply", 400) from None
+    check_representable(value)
+    return value
+
+
+def check_representable(value: Any, depth: int = 0) -> None:
+    """Refuse what JSON can spell but the broker's wire format cannot carry: lone surrogates
+    ("\\ud800" escapes are not text), integers beyond 64 bits, absurd nesting."""
+    if depth > 32:
+        raise api_error("INVALID_JSON", "request body is nested too deeply", 400, max_depth=32)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise api_error("INVALID_JSON", "request body holds a string that is not valid Unicode", 400) from None
+    elif isinstance(value, bool) or value is None or isinstance(value, float):
+        return
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise api_error("VALIDATION_ERROR", "request body holds an integer beyond 64 bits", 422)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_representable(key, depth + 1)
+            check_representable(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_representable(item, depth + 1)
 
 
 class Gateway:
@@ -192,7 +220,10 @@ class Gateway:
                 except (json.JSONDecodeError, KeyError, ValueError):
                     await sub.send({"event": "error", "error": {"code": "INVALID_JSON", "message": "send JSON objects"}})
                     continue
-                await self.on_ws_message(sub, data)
+                try:
+                    await self.on_ws_message(sub, data)
+                except ServerError as exc:  # e.g. the broker is restarting: say so, keep the socket
+                    sub.queue.put_nowait({"event": "error", "error": exc.to_dict()["error"]})
         except WebSocketDisconnect:
             pass
         finally:
@@ -227,8 +258,9 @@ class Gateway:
                     sub.queue.put_nowait(event)
             sub.jobs.add(job_id)
         elif action == "unsubscribe":
-            sub.jobs.discard(data.get("job_id"))
-            sub.all = sub.all and not data.get("all")
+            if isinstance(data.get("job_id"), str):
+                sub.jobs.discard(data["job_id"])
+            sub.all = sub.all and data.get("all") is not True
         else:
             sub.queue.put_nowait({"event": "error", "error": {
                 "code": "VALIDATION_ERROR",
