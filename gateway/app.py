@@ -204,7 +204,7 @@ class Gateway:
         return (candidate, stat) if S_ISREG(stat.st_mode) else None
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document())
+        return JSONResponse(openapi_document(auth=self.auth))
 
     # ---- WebSocket ----
     async def ws(self, websocket: WebSocket) -> None:
