@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import signal
@@ -311,7 +312,11 @@ def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    runtime.run()
+    try:
+        runtime.run()
+    except ServerError as exc:  # e.g. MODEL_LOAD_ERROR from setup(): one structured line, no traceback
+        log.error("%s could not start: %s", args.name, json.dumps(exc.to_dict()["error"], default=str))
+        raise SystemExit(3) from None
 
 
 def configure_torch(config: Config) -> None:

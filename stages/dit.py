@@ -27,7 +27,7 @@ from common import messages as m
 from common.errors import InvalidRequest
 from common.runtime import Stage, stage_main
 from stages import schedule
-from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
+from stages.models import PipelineInfo, load_component, model_dir, scheduler_config, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,11 @@ class DitStage(Stage):
                 name: load_component(WanTransformer3DModel, folder, name, torch_dtype=self.dtype).to(self.device).eval()
                 for name in names
             }
-            scheduler_config = UniPCMultistepScheduler.load_config(folder, subfolder="scheduler")
             self.models[model] = {
                 "info": info,
                 "experts": experts,
                 "two_experts": two_experts,
-                "scheduler_config": scheduler_config,
+                "scheduler_config": scheduler_config(folder),
                 "split_fraction": float(self.config.model(model).get("split_fraction", 0.5)),
             }
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)

@@ -1,8 +1,11 @@
 """Finding and loading model components for the stages.
 
-A model in the profile is either a folder on disk (`path = "..."`, the diffusers layout) or, in the
-tiny profile, `tiny = true`: the tiny pipeline of that shape is built on first start into the model
-cache and then loaded exactly like a real checkpoint.
+A model in the profile is either a folder on disk (`path = "..."`) or, in the tiny profile,
+`tiny = true`: the tiny pipeline of that shape is built on first start into the model cache and then
+loaded exactly like a real checkpoint. A folder is in one of two layouts (`layout = "diffusers"` or
+`"official"`; found from the folder's files when not set): the diffusers layout
+(`model_index.json` and one subfolder per component) or the official Wan2.2 release layout
+(`stages/official.py`), converted on load into the same diffusers/transformers components.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from common.config import Config
 from common.errors import ModelLoadError
+from stages import official
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +34,49 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ModelLoadError(f"unsupported dtype {name!r}", {"dtype": name, "allowed": sorted(TORCH_DTYPES)}) from None
 
 
+LAYOUTS = ("diffusers", "official")
+
+
+def layout_of(folder: Path) -> str | None:
+    """The layout a folder's files show, None when they show neither (or both)."""
+    diffusers, wan = (folder / "model_index.json").is_file(), official.is_official(folder)
+    return None if diffusers == wan else "diffusers" if diffusers else "official"
+
+
 def model_dir(config: Config, model: str) -> Path:
     spec = config.model(model)
+    layout = spec.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise ModelLoadError(
+            f"model {model!r} has layout {layout!r}; expected one of {LAYOUTS}", {"model": model, "allowed": LAYOUTS}
+        )
     if spec.get("tiny"):
         from stages import tiny_models
 
         shape = spec.get("tiny_shape", model)
-        return tiny_models.ensure(shape, int(spec.get("seed", 0)), config.model_cache_dir)
+        return tiny_models.ensure(shape, int(spec.get("seed", 0)), config.model_cache_dir, layout or "diffusers")
     if not spec.get("path"):
         raise ModelLoadError(f"model {model!r} has no path in the config", {"model": model})
     folder = config.path(spec["path"])
-    if not (folder / "model_index.json").is_file():
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} (model {model!r}) is not a folder", {"model": model, "path": str(folder)})
+    found = layout_of(folder)
+    if found is None:
+        both = (folder / "model_index.json").is_file()
         raise ModelLoadError(
-            f"{folder} is not a diffusers model folder: model_index.json is missing",
-            {"model": model, "path": str(folder), "expected": "model_index.json"},
+            f"{folder} is " + ("both a diffusers and an official Wan2.2 folder" if both else
+                               "neither a diffusers folder (model_index.json) nor an official Wan2.2 folder")
+            + f" (model {model!r})",
+            {"model": model, "path": str(folder), "expected": {"diffusers": ["model_index.json"],
+                                                                "official": official.expected_files(folder)}},
         )
+    if layout is not None and layout != found:
+        raise ModelLoadError(
+            f"model {model!r} is configured with layout {layout!r} but {folder} is in the {found} layout",
+            {"model": model, "path": str(folder), "layout": layout, "found": found},
+        )
+    if found == "official":
+        official.check_folder(folder, model)
     return folder
 
 
@@ -58,13 +90,34 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def load_component(loader: Any, folder: Path, subfolder: str, **kwargs: Any) -> Any:
-    """`loader.from_pretrained(folder, subfolder=...)`, with failures turned into MODEL_LOAD_ERROR."""
+    """`loader.from_pretrained(folder, subfolder=...)`, with failures turned into MODEL_LOAD_ERROR.
+
+    An official-layout folder is converted instead (`stages/official.py`), with the same dtype rules."""
+    if layout_of(Path(folder)) == "official":
+        return official.load_component(Path(folder), subfolder, kwargs.get("torch_dtype", kwargs.get("dtype")))
     try:
         return loader.from_pretrained(folder, subfolder=subfolder, **kwargs)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load {subfolder} from {folder}: {type(exc).__name__}: {exc}",
             {"path": str(folder / subfolder), "component": subfolder},
+        ) from exc
+
+
+def scheduler_config(folder: Path) -> dict[str, Any]:
+    """The scheduler config of the pipeline (the official layout has none: it follows the model type),
+    without diffusers' bookkeeping entries (`_class_name`, `_use_default_values`, ...)."""
+    if layout_of(Path(folder)) == "official":
+        config = official.scheduler_config(Path(folder))
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    from diffusers import UniPCMultistepScheduler
+
+    try:
+        config = UniPCMultistepScheduler.load_config(folder, subfolder="scheduler")
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not read the scheduler config of {folder}: {exc}", {"path": str(Path(folder) / "scheduler")}
         ) from exc
 
 
@@ -83,6 +136,8 @@ class PipelineInfo:
 
     @classmethod
     def read(cls, folder: Path) -> PipelineInfo:
+        if layout_of(Path(folder)) == "official":
+            return cls.read_official(Path(folder))
         index = read_json(folder / "model_index.json")
         vae = read_json(folder / "vae" / "config.json")
         tname = "transformer" if index.get("transformer", [None])[0] else "transformer_2"
@@ -96,4 +151,21 @@ class PipelineInfo:
             vae_scale_spatial=int(vae.get("scale_factor_spatial", 8)),
             z_dim=int(vae.get("z_dim", 16)),
             patch_size=tuple(transformer.get("patch_size", (1, 2, 2))),
+        )
+
+    @classmethod
+    def read_official(cls, folder: Path) -> PipelineInfo:
+        kind = official.MODEL_TYPES[official.model_type(folder)]
+        _, transformer, _ = official.transformer_config(folder)
+        vae, _, _, _ = official.vae_config(folder)
+        two = (folder / official.EXPERT_DIRS["transformer"]).is_dir()
+        return cls(
+            folder=folder,
+            boundary_ratio=kind["boundary_ratio"] if two else None,
+            expand_timesteps=bool(kind["expand_timesteps"]),
+            has_transformer_2=two,
+            vae_scale_temporal=int(vae["scale_factor_temporal"]),
+            vae_scale_spatial=int(vae["scale_factor_spatial"]),
+            z_dim=int(vae["z_dim"]),
+            patch_size=tuple(transformer["patch_size"]),
         )

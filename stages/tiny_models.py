@@ -5,7 +5,10 @@ transformers' UMT5EncoderModel, a T5 Unigram tokenizer) at toy sizes, and are sa
 `save_pretrained` in the diffusers layout, so the stages load them through the same
 `from_pretrained` code that loads real checkpoints. Same seed, same files.
 
-    python -m stages.tiny_models --out DIR [--model t2v-A14B|ti2v-5B] [--seed 0]
+`write_official` writes the same weights again in the official Wan2.2 release layout (the names,
+shapes and files of the published checkpoints), which `stages/official.py` loads.
+
+    python -m stages.tiny_models --out DIR [--model t2v-A14B|ti2v-5B] [--seed 0] [--layout diffusers|official]
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from stages import official, official_keys
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ def build_text_encoder(seed: int, vocab_size: int):
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
+        relative_attention_max_distance=128,  # as umt5-xxl, and fixed in the official T5 code
         feed_forward_proj="gated-gelu",
         dropout_rate=0.0,
     )
@@ -102,7 +107,7 @@ def build_transformer(seed: int, channels: int):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
-        rope_max_seq_len=32,
+        rope_max_seq_len=1024,  # as the official WanModel's rope table
     ).eval()
 
 
@@ -118,8 +123,10 @@ def build_vae(seed: int, wan22: bool):
             num_res_blocks=1,
             temperal_downsample=[False, True, True],
         ).eval()
-    # Wan2.2 VAE: z48, patchified 2x2 on the way in, 16x spatial, 4x temporal, residual blocks
-    g = torch.Generator().manual_seed(seed + 1)
+    # Wan2.2 VAE: z48, patchified 2x2 on the way in, 16x spatial, 4x temporal, residual blocks;
+    # the latent statistics are the release's (the official checkpoint has no place for others)
+    from stages.official_keys import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
     return AutoencoderKLWan(
         base_dim=8,
         decoder_base_dim=8,
@@ -128,8 +135,8 @@ def build_vae(seed: int, wan22: bool):
         out_channels=12,
         is_residual=True,
         patch_size=2,
-        latents_mean=[round(float(x), 4) for x in torch.randn(48, generator=g) * 0.1],
-        latents_std=[round(float(x), 4) for x in torch.rand(48, generator=g) + 0.5],
+        latents_mean=list(WAN22_LATENTS_MEAN),
+        latents_std=list(WAN22_LATENTS_STD),
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         scale_factor_spatial=16,
@@ -185,22 +192,112 @@ def build(model: str, seed: int, out: Path) -> Path:
     return out
 
 
-def ensure(model: str, seed: int, cache_dir: Path) -> Path:
-    """The tiny model folder for (model, seed) under `cache_dir`, built on first use.
+def _shards(state: dict[str, torch.Tensor], out: Path, n: int) -> None:
+    """Sharded safetensors with an index json, named as the release names them."""
+    from safetensors.torch import save_file
+
+    names = sorted(state)
+    n = max(1, min(n, len(names)))
+    per = -(-len(names) // n)
+    weight_map = {}
+    for i in range(n):
+        part = names[i * per : (i + 1) * per]
+        if not part:
+            continue
+        file = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in part}, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / official.INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_official(src: Path, out: Path, model_type: str, shards: int = 2) -> Path:
+    """Write the diffusers-layout pipeline in `src` to `out` in the official Wan2.2 release layout.
+
+    The same tensors under the release's names and shapes: `high_noise_model/` + `low_noise_model/`
+    (two experts) or the one DiT at the top, `models_t5_umt5-xxl-enc-bf16.pth`, `Wan2.1_VAE.pth` or
+    `Wan2.2_VAE.pth`, and `google/umt5-xxl/`. What the official files cannot express (they hold
+    weights, and the code fixes the rest) is refused rather than silently changed.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    src, out = Path(src), Path(out)
+    facts = official.MODEL_TYPES[model_type]
+    index = json.loads((src / "model_index.json").read_text())
+    two = bool(index.get("transformer_2", [None])[0])
+    scheduler = UniPCMultistepScheduler.load_config(src, subfolder="scheduler")
+    if float(scheduler["flow_shift"]) != facts["flow_shift"] or (two and index.get("boundary_ratio") != facts["boundary_ratio"]):
+        raise ValueError(f"{src}: flow_shift/boundary_ratio differ from the official {model_type} model's {facts}")
+    if bool(index.get("expand_timesteps", False)) != facts["expand_timesteps"]:
+        raise ValueError(f"{src}: expand_timesteps differs from the official {model_type} model's")
+    out.mkdir(parents=True, exist_ok=True)
+
+    experts = {"transformer": "high_noise_model", "transformer_2": "low_noise_model"} if two else {"transformer": "."}
+    for name, where in experts.items():
+        model = WanTransformer3DModel.from_pretrained(src, subfolder=name)
+        folder = out / where
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {official_keys.transformer_key_to_official(k): v for k, v in model.state_dict().items()}
+        _shards(state, folder, shards)
+        config = official_keys.transformer_config_to_official(dict(model.config), model_type)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    vae = AutoencoderKLWan.from_pretrained(src, subfolder="vae")
+    wan22 = bool(vae.config.is_residual)
+    mean, std = official_keys.latents_stats(wan22)
+    if list(vae.config.latents_mean) != mean or list(vae.config.latents_std) != std:
+        raise ValueError(f"{src}: the VAE's latents_mean/std are not the release's (the .pth cannot hold others)")
+    nrb = vae.config.num_res_blocks
+    state = {official_keys.vae_key_to_official(k, nrb, wan22): v.contiguous() for k, v in vae.state_dict().items()}
+    torch.save(state, out / ("Wan2.2_VAE.pth" if wan22 else "Wan2.1_VAE.pth"))
+
+    encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder")
+    official_keys.check_t5_config_expressible(encoder.config)
+    state = {official_keys.t5_key_to_official(k): v.contiguous() for k, v in encoder.state_dict().items()}
+    torch.save(state, out / official.T5_FILE)
+    shutil.copytree(src / "tokenizer", out / official.TOKENIZER_DIR)
+    return out
+
+
+def ensure(model: str, seed: int, cache_dir: Path, layout: str = "diffusers") -> Path:
+    """The tiny model folder for (model, seed, layout) under `cache_dir`, built on first use.
 
     Several processes start together under supervisord; a file lock makes one of them build while
-    the others wait, and a finished build is only ever seen whole (built aside, then renamed).
+    the others wait, and a finished build is only ever seen whole (built aside, then renamed). The
+    official layout is written from the diffusers-layout build: the same weights.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / f"tiny-{model}-seed{seed}"
-    if (out / "tiny_model.json").exists():
-        return out
+    wanted = out if layout == "diffusers" else cache_dir / f"tiny-{model}-seed{seed}-{layout}"
+    if (wanted / "tiny_model.json").exists():
+        return wanted
     with open(cache_dir / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "tiny_model.json").exists():
             log.info("building tiny %s (seed %d) into %s", model, seed, out)
             build(model, seed, out)
+        if layout == "official" and not (wanted / "tiny_model.json").exists():
+            log.info("writing tiny %s (seed %d) in the official layout into %s", model, seed, wanted)
+            build_official(out, wanted)
+    return wanted
+
+
+def build_official(src: Path, out: Path) -> Path:
+    """The official layout of the tiny model built in `src`, written aside and renamed into place."""
+    marker = json.loads((src / "tiny_model.json").read_text())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_official(src, tmp, marker["model"].split("-")[0])
+        (tmp / "tiny_model.json").write_text(json.dumps({**marker, "layout": "official"}, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -209,8 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model", default="t2v-A14B", choices=TINY_SHAPES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", default="diffusers", choices=("diffusers", "official"))
     args = parser.parse_args(argv)
-    print(build(args.model, args.seed, args.out))
+    if args.layout == "diffusers":
+        print(build(args.model, args.seed, args.out))
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:  # the same weights, then rewritten
+        print(build_official(build(args.model, args.seed, Path(tmp) / "diffusers"), args.out))
 
 
 if __name__ == "__main__":
