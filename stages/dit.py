@@ -56,7 +56,7 @@ class DitStage(Stage):
                 "info": info,
                 "experts": experts,
                 "two_experts": two_experts,
-                "scheduler_config": scheduler_config(folder),
+                "scheduler_config": scheduler_config(folder, self.config.model(model).get("flow_shift")),
                 "split_fraction": float(self.config.model(model).get("split_fraction", 0.5)),
             }
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)

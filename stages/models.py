@@ -104,21 +104,25 @@ def load_component(loader: Any, folder: Path, subfolder: str, **kwargs: Any) -> 
         ) from exc
 
 
-def scheduler_config(folder: Path) -> dict[str, Any]:
+def scheduler_config(folder: Path, flow_shift: float | None = None) -> dict[str, Any]:
     """The scheduler config of the pipeline (the official layout has none: it follows the model type),
-    without diffusers' bookkeeping entries (`_class_name`, `_use_default_values`, ...)."""
+    without diffusers' bookkeeping entries (`_class_name`, `_use_default_values`, ...); `flow_shift`
+    (the profile's `[models.X] flow_shift`) replaces the folder's."""
     if layout_of(Path(folder)) == "official":
         config = official.scheduler_config(Path(folder))
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-    from diffusers import UniPCMultistepScheduler
+    else:
+        from diffusers import UniPCMultistepScheduler
 
-    try:
-        config = UniPCMultistepScheduler.load_config(folder, subfolder="scheduler")
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not read the scheduler config of {folder}: {exc}", {"path": str(Path(folder) / "scheduler")}
-        ) from exc
+        try:
+            config = UniPCMultistepScheduler.load_config(folder, subfolder="scheduler")
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not read the scheduler config of {folder}: {exc}", {"path": str(Path(folder) / "scheduler")}
+            ) from exc
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if flow_shift is not None:
+        config["flow_shift"] = float(flow_shift)
+    return config
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -89,7 +88,9 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc) and "zip" not in str(exc):
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:
+        if not any(c.__name__ == "UnpicklingError" for c in type(exc).__mro__):  # no pickle import here
+            raise ModelLoadError(f"{path} could not be read: {type(exc).__name__}: {exc}", {"path": str(path)}) from exc
         # torch's message is long advice; keep the line that says what the pickle wanted
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(exc).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else "")
@@ -98,10 +99,6 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
             f"{path} was refused: it is not a plain tensor state dict (loaded with weights_only=True): {why}",
             {"path": str(path), "reason": "weights_only", "error": why},
         ) from None
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{path} could not be read: {type(exc).__name__}: {exc}", {"path": str(path)}
-        ) from exc
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise ModelLoadError(
             f"{path} does not hold a state dict of named tensors", {"path": str(path), "found": type(data).__name__}
@@ -156,14 +153,17 @@ class SafetensorsSet:
     def file_of(self, key: str) -> str:
         return str(self.folder / self.where[key]) if key in self.where else str(self.folder)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, dtype_of: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
+        """Every tensor, floating ones cast to `dtype_of(key)` one at a time (a 14B expert stored
+        in float32 never sits in memory twice)."""
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
         for name in sorted(set(self.where.values())):
             with safe_open(self.folder / name, framework="pt") as f:
                 for key in f.keys():
-                    out[key] = f.get_tensor(key)
+                    t = f.get_tensor(key)
+                    out[key] = t.to(dtype_of(key)) if torch.is_floating_point(t) else t
         return out
 
 
@@ -269,14 +269,18 @@ def load_transformer(folder: Path, name: str, dtype: torch.dtype | None) -> Any:
     what = f"{name} ({files.folder})"
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(config)
-    expected = {keys.transformer_key_to_official(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {k: keys.transformer_key_to_official(k) for k in model.state_dict()}
+    expected = {names[k]: tuple(v.shape) for k, v in model.state_dict().items()}
     check_tensors(expected, files.shapes, files.file_of, what)
+    # from_pretrained's dtype rule: _keep_in_fp32_modules stay float32, the rest takes `dtype`
+    keep = list(WanTransformer3DModel._keep_in_fp32_modules or [])
+    target = {o: torch.float32 if any(m in k.split(".") for m in keep) else (dtype or torch.float32)
+              for k, o in names.items()}
     # diffusers' own single-file conversion maps the names. (`from_single_file` itself is not used:
     # it casts every tensor to torch_dtype, where from_pretrained keeps _keep_in_fp32_modules in
     # float32, so a bf16 model would differ between the two layouts.)
-    state = convert_wan_transformer_to_diffusers(files.tensors())
-    state = _cast(state, dtype, list(WanTransformer3DModel._keep_in_fp32_modules or []))
-    model.load_state_dict(state, strict=True, assign=True)
+    state = convert_wan_transformer_to_diffusers(files.tensors(target.__getitem__))
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     _no_meta(model, what)
     return model.eval()
 

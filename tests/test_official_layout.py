@@ -125,6 +125,7 @@ def test_same_components_from_either_layout(folders, shape, dtype):
     diff, off = folders[shape]
     assert PipelineInfo.read(diff).__dict__ | {"folder": None} == PipelineInfo.read(off).__dict__ | {"folder": None}
     assert scheduler_config(diff) == scheduler_config(off)
+    assert scheduler_config(off, 3.0) == scheduler_config(diff) | {"flow_shift": 3.0}
     components = ["vae", "text_encoder", "transformer"] + (["transformer_2"] if shape == "t2v-A14B" else [])
     from transformers import UMT5EncoderModel
 
@@ -308,3 +309,21 @@ def test_official_env_overrides_reach_the_config(folders, tmp_path):
     for shape, (_, off) in folders.items():
         spec = config.model(shape)
         assert spec["layout"] == "official" and not spec["tiny"] and model_dir(config, shape) == off
+
+
+def test_tiny_model_in_the_official_layout(folders, tmp_path):
+    """`tiny = true` with `layout = "official"`: the tiny profile serves the official folder."""
+    cache = folders["t2v-A14B"][1].parent
+    config = Config.load(environ=stack_env(tmp_path, cache, WAN_SERVER__MODELS__T2V_A14B__LAYOUT="official"))
+    assert model_dir(config, "t2v-A14B") == folders["t2v-A14B"][1]
+    assert model_dir(config, "ti2v-5B") == folders["ti2v-5B"][0]
+
+
+def test_legacy_pth_format_loads_too(tmp_path):
+    """Files saved without the zip format cannot be mmapped; they are still read weights-only."""
+    path = tmp_path / "old.pth"
+    torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(official.load_pth(path)["w"], torch.arange(4.0))
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ModelLoadError, match="state dict of named tensors"):
+        official.load_pth(path)
