@@ -15,10 +15,12 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
-from common.wire import Limits
+
+if TYPE_CHECKING:
+    from common.wire import Limits
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -136,6 +138,8 @@ class Config:
 
     @property
     def limits(self) -> Limits:
+        from common.wire import Limits  # here, not at the top: wire imports torch, and the keys CLI needs none
+
         return Limits.from_config(self.section("limits"))
 
     @property

@@ -300,6 +300,22 @@ def test_results_are_served_by_job_id_only(system):
     video.unlink()
 
 
+def test_client_sends_the_key(system, tmp_path):
+    from gateway.client import ApiError, Client
+
+    client = Client(system.url, api_key=system.tokens["bob"])
+    job = client.generate("through the client", model="t2v", quality_preset="draft")
+    assert client.wait(job["job_id"], timeout_s=120)["status"] == "completed"  # WebSocket with the key
+    assert client.download(job["job_id"], tmp_path / "bob.mp4").stat().st_size > 0
+    with pytest.raises(ApiError) as info:
+        Client(system.url).jobs()
+    assert info.value.status == 401 and info.value.code == "UNAUTHORIZED"
+    env = {**os.environ, "WAN_SERVER_API_KEY": system.tokens["bob"]}
+    cli = subprocess.run([sys.executable, "-m", "gateway.client", "--url", system.url, "status", job["job_id"]],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["status"] == "completed", cli.stderr
+
+
 def test_logs_never_print_keys(system):
     """Runs last in this module: after every request above, no log holds a token or its secret."""
     logs = {p.name: p.read_text(errors="replace") for p in system.log_dir.glob("*.log*")}
