@@ -9,6 +9,13 @@ Sockets (all from the factory, named for their peer):
 
 Every transition is written to the store before it is published or acted on. On start, jobs that
 were processing are dispatched again with a new attempt; reports of older attempts are ignored.
+A job dispatched again starts at its latest checkpoint (`ResumeJob` to that stage) when it has one.
+
+Watchdog: a stage whose heartbeats stop, or that holds a job without reporting progress (accepted,
+step, checkpoint) within the deadline (`[watchdog] progress_timeout_s`, or `progress_factor` x the
+measured time of that stage for jobs of that size, whichever is longer), is wedged: the broker
+SIGKILLs the process that sent its heartbeats (after checking /proc that the pid still is that stage
+process), supervisord restarts it, and its jobs are dispatched again.
 
     python -m broker.broker [--config PROFILE]
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -31,6 +39,7 @@ from broker import admission
 from broker.fairness import fair_order
 from broker.store import FINAL, Job, JobStore
 from common import messages as m
+from common import procs, spool
 from common.config import PROJECT_ROOT, Config
 from common.errors import (
     JobNotFound,
@@ -96,6 +105,14 @@ class Broker:
         self.last_served: dict[str, float] = {}  # owner -> when a job of theirs was last dispatched
         self._positions: tuple[int, dict[str, int]] = (-1, {})  # queue positions, valid while the store is unchanged
         self.max_attempts = int(adm.get("max_attempts", 3))
+        watchdog = config.section("watchdog")
+        self.heartbeat_timeout = float(watchdog.get("heartbeat_timeout_s", 3 * config.heartbeat_interval + 2))
+        self.progress_timeout = float(watchdog.get("progress_timeout_s", 120))
+        self.progress_factor = float(watchdog.get("progress_factor", 3))
+        self.watchdog_kills = bool(watchdog.get("kill", True))
+        # job -> (stage holding it, when it last reported progress there): what the watchdog watches.
+        self.watch: dict[str, tuple[str, float]] = {}
+        self.killed: set[tuple[int, int]] = set()  # (pid, start ticks) the watchdog killed
         self.running = True
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "submit": self.op_submit,
@@ -235,7 +252,7 @@ class Broker:
             with job_context(job.id):
                 log.info("cancelled (was %s)", job.status)
             self._emit(job, "status", {"status": "cancelled"})
-            self._forget(job.id)
+            self._finalize(job.id)
             self.dispatch()
         return self.status_body(self.store.get(job.id))  # type: ignore[arg-type]
 
@@ -296,28 +313,42 @@ class Broker:
         order, inflight = self.queue_order()
         for job in order:
             key = ",".join(job.route)
-            if inflight.get(key, 0) >= self.max_inflight or not self.stage_alive(job.route[0]):
+            first = self.entry_stage(job)
+            # Every stage the job still has to pass must be up, or it would wait in a dead one.
+            ready = all(self.stage_alive(s) for s in job.route[job.route.index(first):])
+            if inflight.get(key, 0) >= self.max_inflight or not ready:
                 continue
-            if self._send(job):
+            if self._send(job, first):
                 inflight[key] = inflight.get(key, 0) + 1
-                self.location[job.id] = (job.route[0], self.stage_pid.get(job.route[0]))
+                self.location[job.id] = (first, self.stage_pid.get(first))
                 self.last_served[job.owner] = time.monotonic()
 
-    def _send(self, job: Job) -> bool:
+    @staticmethod
+    def entry_stage(job: Job) -> str:
+        """Where the job starts: at its latest checkpoint, else at the head of its route."""
+        return job.checkpoint if job.checkpoint in job.route else job.route[0]
+
+    def _send(self, job: Job, first: str) -> bool:
         attempt = self.store.start(job.id)
         if attempt is None:
             return False
-        params = m.JobParams(**job.params)
-        msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=params)
+        msg: m.Message
+        if first == job.route[0] and not job.checkpoint:
+            msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=m.JobParams(**job.params))
+        else:
+            msg = m.ResumeJob(job_id=job.id, attempt=attempt, stage=first)
         try:
-            self._stage_socket(job.route[0]).send_multipart(m.encode(msg), flags=zmq.NOBLOCK)
+            self._stage_socket(first).send_multipart(m.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.store.requeue(job.id, attempt)
             with job_context(job.id):
-                log.warning("%s did not take the job; it stays in line", job.route[0])
+                log.warning("%s did not take the job; it stays in line", first)
             return False
         with job_context(job.id):
-            log.info("dispatched attempt %d to %s", attempt, job.route[0])
+            if isinstance(msg, m.ResumeJob):
+                log.info("dispatched attempt %d to %s, resuming from its checkpoint", attempt, first)
+            else:
+                log.info("dispatched attempt %d to %s", attempt, first)
         if attempt == 1:
             self._emit(job, "status", {"status": "processing"})
         return True
@@ -328,21 +359,89 @@ class Broker:
             with job_context(job.id):
                 log.warning("was processing at attempt %d when the broker stopped; dispatching again", job.attempt)
             self.store.requeue(job.id, job.attempt, keep_attempt=True)
+        self.sweep_spool()
+
+    def sweep_spool(self) -> None:
+        """Remove spool folders the broker missed (it stopped between finishing a job and removing
+        them, or a stage wrote a checkpoint after the job was cancelled)."""
+
+        def job_final(job_id: str) -> bool | None:
+            job = self.store.get(job_id)
+            return None if job is None else job.final
+
+        for job_id in spool.sweep(self.config, job_final):
+            log.info("removed the spool folder of job %s", job_id)
 
     def _forget(self, job_id: str) -> None:
         for key in [k for k in self.stage_started if k[0] == job_id]:
             del self.stage_started[key]
         self.location.pop(job_id, None)
+        self.watch.pop(job_id, None)
 
+    def _finalize(self, job_id: str) -> None:
+        """The job is final: drop what the broker tracks for it, and its spool folder."""
+        self._forget(job_id)
+        spool.remove_job(self.config, job_id)
+
+    # ---- watchdog ----
     def check_stages(self) -> None:
         """A stage that stopped sending heartbeats is lost, with the jobs it held."""
-        timeout = 3 * self.config.heartbeat_interval + 2
         now = time.monotonic()
-        for stage, (_, seen) in self.heartbeats.items():
-            if now - seen > timeout and stage not in self.lost_stages:
-                self.lost_stages.add(stage)
-                self.stage_pid[stage] = None  # jobs sent to it from now on wait for its next process
-                self.on_stage_lost(stage, lambda pid: pid is not None, f"sent no heartbeat for {now - seen:.0f} s")
+        for stage, (_, seen) in list(self.heartbeats.items()):
+            if now - seen > self.heartbeat_timeout:
+                self.stage_down(stage, f"sent no heartbeat for {now - seen:.0f} s")
+
+    def progress_deadline(self, job: Job, stage: str) -> float:
+        """Longest a stage may hold `job` without a report: the configured timeout, or a multiple
+        of that stage's measured time per report (per step for a DiT) for jobs of this size."""
+        mean = self.store.timings(timing_key(job.params)).get(stage)
+        if mean is None:
+            return self.progress_timeout
+        if self.config.stage(stage).kind == "dit":
+            dits = sum(1 for s in job.route if self.config.stage(s).kind == "dit")
+            mean /= max(1.0, job.params["steps"] / max(1, dits))
+        return max(self.progress_timeout, self.progress_factor * mean)
+
+    def check_progress(self) -> None:
+        """A stage holding a job that reports no progress within the deadline is wedged (a step
+        that never returns heartbeats on from its other thread)."""
+        now = time.monotonic()
+        for job_id, (stage, seen) in list(self.watch.items()):
+            job = self.store.get(job_id)
+            if job is None or job.status != "processing":
+                self.watch.pop(job_id, None)
+                continue
+            deadline = self.progress_deadline(job, stage)
+            if now - seen > deadline:
+                self.watch.pop(job_id, None)
+                with job_context(job_id):
+                    log.error("no progress in %s for %.0f s (deadline %.0f s)", stage, now - seen, deadline)
+                self.stage_down(stage, f"made no progress on job {job_id} for {now - seen:.0f} s")
+
+    def stage_down(self, stage: str, why: str) -> None:
+        """`stage` is dead or wedged: kill its process if it still runs, dispatch its jobs again."""
+        entry = self.heartbeats.pop(stage, None)
+        self.lost_stages.add(stage)
+        self.stage_pid[stage] = None  # jobs sent to it from now on wait for its next process
+        if entry is not None:
+            self.kill_stage(stage, entry[0], why)
+        self.on_stage_lost(stage, lambda pid: pid is not None, why)
+
+    def kill_stage(self, stage: str, beat: m.Heartbeat, why: str) -> None:
+        """SIGKILL the process whose heartbeats named `stage`, once /proc shows that pid is still that
+        very process (same command line, same start time), never a later one that reuses the pid."""
+        if not self.watchdog_kills:
+            return
+        if not procs.is_stage_process(beat.pid, self.config.stage(stage).kind, stage, beat.start_ticks):
+            log.warning("stage %s (pid %d) %s; that process is gone (or not on this host): nothing to kill",
+                        stage, beat.pid, why)
+            return
+        try:
+            os.kill(beat.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.killed.add((beat.pid, beat.start_ticks))
+        log.error("watchdog killed stage %s (pid %d): it %s; supervisord restarts it", stage, beat.pid, why)
 
     def on_stage_lost(self, stage: str, dead: Callable[[int | None], bool], why: str) -> None:
         """Dispatch again every job held by a dead process of `stage`; fail those out of attempts."""
@@ -361,6 +460,7 @@ class Broker:
                     if self.store.finish(job_id, "failed", attempt=job.attempt, error=error):
                         log.error("failed after %d attempts: %s died each time", job.attempt, stage)
                         self._emit(job, "error", {"error": error, "stage": stage})
+                        self._finalize(job_id)
                 elif self.store.requeue(job_id, job.attempt, keep_attempt=True):
                     log.warning("lost in %s at attempt %d; dispatching again", stage, job.attempt)
         self.dispatch()
@@ -368,6 +468,8 @@ class Broker:
     # ---- reports ----
     def on_report(self, msg: m.Message) -> None:
         if isinstance(msg, m.Heartbeat):
+            if (msg.pid, msg.start_ticks) in self.killed:
+                return  # sent before the watchdog killed it
             was = self.stage_alive(msg.stage)
             self.heartbeats[msg.stage] = (msg, time.monotonic())
             self.stage_pid[msg.stage] = msg.pid
@@ -387,10 +489,20 @@ class Broker:
             elif isinstance(msg, m.JobDone):
                 self.on_done(job, msg)
             elif isinstance(msg, m.JobFailed):
-                if self.store.finish(job.id, "failed", attempt=msg.attempt, error=msg.error.get("error", msg.error)):
-                    log.error("failed in %s: %s", msg.stage, msg.error.get("error", {}).get("message"))
-                    self._emit(job, "error", {"error": msg.error.get("error", msg.error), "stage": msg.stage})
-                    self._forget(job.id)
+                error = msg.error.get("error", msg.error)
+                if error.get("code") == "CHECKPOINT_ERROR" and job.attempt < self.max_attempts:
+                    # The checkpoint is unreadable: start over rather than fail the job.
+                    self.store.set_checkpoint(job.id, job.attempt, None)
+                    if self.store.requeue(job.id, job.attempt, keep_attempt=True):
+                        log.warning("checkpoint in %s unreadable at attempt %d; dispatching again from the start",
+                                    msg.stage, job.attempt)
+                        self._forget(job.id)
+                        self.dispatch()
+                    return
+                if self.store.finish(job.id, "failed", attempt=msg.attempt, error=error):
+                    log.error("failed in %s: %s", msg.stage, error.get("message"))
+                    self._emit(job, "error", {"error": error, "stage": msg.stage})
+                    self._finalize(job.id)
                     self.dispatch()
 
     def _progress_at(self, job: Job, stage: str, fraction: float) -> float:
@@ -408,16 +520,26 @@ class Broker:
     def on_stage_report(self, job: Job, r: m.StageReport) -> None:
         timings = dict(job.timings)
         now = time.time()
+        # Reports of two stages may arrive out of order (the next stage's `accepted` before this
+        # one's `forwarded`): a report only moves the watch of the stage that sent it.
+        if r.event in ("accepted", "step") or (r.event == "checkpoint" and self.watch.get(job.id, ("",))[0] == r.stage):
+            self.watch[job.id] = (r.stage, time.monotonic())
         if r.event == "accepted":
             self.location[job.id] = (r.stage, r.pid or self.stage_pid.get(r.stage))
             self.stage_started[(job.id, r.stage)] = now
             progress = self._progress_at(job, r.stage, 0.0)
+        elif r.event == "checkpoint":
+            if r.to in job.route and self.store.set_checkpoint(job.id, r.attempt, r.to):
+                log.info("attempt %d: checkpoint for %s written", r.attempt, r.to)
+            return
         elif r.event == "step":
             kinds = [self.config.stage(s).kind for s in job.route]
             dits = [s for s, k in zip(job.route, kinds) if k == "dit"]
             base = self._progress_at(job, dits[0], 0.0) if dits else 0.0
             progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
         elif r.event == "forwarded":
+            if self.watch.get(job.id, ("",))[0] == r.stage:
+                self.watch.pop(job.id, None)
             if r.to:
                 self.location[job.id] = (r.to, self.stage_pid.get(r.to))
             started = self.stage_started.pop((job.id, r.stage), None)
@@ -447,7 +569,7 @@ class Broker:
             log.info("completed: %s", done.path)
             self._emit(job, "progress", {"progress": 1.0, "eta": 0.0, "stage": job.route[-1]})
             self._emit(job, "complete", {"output_url": f"/api/v1/files/{job.id}.mp4"})
-            self._forget(job.id)
+            self._finalize(job.id)
             self.dispatch()
 
     # ---- loop ----
@@ -475,13 +597,13 @@ class Broker:
 
     def run(self) -> None:
         self.recover()
-        for model in self.config.model_names():  # connect early: a fresh PUSH has no peer yet
-            self._stage_socket(self.config.route(model)[0])
+        for stage in sorted(self.route_stages()):  # connect early: a fresh PUSH has no peer yet
+            self._stage_socket(stage)
         poller = zmq.Poller()
         poller.register(self.recv_from_gateway, zmq.POLLIN)
         poller.register(self.recv_from_stages, zmq.POLLIN)
         log.info("broker up (%s); %d jobs queued", self.version, self.store.count("queued"))
-        last_dispatch = 0.0
+        last_dispatch, last_sweep = 0.0, time.monotonic()
         while self.running:
             events = dict(poller.poll(200))
             if self.recv_from_stages in events:
@@ -499,7 +621,11 @@ class Broker:
             if time.monotonic() - last_dispatch > 1.0:
                 last_dispatch = time.monotonic()
                 self.check_stages()
+                self.check_progress()
                 self.dispatch()
+            if time.monotonic() - last_sweep > 60.0:
+                last_sweep = time.monotonic()
+                self.sweep_spool()
         self.close()
 
     def close(self) -> None:
@@ -524,6 +650,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     broker.run()
+    log.info("broker stopped")
+    logging.shutdown()
+    os._exit(0)  # the store is closed; do not wait on interpreter teardown (see common/runtime.py)
 
 
 if __name__ == "__main__":

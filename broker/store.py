@@ -2,7 +2,8 @@
 
 States: queued -> processing -> completed | failed | cancelled. Each transition is one UPDATE
 guarded by the state (and attempt) it expects, so a late or duplicate report cannot move a job
-twice: a job completes once.
+twice: a job completes once. `checkpoint` names the stage whose input the job's spool folder holds
+(its latest checkpoint): a job dispatched again starts there.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     error TEXT,
     output_path TEXT,
-    timings TEXT NOT NULL DEFAULT '{}'
+    timings TEXT NOT NULL DEFAULT '{}',
+    checkpoint TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
 CREATE TABLE IF NOT EXISTS stage_timings (
@@ -69,6 +71,7 @@ class Job:
     error: dict[str, Any] | None
     output_path: str | None
     timings: dict[str, Any]
+    checkpoint: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -91,6 +94,9 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a transition written is a transition kept
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        if "checkpoint" not in columns:  # a store written before checkpoints
+            self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -158,6 +164,14 @@ class JobStore:
             "UPDATE jobs SET status = 'queued', attempt = CASE WHEN ? THEN attempt ELSE attempt - 1 END"
             " WHERE id = ? AND status = 'processing' AND attempt = ?",
             (keep_attempt, job_id, attempt),
+        )
+        return cur.rowcount == 1
+
+    def set_checkpoint(self, job_id: str, attempt: int, stage: str | None) -> bool:
+        """Record the stage the job's latest checkpoint was written for (None: start over)."""
+        cur = self.db.execute(
+            "UPDATE jobs SET checkpoint = ? WHERE id = ? AND attempt = ? AND status = 'processing'",
+            (stage, job_id, attempt),
         )
         return cur.rowcount == 1
 

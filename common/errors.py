@@ -54,7 +54,10 @@ class JobCancelled(ServerError):
 
 
 class OutputError(ServerError):
-    code = "OUTPUT_WRITE_ERROR"
+    """The result could not be written (disk full, file size limit, folder unwritable). The details
+    name the errno, never a path."""
+
+    code = "RESULT_WRITE_ERROR"
 
 
 class ValidationError(InvalidRequest):
@@ -160,3 +163,19 @@ class BadShape(WireError):
 class MessageTooLarge(WireError):
     code = "WIRE_MESSAGE_TOO_LARGE"
     http_status = 413
+
+
+# --- stage process faults ------------------------------------------------------------------------
+
+
+class StageStopping(ServerError):
+    """The stage process is stopping (SIGTERM): it drops the job it holds; the broker sends it again."""
+
+    code = "STAGE_STOPPING"
+    http_status = 503
+
+
+class CheckpointError(ServerError):
+    """A job's checkpoint could not be read back; the broker sends the job again from the start."""
+
+    code = "CHECKPOINT_ERROR"

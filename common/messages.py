@@ -117,13 +117,24 @@ class MuxJob(JobMessage):
     frames: Tensor
 
 
+@dataclass
+class ResumeJob(Message):
+    """broker -> the stage a job's last checkpoint was sent to: run it again from that checkpoint
+    (read from the job's spool folder) as attempt `attempt`."""
+
+    job_id: str
+    attempt: int
+    stage: str
+
+
 # --- reports: every stage -> whoever tracks jobs (the driver, later the broker) -----------------
 
 
 @dataclass
 class StageReport(Message):
-    """A job's progress through a stage. `event` is accepted | step | forwarded | cancelled;
-    `to` names the stage a forwarded job was sent to."""
+    """A job's progress through a stage. `event` is accepted | step | checkpoint | forwarded |
+    cancelled; `to` names the stage a forwarded job was sent to, or whose checkpoint was written
+    (the job's spool folder holds the message sent to it: see `common.spool`)."""
 
     job_id: str
     attempt: int
@@ -161,12 +172,16 @@ class JobFailed(Message):
 
 @dataclass
 class Heartbeat(Message):
+    """`start_ticks` is the process's start time (field 22 of /proc/<pid>/stat, 0 where unknown):
+    with `pid` it names the process, so a watchdog never kills a later process that reuses the pid."""
+
     stage: str
     pid: int
     ready: bool
     busy_job: str | None = None
     handled: int = 0
     at: float = 0.0
+    start_ticks: int = 0
 
 
 # --- control plane: gateway <-> broker, broker -> everyone -----------------------------------------

@@ -10,6 +10,14 @@ touches a socket lives here, so `handle` can be driven in-process by tests and b
 - A heartbeat thread, with its own socket, reports liveness whatever the main loop is doing.
 - With `runtime.record_dir` set, every received message and what `handle` returned for it are
   written, as raw wire frames in a msgpack file, for replay (see `replay_file`).
+- A job message sent to a stage of a kind in `runtime.checkpoint_kinds` (default: the DiTs and
+  the VAE) is first written to the job's spool folder, and the broker is told (`checkpoint`
+  report); a `ResumeJob` from the broker replays that checkpoint as a new attempt.
+- The same job message (job id + attempt) delivered twice is handled once.
+- SIGTERM stops a job between two steps (the broker dispatches it again).
+- With `runtime.fault_dir` set (tests only), a file `<stage>.<point>.delay` (seconds) or
+  `<stage>.<point>.hang` there makes the stage sleep or hang once at that point (`handle`: after
+  accepting a job; stages add their own, e.g. the muxer's `write`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import zmq
 
 from common import messages as m
 from common.config import Config, StageSpec
-from common.errors import JobCancelled, ServerError, StageTimeout, WireError
+from common import procs, spool
+from common.errors import CheckpointError, JobCancelled, ServerError, StageStopping, StageTimeout, WireError
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
 
@@ -63,10 +72,19 @@ class Stage:
         """True once the broker has cancelled `job_id`; the runtime replaces this."""
         return False
 
+    def stopping(self) -> bool:
+        """True once the process was asked to stop; the runtime replaces this."""
+        return False
+
+    def fault_point(self, point: str) -> None:
+        """A place where tests inject a delay or a hang (`runtime.fault_dir`); the runtime replaces this."""
+
     def check_cancelled(self, job_id: str) -> None:
-        """Called between steps of long work: stops a cancelled job there."""
+        """Called between steps of long work: stops a cancelled job there, or any job when stopping."""
         if self.cancelled(job_id):
             raise JobCancelled(f"job {job_id} was cancelled", {"job_id": job_id})
+        if self.stopping():
+            raise StageStopping(f"{self.name} is stopping", {"stage": self.name})
 
 
 def next_stage(config: Config, route: list[str], current: str, kind: str) -> str | None:
@@ -99,6 +117,12 @@ class StageRuntime:
         )
         record_dir = runtime.get("record_dir")
         self.record_dir = self.config.path(record_dir) / self.name if record_dir else None
+        fault_dir = runtime.get("fault_dir")
+        self.fault_dir = self.config.path(fault_dir) if fault_dir else None
+        self.checkpoint_kinds = set(runtime.get("checkpoint_kinds", ["dit", "vae"]))
+        self.start_ticks = procs.start_ticks(os.getpid())
+        # (job id, attempt) of the job messages taken, so a message delivered twice runs once.
+        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self.stop_event = threading.Event()
         self.busy_job: str | None = None
         self.handled = 0
@@ -135,12 +159,66 @@ class StageRuntime:
             raise ServerError(
                 f"no {msg.stage_kind} stage after {self.name} on the route {msg.route}", {"route": msg.route}
             )
-        try:
-            self._peer(dest).send_multipart(frames, copy=False)
-        except zmq.Again:
-            raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest}) from None
+        if self.config.stage(dest).kind in self.checkpoint_kinds:
+            self._checkpoint(msg, dest, frames)
+        sock = self._peer(dest)
+        deadline = time.monotonic() + self.options.send_timeout_ms / 1000
+        while True:  # wait for the next stage in short slices, so SIGTERM is not held up by a peer that is down
+            try:
+                sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if self.stop_event.is_set():
+                    raise StageStopping(f"{self.name} is stopping", {"stage": self.name}) from None
+                if time.monotonic() > deadline:
+                    raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest}) from None
+                sock.poll(200, zmq.POLLOUT)
         self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
         log.info("attempt %d: %s sent to %s", msg.attempt, msg.type_name, dest)
+
+    def _checkpoint(self, msg: m.JobMessage, dest: str, frames: list[Any]) -> None:
+        """Keep the message for `dest` in the job's spool folder. Best effort: without it the job
+        still runs, and a crash later sends it again from an earlier checkpoint."""
+        try:
+            started = time.monotonic()
+            path = spool.write_checkpoint(self.config, msg.job_id, dest, frames)
+        except (OSError, ServerError) as exc:
+            log.warning("attempt %d: no checkpoint for %s: %s", msg.attempt, dest, getattr(exc, "strerror", None) or exc)
+            return
+        self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest))
+        log.info("attempt %d: checkpoint for %s written (%d bytes, %.3f s)", msg.attempt, dest, path.stat().st_size,
+                 time.monotonic() - started)
+
+    def _resume(self, resume: m.ResumeJob) -> m.JobMessage:
+        """The job message of a checkpoint written for this stage, as attempt `resume.attempt`."""
+        try:
+            frames = spool.read_checkpoint(self.config, resume.job_id, self.name, self.limits)
+            msg = m.decode(frames, self.limits)
+        except (OSError, ValueError, ServerError) as exc:
+            raise CheckpointError(f"the checkpoint for {self.name} could not be read",
+                                  {"stage": self.name, "reason": type(exc).__name__}) from None
+        if not isinstance(msg, m.JobMessage) or msg.job_id != resume.job_id:
+            raise CheckpointError(f"the checkpoint for {self.name} holds another job", {"stage": self.name})
+        msg.attempt = resume.attempt
+        log.info("attempt %d: resumed from the checkpoint for %s", resume.attempt, self.name)
+        return msg
+
+    def fault_point(self, point: str) -> None:
+        if self.fault_dir is None:
+            return
+        for kind in ("hang", "delay"):
+            trigger = self.fault_dir / f"{self.name}.{point}.{kind}"
+            try:
+                text = trigger.read_text().strip()
+                trigger.unlink()  # one shot: the restarted process runs normally
+            except FileNotFoundError:
+                continue
+            if kind == "hang":
+                log.warning("fault injected: hanging at %s", point)
+                threading.Event().wait()
+            seconds = float(text or 0)
+            log.warning("fault injected: sleeping %.1f s at %s", seconds, point)
+            self.stop_event.wait(seconds)
 
     # ---- heartbeat ----
     def _heartbeat_loop(self) -> None:
@@ -155,6 +233,7 @@ class StageRuntime:
                     busy_job=self.busy_job,
                     handled=self.handled,
                     at=time.time(),
+                    start_ticks=self.start_ticks,
                 )
                 try:
                     sock.send_multipart(m.encode(beat), flags=zmq.NOBLOCK)
@@ -195,7 +274,6 @@ class StageRuntime:
     def _record(self, seq: int, job_id: str | None, incoming: list[bytes], outgoing: list[list[Any]] | None) -> None:
         if self.record_dir is None:
             return
-        self.record_dir.mkdir(parents=True, exist_ok=True)
         body = {
             "stage": self.name,
             "job_id": job_id,
@@ -204,8 +282,13 @@ class StageRuntime:
         }
         path = self.record_dir / f"{seq:06d}-{job_id or 'undecodable'}.msgpack"
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(msgpack.packb(body, use_bin_type=True))
-        tmp.replace(path)
+        try:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(msgpack.packb(body, use_bin_type=True))
+            tmp.replace(path)
+        except OSError as exc:  # a recording is a debugging aid: losing one must not stop the stage
+            log.warning("could not record message %d: %s", seq, exc.strerror)
+            tmp.unlink(missing_ok=True)
 
     # ---- main loop ----
     def process(self, parts: list[Any]) -> None:
@@ -222,6 +305,22 @@ class StageRuntime:
         job_id = getattr(msg, "job_id", None)
         attempt = getattr(msg, "attempt", 0)
         with job_context(job_id):
+            if isinstance(msg, m.ResumeJob):
+                try:
+                    msg = self._resume(msg)
+                except ServerError as exc:
+                    log.error("cannot resume: %s", exc.message)
+                    self._send_report(m.JobFailed(job_id, attempt, self.name, exc.to_dict()))
+                    return
+                if self.record_dir:
+                    incoming = [bytes(memoryview(f)) for f in m.encode(msg)]
+            if job_id is not None and isinstance(msg, m.JobMessage):
+                if (job_id, attempt) in self._seen:
+                    log.warning("dropped a second delivery of attempt %d", attempt)
+                    return
+                self._seen[(job_id, attempt)] = None
+                while len(self._seen) > 10_000:
+                    self._seen.popitem(last=False)
             self._record(seq, job_id, incoming, None)
             self.busy_job = job_id
             if job_id is not None and self.cancelled(job_id):
@@ -233,6 +332,9 @@ class StageRuntime:
                 self._send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
             outputs: list[list[Any]] = []
             try:
+                self.fault_point("handle")
+                if job_id is not None:
+                    self.stage.check_cancelled(job_id)
                 for out in self.stage.handle(msg):
                     frames = m.encode(out)
                     outputs.append(frames)
@@ -244,6 +346,8 @@ class StageRuntime:
             except JobCancelled:
                 log.info("stopped: the job was cancelled")
                 self._send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
+            except StageStopping:
+                log.warning("stopping: dropped attempt %d; the broker dispatches the job again", attempt)
             except Exception as exc:  # a job's failure is not the process's failure
                 log.error("job failed in %s: %s\n%s", self.name, exc, traceback.format_exc())
                 if job_id is not None:
@@ -257,6 +361,8 @@ class StageRuntime:
         pull = make_socket(self.ctx, zmq.PULL, self.config.endpoint(self.name), bind=True, options=self.options)
         stage.emit = self._send_report  # type: ignore[method-assign]
         stage.cancelled = self.cancelled  # type: ignore[method-assign]
+        stage.stopping = self.stop_event.is_set  # type: ignore[method-assign]
+        stage.fault_point = self.fault_point  # type: ignore[method-assign]
         cancel = threading.Thread(target=self._cancel_loop, name="cancel", daemon=True)
         cancel.start()
         self._peer("reports")
@@ -317,6 +423,10 @@ def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
     except ServerError as exc:  # e.g. MODEL_LOAD_ERROR from setup(): one structured line, no traceback
         log.error("%s could not start: %s", args.name, json.dumps(exc.to_dict()["error"], default=str))
         raise SystemExit(3) from None
+    # Sockets are closed and logs written: leave now. Interpreter teardown (library finalizers,
+    # threads) has been seen to hang for seconds after SIGTERM, which delays a restart.
+    logging.shutdown()
+    os._exit(0)
 
 
 def configure_torch(config: Config) -> None:

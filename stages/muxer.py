@@ -1,16 +1,21 @@
 """Muxer stage: uint8 frames -> H.264 (yuv420p) MP4 with PyAV.
 
 The file is written to a temporary name in the results folder and renamed into place, so a reader
-never sees a partial MP4.
+never sees a partial MP4. A write that fails (disk full, the file size limit, a results folder that
+is not writable) fails the job with `RESULT_WRITE_ERROR` and removes the temporary file; temporary
+files left by a muxer process that was killed are removed when the next one starts.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import signal
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
@@ -22,18 +27,29 @@ from common.runtime import Stage, stage_main
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_-]{1,64}\.mp4\.(\d+)\.tmp$")
 
 
-def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium") -> None:
-    """Encode (F, H, W, 3) uint8 frames to `path` atomically."""
+def write_error(exc: OSError) -> OutputError:
+    """The structured error for a failed write: the errno and its text, never a path."""
+    code = exc.errno or 0
+    name = errno.errorcode.get(code, "UNKNOWN")
+    return OutputError(f"could not write the video: {os.strerror(code) if code else 'I/O error'}",
+                       {"errno": code, "reason": name})
+
+
+def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium",
+              before_trailer: Callable[[], None] | None = None) -> None:
+    """Encode (F, H, W, 3) uint8 frames to `path` atomically. `before_trailer` is called once every
+    frame is in the temporary file, before the index (moov) that makes it playable."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise InvalidRequest(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise InvalidRequest(f"yuv420p needs even width and height, got {width}x{height}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps, 1))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -43,20 +59,59 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: s
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+            if before_trailer is not None:
+                before_trailer()
         os.replace(tmp, path)
     except OSError as exc:
-        raise OutputError(f"could not write the video: {exc.strerror or exc}", {"errno": exc.errno}) from None
+        raise write_error(exc) from None
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except OSError:
+            pass
+
+
+def remove_stale_temp_files(folder: Path) -> list[str]:
+    """Remove the temporary MP4s of muxer processes that no longer run (killed while writing)."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_NAME.match(entry.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # that muxer still runs (another replica): its file is in use
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            entry.unlink()
+            removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
 
 
 class MuxerStage(Stage):
     kind = "muxer"
 
     def setup(self) -> None:
+        # Past a file size limit (RLIMIT_FSIZE) a write must fail with EFBIG, not kill the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         self.results_dir = self.config.results_dir
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # each job reports it; the process stays up for when it is fixed
+            log.error("results folder is not usable: %s", exc.strerror)
+        for name in remove_stale_temp_files(self.results_dir):
+            log.warning("removed %s, left by a muxer that was killed while writing", name)
         self.crf = int(self.spec.options.get("crf", 18))
         self.preset = str(self.spec.options.get("preset", "medium"))
 
@@ -67,7 +122,8 @@ class MuxerStage(Stage):
             raise InvalidRequest("job id may only hold letters, digits, '-' and '_'", {"job_id": msg.job_id[:80]})
         frames = msg.frames.numpy()
         path = self.results_dir / f"{msg.job_id}.mp4"
-        write_mp4(frames, msg.params.fps, path, self.crf, self.preset)
+        write_mp4(frames, msg.params.fps, path, self.crf, self.preset,
+                  before_trailer=lambda: self.fault_point("write"))
         log.info("wrote %s (%d frames %dx%d @ %d fps)", path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
         return [
             m.JobDone(

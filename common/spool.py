@@ -1,0 +1,121 @@
+"""A job's spool folder (`Config.job_spool(job_id)`): its working files while it runs.
+
+Uploaded inputs and checkpoints live there. A checkpoint is the whole wire message a stage sent to
+the next stage (e.g. the DiT hand-off: latents + full UniPC state), written atomically (temp file,
+fsync, rename, fsync of the folder) under the name of the stage it was sent to, so a job lost in
+that stage (or later) can be sent to it again without redoing the work before it. The broker
+removes the folder once the job is final (`remove_job`, the one place that does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgpack
+
+from common.config import Config
+from common.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from common.wire import Limits
+
+log = logging.getLogger(__name__)
+
+SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+def check_job_id(job_id: str) -> str:
+    if not SAFE_JOB_ID.match(job_id):
+        raise InvalidRequest("job id may only hold letters, digits, '-' and '_'", {"job_id": job_id[:80]})
+    return job_id
+
+
+def job_dir(config: Config, job_id: str) -> Path:
+    return config.job_spool(check_job_id(job_id))
+
+
+def checkpoint_path(config: Config, job_id: str, stage: str) -> Path:
+    return job_dir(config, job_id) / f"{stage}{CHECKPOINT_SUFFIX}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, even after a
+    crash or power loss: temp file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(config: Config, job_id: str, stage: str, frames: list[Any]) -> Path:
+    """Store the encoded message `frames` (header + buffers) that were sent to `stage`."""
+    path = checkpoint_path(config, job_id, stage)
+    body = msgpack.packb({"stage": stage, "frames": [memoryview(f.buffer if hasattr(f, "buffer") else f)
+                                                     for f in frames]}, use_bin_type=True)
+    write_atomic(path, body)
+    return path
+
+
+def read_checkpoint(config: Config, job_id: str, stage: str, limits: Limits) -> list[bytes]:
+    """The wire frames of the checkpoint of `job_id` at `stage` (decode them with `messages.decode`)."""
+    body = msgpack.unpackb(checkpoint_path(config, job_id, stage).read_bytes(), raw=False,
+                           max_bin_len=limits.max_message_bytes)
+    if not isinstance(body, dict) or body.get("stage") != stage or not isinstance(body.get("frames"), list):
+        raise InvalidRequest("checkpoint file is not a checkpoint of this stage", {"stage": stage})
+    return body["frames"]
+
+
+def remove_job(config: Config, job_id: str) -> None:
+    """Remove a job's spool folder (uploads, checkpoints): the job is final and needs none of it."""
+    try:
+        folder = job_dir(config, job_id)
+    except InvalidRequest:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        log.warning("could not remove the spool folder of job %s", job_id)
+
+
+def sweep(config: Config, job_final: Callable[[str], bool | None], min_age_s: float = 3600.0) -> list[str]:
+    """Remove the spool folders of final jobs, and of unknown jobs (`job_final` returns None) left
+    untouched for `min_age_s` (a folder may be written just before its job is submitted).
+    Returns the job ids removed."""
+    removed = []
+    try:
+        entries = list(config.spool_dir.iterdir())
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.is_dir() or not SAFE_JOB_ID.match(entry.name):
+            continue
+        final = job_final(entry.name)
+        if final is False:
+            continue
+        try:
+            age = now - entry.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if final or age >= min_age_s:
+            remove_job(config, entry.name)
+            removed.append(entry.name)
+    return removed
