@@ -29,7 +29,7 @@ from common.sockets import make_socket
 from tests.stack import short_tmpdir
 from tests.system import System, kill9
 
-PROGRESS_TIMEOUT_S = 6
+PROGRESS_TIMEOUT_S = 15  # long enough that a test on a loaded box kills a stage before the watchdog does
 
 
 @pytest.fixture(scope="module")
