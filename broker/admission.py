@@ -13,13 +13,18 @@ from typing import Any
 
 from common import messages as m
 from common.config import Config
-from common.errors import ModelNotServed, ValidationError
+from common.errors import ConfigError, ModelNotServed, ValidationError
 
 MODELS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B")
 ALIASES = {"t2v": "t2v-A14B", "i2v": "i2v-A14B", "ti2v": "ti2v-5B", "s2v": "s2v-14B"}
 PRESETS = ("draft", "standard", "pro", "cinema", "ultimate")
+# Post-processing a preset may ask for. Carried with the job and recorded in the MP4's metadata;
+# nothing applies them yet (the video keeps the preset's fps and resolution).
+POSTPROCESS_FIELDS = ("interpolate_fps", "upscale")
 REQUEST_FIELDS = {"prompt", "negative_prompt", "model", "quality_preset", "quality", "seed", "priority", "custom_options"}
-OPTION_FIELDS = {"steps", "cfg_scale", "cfg_scale_2", "resolution", "fps", "duration", "num_frames"}
+OPTION_FIELDS = {"steps", "cfg_scale", "cfg_scale_2", "resolution", "fps", "duration", "num_frames", "shift"}
+PRESET_FIELDS = {"steps", "shift", "guidance_scale", "guidance_scale_2", "resolution", "num_frames", "fps",
+                 *POSTPROCESS_FIELDS}
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 
@@ -74,6 +79,39 @@ def preset_table(config: Config, model: str) -> dict[str, dict[str, Any]]:
     return {p: dict(table[p]) for p in PRESETS if p in table}
 
 
+def check_presets(config: Config) -> None:
+    """Every model of the profile has all five presets, each complete and within the model's limits."""
+    for model in config.defined_model_names():
+        table = config.section("presets").get(model, {})
+        missing = [p for p in PRESETS if p not in table]
+        if missing:
+            raise ConfigError(f"presets {missing} are missing for {model}", {"model": model, "missing": missing})
+        resolutions, limit = supported_resolutions(config, model), max_frames(config, model)
+        for name in PRESETS:
+            row, where = table[name], f"presets.{model}.{name}"
+
+            def bad(message: str) -> ConfigError:
+                return ConfigError(f"{where}: {message}", {"preset": where})
+
+            unknown = sorted(set(row) - PRESET_FIELDS)
+            if unknown:
+                raise bad(f"unknown key(s) {unknown}")
+            for key in ("steps", "guidance_scale", "resolution", "num_frames", "fps"):
+                if key not in row:
+                    raise bad(f"{key} is missing")
+            if not 1 <= row["steps"] <= max_steps(config):
+                raise bad(f"steps {row['steps']} is outside 1..{max_steps(config)}")
+            if row["resolution"] not in resolutions:
+                raise bad(f"resolution {row['resolution']} is not one of {model}'s {resolutions}")
+            frames = row["num_frames"]
+            if not 1 <= frames <= limit or (frames - 1) % 4:
+                raise bad(f"num_frames {frames} must be 4n+1 and at most {limit}")
+            if row.get("interpolate_fps", row["fps"] + 1) <= row["fps"]:
+                raise bad("interpolate_fps must be above fps")
+            if row.get("upscale", 1.0) < 1.0:
+                raise bad("upscale must be at least 1")
+
+
 def supported_resolutions(config: Config, model: str) -> list[str]:
     return list(config.model(model).get("resolutions", []))
 
@@ -124,6 +162,9 @@ def resolve(config: Config, request: Any) -> tuple[str, m.JobParams, int]:
 
     steps = _int(options.get("steps", base["steps"]), "custom_options.steps", 1, max_steps(config))
     guidance = _number(options.get("cfg_scale", base["guidance_scale"]), "custom_options.cfg_scale", 0.0, 20.0)
+    shift = options.get("shift", base.get("shift"))
+    if shift is not None:
+        shift = _number(shift, "custom_options.shift", 0.1, 50.0)
     guidance_2 = options.get("cfg_scale_2", base.get("guidance_scale_2"))
     if guidance_2 is not None:
         guidance_2 = _number(guidance_2, "custom_options.cfg_scale_2", 0.0, 20.0)
@@ -149,7 +190,36 @@ def resolve(config: Config, request: Any) -> tuple[str, m.JobParams, int]:
         frames = int(base["num_frames"])
     params = m.JobParams(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
-        num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2,
+        num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
+        postprocess={k: base[k] for k in POSTPROCESS_FIELDS if k in base},
     )
     return preset, params, priority
 
+
+
+def preset_markdown(config: Config) -> str:
+    """The preset table of every model the profile describes, as the README shows it."""
+    lines = [
+        "| model | preset | steps | guidance (high / low) | shift | resolution | frames @ fps | post-processing (not applied yet) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in config.defined_model_names():
+        for name, row in preset_table(config, model).items():
+            g2 = row.get("guidance_scale_2")
+            guidance = f"{row['guidance_scale']:g}" + ("" if g2 is None else f" / {g2:g}")
+            post = [f"interpolate to {row['interpolate_fps']} fps"] if "interpolate_fps" in row else []
+            post += [f"upscale x{row['upscale']:g}"] if "upscale" in row else []
+            shift = "model's" if row.get("shift") is None else f"{row['shift']:g}"
+            lines.append(
+                f"| {model} | {name} | {row['steps']} | {guidance} | {shift} | {row['resolution']} | "
+                f"{row['num_frames']} @ {row['fps']} | {', '.join(post) or '-'} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m broker.admission [PROFILE]: print the preset table
+    import sys
+
+    from common.config import profile_path
+
+    print(preset_markdown(Config.load(profile_path(sys.argv[1] if len(sys.argv) > 1 else "single-gpu"), environ={})))

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import zmq
 
-from broker import admission
+from broker import admission, memory
 from broker.fairness import fair_order
 from broker.store import FINAL, Job, JobStore
 from common import messages as m
@@ -82,6 +82,7 @@ class Broker:
     def __init__(self, config: Config):
         self.config = config
         self.limits = config.limits
+        admission.check_presets(config)  # a profile with a broken preset fails at start, not per job
         adm = config.section("admission")
         self.max_queued = int(adm.get("max_queued", 100))
         self.max_inflight = int(adm.get("max_inflight_per_route", 4))
@@ -197,6 +198,8 @@ class Broker:
                 "quality_preset": job.preset,
                 "params": job.params,
                 "seed": job.params["seed"],
+                # What the preset asked for beyond generation; nothing applies it yet.
+                "postprocess": {"requested": job.params.get("postprocess") or {}, "applied": False},
                 "route": job.route,
                 "attempts": job.attempt,
                 "timings": job.timings,
@@ -210,6 +213,8 @@ class Broker:
     # ---- API operations ----
     def op_submit(self, args: dict[str, Any]) -> dict[str, Any]:
         preset, params, priority = admission.resolve(self.config, args.get("request"))
+        route = self.config.route(params.model)
+        memory.check(self.config, params, route, {s: hb for s, (hb, _) in self.heartbeats.items()})
         if self.store.count("queued") >= self.max_queued:
             raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later",
                             {"max_queued": self.max_queued, "retry_after": 10})
@@ -219,7 +224,6 @@ class Broker:
             raise TooManyActiveJobs(f"this key already has {max_active} jobs queued or running; wait for one to end",
                                     {"max_active_jobs": max_active, "retry_after": 10})
         job_id = uuid.uuid4().hex
-        route = self.config.route(params.model)
         job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority)
         with job_context(job_id):
             log.info("queued %s/%s %dx%d x%d frames, %d steps%s", params.model, preset, params.width, params.height,
@@ -281,7 +285,10 @@ class Broker:
         return {"models": models}
 
     def op_presets(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"presets": {name: admission.preset_table(self.config, name) for name in self.config.model_names()}}
+        return {
+            "presets": {name: admission.preset_table(self.config, name) for name in self.config.model_names()},
+            "postprocess_applied": False,  # interpolate_fps / upscale are recorded, not applied yet
+        }
 
     def op_ready(self, args: dict[str, Any]) -> dict[str, Any]:
         stages = {s: self.stage_alive(s) for s in sorted(self.route_stages())}

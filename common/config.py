@@ -12,6 +12,7 @@ whatever its working directory.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ ENV_PREFIX = "WAN_SERVER__"
 ENV_CONFIG = "WAN_SERVER_CONFIG"
 
 STAGE_KINDS = ("text_encoder", "dit", "vae", "muxer")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# Weights stored in these and cast layer by layer to the compute dtype (diffusers' layerwise casting).
+STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 MAX_IPC_PATH = 100  # sockaddr_un allows 107 bytes; keep a margin
 
 
@@ -68,6 +74,15 @@ class StageSpec:
     dtype: str
     options: dict[str, Any]
 
+    @property
+    def storage_dtype(self) -> str | None:
+        """The dtype weights are stored in, when it differs from the compute `dtype` (fp8)."""
+        return self.options.get("storage_dtype")
+
+    @property
+    def attention(self) -> str:
+        return str(self.options.get("attention", "auto"))
+
 
 class Config:
     """A loaded profile. Read-only after load; every process builds its own from the same file."""
@@ -98,10 +113,35 @@ class Config:
             kind = spec.get("kind", name)
             if kind not in STAGE_KINDS:
                 raise ConfigError(f"stage {name!r} has unknown kind {kind!r}", {"stage": name, "kinds": STAGE_KINDS})
+            self._validate_stage(name, spec)
+        served = self.data.get("serving", {}).get("models")
+        if served is not None:
+            unknown = [name for name in served if name not in self.data.get("models", {})]
+            if not isinstance(served, list) or unknown:
+                raise ConfigError(f"[serving] models names undefined model(s) {unknown}", {"models": unknown})
         for model, route in self.data.get("routes", {}).items():
             for stage in route:
                 if stage not in self.data.get("stages", {}):
                     raise ConfigError(f"route of {model!r} names unknown stage {stage!r}", {"model": model})
+
+    @staticmethod
+    def _validate_stage(name: str, spec: dict[str, Any]) -> None:
+        def bad(key: str, allowed: Any) -> ConfigError:
+            return ConfigError(
+                f"stage {name!r}: {key} = {spec.get(key)!r} is not one of {allowed}",
+                {"stage": name, "key": key, "value": repr(spec.get(key)), "allowed": list(allowed)},
+            )
+
+        if not DEVICE_PATTERN.match(str(spec.get("device", "cpu"))):
+            raise bad("device", ["cpu", "cuda", "cuda:N"])
+        if str(spec.get("dtype", "float32")) not in COMPUTE_DTYPES:
+            raise bad("dtype", COMPUTE_DTYPES)
+        if "storage_dtype" in spec and spec["storage_dtype"] not in STORAGE_DTYPES:
+            raise bad("storage_dtype", STORAGE_DTYPES)
+        if str(spec.get("attention", "auto")) not in ATTENTION_BACKENDS:
+            raise bad("attention", ATTENTION_BACKENDS)
+        if not isinstance(spec.get("vae_tiling", False), bool):
+            raise bad("vae_tiling", [True, False])
 
     # ---- sections ----
     def section(self, name: str) -> dict[str, Any]:
@@ -177,6 +217,15 @@ class Config:
         return dict(models[name])
 
     def model_names(self) -> list[str]:
+        """The models this server serves: `[serving] models` when set, else every `[models.*]` entry.
+
+        A profile can describe more models than it loads (their paths, resolutions, presets), and
+        pick what fits its cards in `[serving]`; the stages load only the served ones."""
+        defined = self.defined_model_names()
+        served = self.data.get("serving", {}).get("models")
+        return defined if served is None else [name for name in served if name in defined]
+
+    def defined_model_names(self) -> list[str]:
         return list(self.data.get("models", {}))
 
     def route(self, model: str) -> list[str]:

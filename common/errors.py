@@ -121,6 +121,20 @@ class BrokerUnavailable(ServerError):
     http_status = 503
 
 
+class InsufficientMemory(ServerError):
+    """Refused at submit: the job's estimated peak memory does not fit the configured devices."""
+
+    code = "INSUFFICIENT_GPU_MEMORY"
+    http_status = 422
+
+
+class OutOfMemory(ServerError):
+    """A job ran out of device memory while it ran (torch.OutOfMemoryError, or the CPU allocator)."""
+
+    code = "GPU_OUT_OF_MEMORY"
+    http_status = 507
+
+
 class StageTimeout(ServerError):
     code = "STAGE_TIMEOUT"
     http_status = 504

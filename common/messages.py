@@ -54,6 +54,11 @@ class JobParams:
     guidance_scale: float
     guidance_scale_2: float | None = None
     max_sequence_length: int = 512
+    # The scheduler's flow shift; None keeps the model's own (its scheduler config).
+    shift: float | None = None
+    # Post-processing the preset asks for (`interpolate_fps`, `upscale`): recorded with the job and
+    # in the MP4's metadata; not applied yet.
+    postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------
@@ -182,6 +187,12 @@ class Heartbeat(Message):
     handled: int = 0
     at: float = 0.0
     start_ticks: int = 0
+    # Memory, for admission: the stage's device, that device's total and free bytes (the card; the
+    # host's RAM for cpu), and the bytes of the weights this stage holds there. 0 / "" until set up.
+    device: str = ""
+    device_total_bytes: int = 0
+    device_free_bytes: int = 0
+    weight_bytes: int = 0
 
 
 # --- control plane: gateway <-> broker, broker -> everyone -----------------------------------------

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -41,7 +43,7 @@ import zmq
 from common import messages as m
 from common.config import Config, StageSpec
 from common import procs, spool
-from common.errors import CheckpointError, JobCancelled, ServerError, StageStopping, StageTimeout, WireError
+from common.errors import CheckpointError, JobCancelled, OutOfMemory, ServerError, StageStopping, StageTimeout, WireError
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
 
@@ -64,6 +66,16 @@ class Stage:
 
     def handle(self, msg: m.Message) -> list[m.Message]:
         raise NotImplementedError
+
+    def memory(self) -> dict[str, Any]:
+        """Heartbeat memory fields (see `Heartbeat`): from the stage's `placement`, once set up."""
+        placement = getattr(self, "placement", None)
+        return placement.memory() if placement is not None and self.ready else {}
+
+    def device_name(self) -> str:
+        """The device this stage computes on (for error details)."""
+        placement = getattr(self, "placement", None)
+        return str(placement.device if placement is not None else self.spec.device)
 
     def emit(self, msg: m.Message) -> None:
         """Send a side report (progress) while handling; the runtime replaces this."""
@@ -94,6 +106,48 @@ def next_stage(config: Config, route: list[str], current: str, kind: str) -> str
     except ValueError:
         raise ServerError(f"stage {current!r} is not on the job's route {route}", {"route": route}) from None
     return next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
+
+
+def as_out_of_memory(exc: BaseException, stage: str, device: str) -> OutOfMemory | None:
+    """The structured error for an allocation failure, whichever way torch reported it.
+
+    On CUDA torch raises `torch.OutOfMemoryError`; the CPU allocator raises a RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory ..."), and Python's own allocations MemoryError.
+    """
+    text = str(exc)
+    if not (
+        isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        or (isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+    ):
+        return None
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return OutOfMemory(
+        f"{device} ran out of memory in stage {stage} while running this job; try a lower resolution or fewer frames",
+        {"stage": stage, "device": device, "exception": type(exc).__name__, "detail": first},
+    )
+
+
+def free_memory(device: str) -> None:
+    """After an allocation failure: collect what the failed job held and give cached blocks back."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        log.info("after freeing: %s allocated %.2f GiB, reserved %.2f GiB", device,
+                 torch.cuda.memory_allocated(device) / 2**30, torch.cuda.memory_reserved(device) / 2**30)
+
+
+def limit_address_space(headroom_mib: int) -> int:
+    """Cap this process's address space at its current size plus `headroom_mib` (RLIMIT_AS).
+
+    For tests and for hosts that want a hard per-stage memory bound on the CPU: an allocation past
+    the cap fails like any out-of-memory, and the job fails with GPU_OUT_OF_MEMORY."""
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm + headroom_mib * 2**20
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    log.info("address space capped at %.2f GiB (%d MiB over its size after setup)", limit / 2**30, headroom_mib)
+    return limit
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
@@ -226,6 +280,11 @@ class StageRuntime:
         sock = make_socket(self.ctx, zmq.PUSH, self.config.endpoint("reports"), bind=False, options=options)
         try:
             while not self.stop_event.is_set():
+                try:
+                    memory = self.stage.memory()
+                except Exception as exc:  # a heartbeat without memory figures beats none
+                    log.warning("could not read device memory: %s", exc)
+                    memory = {}
                 beat = m.Heartbeat(
                     stage=self.name,
                     pid=os.getpid(),
@@ -234,6 +293,7 @@ class StageRuntime:
                     handled=self.handled,
                     at=time.time(),
                     start_ticks=self.start_ticks,
+                    **memory,
                 )
                 try:
                     sock.send_multipart(m.encode(beat), flags=zmq.NOBLOCK)
@@ -331,6 +391,7 @@ class StageRuntime:
             if job_id is not None:
                 self._send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
             outputs: list[list[Any]] = []
+            oom = None
             try:
                 self.fault_point("handle")
                 if job_id is not None:
@@ -349,12 +410,20 @@ class StageRuntime:
             except StageStopping:
                 log.warning("stopping: dropped attempt %d; the broker dispatches the job again", attempt)
             except Exception as exc:  # a job's failure is not the process's failure
-                log.error("job failed in %s: %s\n%s", self.name, exc, traceback.format_exc())
+                oom = as_out_of_memory(exc, self.name, self.stage.device_name())
+                if oom is not None:
+                    log.error("job failed in %s: out of memory on %s: %s", self.name, self.stage.device_name(),
+                              oom.details["detail"])
+                else:
+                    log.error("job failed in %s: %s\n%s", self.name, exc, traceback.format_exc())
                 if job_id is not None:
-                    self._send_report(m.JobFailed(job_id, attempt, self.name, error_body(exc)))
+                    self._send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc)))
+                exc.__traceback__ = None  # its frames hold the failed job's tensors
             finally:
                 self.busy_job = None
                 self.handled += 1
+            if oom is not None:
+                free_memory(self.stage.device_name())
 
     def run(self) -> None:
         stage = self.stage
@@ -370,6 +439,12 @@ class StageRuntime:
         beat.start()
         started = time.monotonic()
         stage.setup()
+        placement = getattr(stage, "placement", None)
+        if placement is not None:
+            log.info("%s", placement.summary())
+        headroom = stage.spec.options.get("address_space_headroom_mib")
+        if headroom:
+            limit_address_space(int(headroom))
         stage.ready = True
         log.info("%s ready in %.1f s, listening on %s", self.name, time.monotonic() - started, self.config.endpoint(self.name))
         poller = zmq.Poller()

@@ -27,7 +27,8 @@ from common import messages as m
 from common.errors import InvalidRequest
 from common.runtime import Stage, stage_main
 from stages import schedule
-from stages.models import PipelineInfo, load_component, model_dir, scheduler_config, torch_dtype
+from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
+from stages.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ class DitStage(Stage):
     kind = "dit"
 
     def setup(self) -> None:
-        self.device = torch.device(self.spec.device)
-        self.dtype = torch_dtype(self.spec.dtype)
+        self.placement = Placement.from_spec(self.spec, attention=True)
+        self.device = self.placement.device
+        self.dtype = self.placement.dtype
         self.part = self.spec.options.get("part", "all")
         if self.part not in schedule.PARTS:
             raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
@@ -45,19 +47,24 @@ class DitStage(Stage):
         for model in self.spec.options.get("models", self.config.model_names()):
             folder = model_dir(self.config, model)
             info = PipelineInfo.read(folder)
+            model_spec = self.config.model(model)
             two_experts = info.has_transformer_2 and info.boundary_ratio is not None
             wanted = {"high": ["transformer"], "low": ["transformer_2"], "all": ["transformer", "transformer_2"]}
             names = wanted[self.part] if two_experts else ["transformer"]
             experts = {
-                name: load_component(WanTransformer3DModel, folder, name, torch_dtype=self.dtype).to(self.device).eval()
+                name: self.placement.place(
+                    load_component(WanTransformer3DModel, folder, name, torch_dtype=self.dtype), f"{model}/{name}"
+                )
                 for name in names
             }
             self.models[model] = {
                 "info": info,
                 "experts": experts,
                 "two_experts": two_experts,
-                "scheduler_config": scheduler_config(folder, self.config.model(model).get("flow_shift")),
-                "split_fraction": float(self.config.model(model).get("split_fraction", 0.5)),
+                "scheduler_config": scheduler_config(folder, model_spec.get("flow_shift")),
+                # The profile may set the expert boundary; else the checkpoint decides.
+                "boundary_ratio": float(model_spec.get("boundary_ratio", info.boundary_ratio or 0.0)),
+                "split_fraction": float(model_spec.get("split_fraction", 0.5)),
             }
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
 
@@ -92,7 +99,9 @@ class DitStage(Stage):
         experts = entry["experts"]
         any_expert = next(iter(experts.values()))
 
-        scheduler = UniPCMultistepScheduler.from_config(entry["scheduler_config"])
+        # The job's shift (its preset's) replaces the checkpoint's flow_shift; None keeps it.
+        shift = {} if p.shift is None else {"flow_shift": p.shift}
+        scheduler = UniPCMultistepScheduler.from_config(entry["scheduler_config"], **shift)
         scheduler.set_timesteps(p.steps, device=self.device)
         timesteps = scheduler.timesteps
         scheduler.set_begin_index(0)
@@ -104,7 +113,7 @@ class DitStage(Stage):
                 schedule.restore_state(scheduler, msg.scheduler_state, self.device)
 
         boundary = (
-            schedule.boundary_timestep(info.boundary_ratio, scheduler.config.num_train_timesteps)
+            schedule.boundary_timestep(entry["boundary_ratio"], scheduler.config.num_train_timesteps)
             if entry["two_experts"]
             else None
         )

@@ -39,9 +39,10 @@ def write_error(exc: OSError) -> OutputError:
 
 
 def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium",
-              before_trailer: Callable[[], None] | None = None) -> None:
+              before_trailer: Callable[[], None] | None = None, metadata: dict[str, str] | None = None) -> None:
     """Encode (F, H, W, 3) uint8 frames to `path` atomically. `before_trailer` is called once every
-    frame is in the temporary file, before the index (moov) that makes it playable."""
+    frame is in the temporary file, before the index (moov) that makes it playable; `metadata` goes
+    into the container's tags."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise InvalidRequest(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     height, width = frames.shape[1:3]
@@ -51,6 +52,7 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: s
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with av.open(str(tmp), mode="w", format="mp4") as container:
+            container.metadata.update(metadata or {})
             stream = container.add_stream("libx264", rate=Fraction(fps, 1))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf), "preset": preset}
@@ -99,6 +101,14 @@ def remove_stale_temp_files(folder: Path) -> list[str]:
     return removed
 
 
+def postprocess_metadata(p: m.JobParams) -> dict[str, str]:
+    """The preset's post-processing, recorded in the MP4 as requested and not applied."""
+    if not p.postprocess:
+        return {}
+    wanted = ", ".join(f"{k}={v}" for k, v in sorted(p.postprocess.items()))
+    return {"comment": f"wan-server: post-processing requested, not applied: {wanted}"}
+
+
 class MuxerStage(Stage):
     kind = "muxer"
 
@@ -123,7 +133,7 @@ class MuxerStage(Stage):
         frames = msg.frames.numpy()
         path = self.results_dir / f"{msg.job_id}.mp4"
         write_mp4(frames, msg.params.fps, path, self.crf, self.preset,
-                  before_trailer=lambda: self.fault_point("write"))
+                  before_trailer=lambda: self.fault_point("write"), metadata=postprocess_metadata(msg.params))
         log.info("wrote %s (%d frames %dx%d @ %d fps)", path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
         return [
             m.JobDone(

@@ -16,7 +16,8 @@ from diffusers.video_processor import VideoProcessor
 from common import messages as m
 from common.errors import InvalidRequest
 from common.runtime import Stage, stage_main
-from stages.models import load_component, model_dir, torch_dtype
+from stages.models import load_component, model_dir
+from stages.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,19 @@ class VaeStage(Stage):
     kind = "vae"
 
     def setup(self) -> None:
-        self.device = torch.device(self.spec.device)
-        dtype = torch_dtype(self.spec.dtype)
+        self.placement = Placement.from_spec(self.spec)
+        self.device = self.placement.device
+        dtype = self.placement.dtype
+        tiling = bool(self.spec.options.get("vae_tiling", self.spec.options.get("tiling", False)))
         self.vaes: dict[str, tuple[AutoencoderKLWan, VideoProcessor]] = {}
         for model in self.spec.options.get("models", self.config.model_names()):
             vae = load_component(AutoencoderKLWan, model_dir(self.config, model), "vae", torch_dtype=dtype)
-            vae = vae.to(self.device).eval()
-            if self.spec.options.get("tiling"):
+            vae = self.placement.place(vae, f"{model}/vae")
+            if tiling:  # decode in overlapping spatial tiles: less memory at 720p, slightly slower
                 vae.enable_tiling()
             processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
             self.vaes[model] = (vae, processor)
-            log.info("loaded VAE of %s on %s (%s, z%d)", model, self.device, dtype, vae.config.z_dim)
+            log.info("loaded VAE of %s on %s (%s, z%d, tiling %s)", model, self.device, dtype, vae.config.z_dim, tiling)
 
     def decode(self, model: str, latents: torch.Tensor) -> torch.Tensor:
         """Latents (1, z, f, h, w) -> uint8 frames (F, H, W, 3) on the CPU.

@@ -38,6 +38,8 @@ def vae_frames(stack, job_id: str) -> np.ndarray:
 def reference(folder, p: m.JobParams) -> np.ndarray:
     pipe = WanPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    if p.shift is not None:  # what a preset's shift means: the scheduler's flow_shift
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=p.shift)
     out = pipe(
         prompt=p.prompt,
         negative_prompt=p.negative_prompt,
@@ -53,10 +55,10 @@ def reference(folder, p: m.JobParams) -> np.ndarray:
     return to_uint8(out)[0]
 
 
-def expected_handoff(stack, model: str, steps: int) -> int:
+def expected_handoff(stack, model: str, steps: int, shift: float | None = None) -> int:
     folder = model_dir(stack.config, model)
     info = PipelineInfo.read(folder)
-    sched = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
+    sched = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler", **({} if shift is None else {"flow_shift": shift}))
     sched.set_timesteps(steps)
     boundary = schedule.boundary_timestep(info.boundary_ratio, 1000) if info.has_transformer_2 else None
     return schedule.handoff_step(sched.timesteps, boundary, stack.config.model(model).get("split_fraction", 0.5))
@@ -128,3 +130,20 @@ def test_mp4_decodes_to_requested_frames(stack, results, case):
     decoded = np.stack(frames).astype(np.float32) @ luma
     err = np.abs(decoded - src).mean()
     assert err < 6.0, err
+
+
+def test_job_shift_replaces_the_scheduler_shift_exactly(stack):
+    """A preset's shift reaches the DiT stages: frames equal WanPipeline with that flow_shift, differ
+    from the checkpoint's shift, and the expert hand-off moves with the shifted timesteps."""
+    p = default_params(stack.config, "t2v-A14B", prompt="a boat floats on a calm river", negative_prompt="",
+                       seed=21, steps=8, height=32, width=32, num_frames=5, guidance_scale=4.0, guidance_scale_2=3.0,
+                       shift=2.0)
+    outcome = stack.driver.run(p, timeout_s=300)
+    ours = vae_frames(stack, outcome.done.job_id)
+    folder = model_dir(stack.config, p.model)
+    assert np.array_equal(ours, reference(folder, p))
+    assert not np.array_equal(ours, reference(folder, m.JobParams(**{**p.__dict__, "shift": None})))
+    k = expected_handoff(stack, p.model, p.steps, shift=2.0)
+    assert k != expected_handoff(stack, p.model, p.steps)
+    steps = [r.stage for r in outcome.reports if r.event == "step"]
+    assert steps == ["dit_high"] * k + ["dit_low"] * (p.steps - k)

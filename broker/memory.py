@@ -1,0 +1,194 @@
+"""Memory admission: estimate a job's peak memory per device, refuse at submit what cannot fit.
+
+For each device the job's route uses, the estimate adds, over the stages on that device (each its
+own process, each keeping what its caching allocator reserved at its peak):
+
+    weights(stage)                              what the stage reports in its heartbeat
+  + activations(stage, job)                     the formulas below, scaled by the compute dtype
+  + CUDA context (0.5 GiB per process, CUDA devices only)
+
+and compares the sum with the device's budget: `[admission] memory_budget_gib` (one number for
+every device, or a table `{ "cuda:0" = 22.0, cpu = 8.0 }`) when set, else the total the stages on
+that device report. Devices with no budget and no CUDA report (the CPU, unless budgeted) are not
+checked; nor is a stage that has not reported yet (the job is then admitted, and logged).
+`[admission] memory_check = false` turns the check off.
+
+Activations, calibrated on an H200 with bf16 weights (bench/results/gpu_stage_check_h200.*,
+peak minus weights, our stage code):
+
+- DiT, one guided step, per latent token (tokens = latent frames x (H/s) x (W/s), s = VAE spatial
+  factor x patch 2 = 16 for A14B, 32 for TI2V-5B; latent frames = (frames-1)/4+1):
+  A14B: (30.31 - 26.78) GiB / 32760 tokens (832x480x81) = 113 KiB/token;
+  TI2V-5B: (14.58 - 9.33) GiB / 27280 tokens (1280x704x121) = 202 KiB/token (its timestep
+  embedding is per token); we use 120 and 210 KiB.
+- VAE decode (uint8 conversion on the device included), per output pixel x frame:
+  Wan2.1 VAE: (4.63 - 0.24) GiB / (832x480x81) = 146 B; Wan2.2 VAE: (11.88 - 1.31) GiB /
+  (1280x704x121) = 104 B; we use 150 and 110 B. float32 measured 2.0x these (the dtype scaling).
+  With `vae_tiling` the decoder works on 256x256 tiles: VAE act x (tile area / frame area) plus the
+  stitched output (3 x frames x H x W x (2 x dtype bytes + 4)) - an estimate, not measured.
+- Text encoder: 512 tokens through UMT5-XXL is ~0.1 GiB, whatever the video size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import messages as m
+from common.config import Config
+from common.errors import InsufficientMemory
+
+GIB = 1 << 30
+KIB = 1 << 10
+CUDA_CONTEXT_BYTES = GIB // 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+TILE_PIXELS = 256 * 256
+
+
+@dataclass(frozen=True)
+class Family:
+    """Memory coefficients of a model family (calibrated at 2-byte compute)."""
+
+    dit_bytes_per_token: float
+    pixels_per_token: int  # (VAE spatial factor x patch size) squared
+    vae_bytes_per_pixel_frame: float
+    text_encoder_bytes: float
+    # Nominal parameter counts, for estimates before any stage has reported (the profile tests).
+    expert_params: float
+    vae_params: float
+    text_encoder_params: float = 5.68e9  # UMT5-XXL encoder
+
+
+A14B = Family(120 * KIB, 16 * 16, 150, 0.1 * GIB, 14.288e9, 126.9e6)
+FAMILIES = {
+    "t2v-A14B": A14B,
+    "i2v-A14B": A14B,
+    "ti2v-5B": Family(210 * KIB, 32 * 32, 110, 0.1 * GIB, 5.0e9, 704.7e6),
+}
+
+
+def dit_tokens(model: str, width: int, height: int, frames: int) -> int:
+    family = FAMILIES[model]
+    side = int(family.pixels_per_token**0.5)
+    return ((frames - 1) // 4 + 1) * (height // side) * (width // side)
+
+
+def activation_bytes(kind: str, options: dict[str, Any], dtype: str, p: m.JobParams) -> int:
+    """Peak activation bytes of one stage of `kind` running job `p`."""
+    family = FAMILIES.get(p.model)
+    if family is None:
+        return 0
+    scale = DTYPE_BYTES.get(dtype, 4) / 2
+    if kind == "dit":
+        return int(family.dit_bytes_per_token * dit_tokens(p.model, p.width, p.height, p.num_frames) * scale)
+    if kind == "vae":
+        pixels = p.width * p.height
+        if options.get("vae_tiling", options.get("tiling", False)) and pixels > TILE_PIXELS:
+            decode = family.vae_bytes_per_pixel_frame * p.num_frames * TILE_PIXELS * scale
+            stitched = 3 * p.num_frames * pixels * (2 * DTYPE_BYTES.get(dtype, 4) + 4)
+            return int(decode + stitched)
+        return int(family.vae_bytes_per_pixel_frame * p.num_frames * pixels * scale)
+    if kind == "text_encoder":
+        return int(family.text_encoder_bytes * scale)
+    return 0
+
+
+def nominal_weight_bytes(config: Config, stage: str) -> int:
+    """Weights a stage would hold, from nominal parameter counts (no stage running)."""
+    spec = config.stage(stage)
+    per_param = DTYPE_BYTES[spec.storage_dtype or spec.dtype]
+    total = 0.0
+    for model in spec.options.get("models", config.model_names()):
+        family = FAMILIES.get(model)
+        if family is None:
+            continue
+        if spec.kind == "dit":
+            two = model.endswith("A14B")
+            experts = 2 if two and spec.options.get("part", "all") == "all" else 1
+            total += experts * family.expert_params
+        elif spec.kind == "vae":
+            total += family.vae_params
+        elif spec.kind == "text_encoder":
+            total += family.text_encoder_params
+    return int(total * per_param)
+
+
+@dataclass
+class DeviceNeed:
+    device: str
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {weights, activations}
+    context: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.context + sum(v["weights"] + v["activations"] for v in self.stages.values())
+
+
+def estimate(config: Config, p: m.JobParams, weights: dict[str, int], route: list[str]) -> dict[str, DeviceNeed]:
+    """Peak bytes per device for job `p` on `route`; `weights` maps stage -> its weight bytes."""
+    needs: dict[str, DeviceNeed] = {}
+    for stage in route:
+        spec = config.stage(stage)
+        if spec.kind == "muxer":
+            continue
+        device = "cuda:0" if spec.device == "cuda" else spec.device
+        need = needs.setdefault(device, DeviceNeed(device))
+        need.stages[stage] = {
+            "weights": int(weights.get(stage, 0)),
+            "activations": activation_bytes(spec.kind, spec.options, spec.dtype, p),
+        }
+        if device.startswith("cuda"):
+            need.context += CUDA_CONTEXT_BYTES
+    return needs
+
+
+def budgets(config: Config, reported_totals: dict[str, int]) -> dict[str, int]:
+    """Bytes each device may use: the configured budget, else what its stages reported (CUDA only)."""
+    configured = config.section("admission").get("memory_budget_gib")
+    out = {d: t for d, t in reported_totals.items() if d.startswith("cuda")}
+    if isinstance(configured, dict):
+        out.update({str(d): int(float(g) * GIB) for d, g in configured.items()})
+    elif configured is not None:
+        for device in set(reported_totals) | set(out):
+            out[device] = int(float(configured) * GIB)
+    return out
+
+
+def check(config: Config, p: m.JobParams, route: list[str], heartbeats: dict[str, m.Heartbeat]) -> dict[str, Any]:
+    """Raise INSUFFICIENT_GPU_MEMORY when the job cannot fit; returns the estimate otherwise."""
+    if not bool(config.section("admission").get("memory_check", True)):
+        return {}
+    weights = {s: hb.weight_bytes for s, hb in heartbeats.items() if hb.device}
+    totals: dict[str, int] = {}
+    for hb in heartbeats.values():
+        if hb.device and hb.device_total_bytes:
+            totals["cuda:0" if hb.device == "cuda" else hb.device] = hb.device_total_bytes
+    for stage in route:
+        if config.stage(stage).kind != "muxer":
+            totals.setdefault("cuda:0" if config.stage(stage).device == "cuda" else config.stage(stage).device, 0)
+    allowed = budgets(config, totals)
+    needs = estimate(config, p, weights, route)
+    unknown = [s for s in route if config.stage(s).kind != "muxer" and s not in weights]
+    report = {d: {"needed_bytes": n.total, "available_bytes": allowed.get(d)} for d, n in needs.items()}
+    for device, need in needs.items():
+        budget = allowed.get(device)
+        if budget is None or any(s in unknown for s in need.stages):
+            continue  # no budget, or a stage on it has not reported its weights yet
+        if need.total > budget:
+            raise InsufficientMemory(
+                f"{p.model} at {p.width}x{p.height}, {p.num_frames} frames needs about {need.total / GIB:.2f} GiB on "
+                f"{device}, which has {budget / GIB:.2f} GiB; choose a lower resolution, fewer frames or the "
+                "draft preset",
+                {
+                    "device": device,
+                    "needed_gib": round(need.total / GIB, 3),
+                    "available_gib": round(budget / GIB, 3),
+                    "stages": {s: {k: round(v / GIB, 3) for k, v in b.items()} for s, b in need.stages.items()},
+                    "cuda_context_gib": round(need.context / GIB, 3),
+                    "model": p.model,
+                    "resolution": f"{p.width}x{p.height}",
+                    "num_frames": p.num_frames,
+                    "suggestion": "lower the resolution or num_frames (custom_options), or use the draft preset",
+                },
+            )
+    return report
