@@ -141,8 +141,11 @@ class Placement:
             else:  # e.g. the transformers text encoder: diffusers' hook on its Linear/Conv layers
                 from diffusers.hooks import apply_layerwise_casting
 
+                # UMT5's feed-forward casts its input to `wo.weight.dtype` before calling `wo`: keep
+                # `wo` in the compute dtype, or it would see fp8 inputs.
                 apply_layerwise_casting(
-                    model, self.storage_dtype, self.dtype, skip_modules_pattern=("norm", "embed", "shared")
+                    model, self.storage_dtype, self.dtype,
+                    skip_modules_pattern=("norm", "embed", "shared", r"DenseReluDense\.wo$"),
                 )
         if self.attention is not None and hasattr(model, "set_attention_backend"):
             model.set_attention_backend(DIFFUSERS_BACKENDS[self.attention])

@@ -99,6 +99,23 @@ def test_each_stage_logs_its_placement_and_reports_memory(fp8_stack):
     assert beats["dit_high"].weight_bytes == fp8 < 0.8 * fp32, (fp8, fp32)
 
 
+def test_text_encoder_stored_in_fp8_encodes_close_to_float32(model_cache):
+    from stages.text_encoder import TextEncoderStage
+
+    env = {"WAN_SERVER__RUNTIME__MODEL_CACHE_DIR": str(model_cache)}
+    out = {}
+    for storage in (None, "float8_e4m3fn"):
+        extra = {"WAN_SERVER__STAGES__TEXT_ENCODER__STORAGE_DTYPE": storage} if storage else {}
+        config = Config.load(environ={**env, **extra})
+        stage = TextEncoderStage(config, config.stage("text_encoder"))
+        stage.setup()
+        with torch.no_grad():
+            out[storage] = (stage.encode("t2v-A14B", "a cat walks on the beach", 64), stage.placement.weight_bytes)
+    (ref, ref_bytes), (fp8, fp8_bytes) = out[None], out["float8_e4m3fn"]
+    assert fp8.dtype == torch.float32 and fp8_bytes < 0.7 * ref_bytes
+    assert 0 < (fp8 - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
 def test_flash_attention_refused_at_startup_when_not_importable():
     with pytest.raises(ModelLoadError, match="flash-attn is not importable"):
         resolve_attention("flash", torch.device("cuda:0"), "dit_high")
