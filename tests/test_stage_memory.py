@@ -96,7 +96,7 @@ def test_each_stage_logs_its_placement_and_reports_memory(fp8_stack):
         fp32 += module_bytes(expert)
         expert.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
         fp8 += module_bytes(expert)
-    assert beats["dit_high"].weight_bytes == fp8 < 0.8 * fp32, (fp8, fp32)
+    assert beats["dit_high"].weight_bytes == fp8 < 0.9 * fp32, (fp8, fp32)  # tiny: norms and embeddings are a big share
 
 
 def test_text_encoder_stored_in_fp8_encodes_close_to_float32(model_cache):
