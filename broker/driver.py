@@ -123,10 +123,12 @@ class Driver:
                 raise StageTimeout(f"stages not ready after {timeout_s:.0f} s: {missing}", {"stages": missing})
             self._poll(min(left, 0.5))
 
-    def submit(self, params: m.JobParams, job_id: str | None = None) -> str:
+    def submit(self, params: m.JobParams, job_id: str | None = None, image_path: str | Path | None = None) -> str:
+        """Send the job to its first stage; `image_path` is the conditioning image (read by the text_encoder)."""
         job_id = job_id or uuid.uuid4().hex
         route = self.config.route(params.model)
-        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params)
+        image = None if image_path is None else str(Path(image_path).resolve())
+        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params, image_path=image)
         try:
             self._sender(route[0]).send_multipart(m.encode(job), copy=False)
         except zmq.Again:
@@ -163,8 +165,10 @@ class Driver:
                     {"stage": msg.stage, "error": err},
                 )
 
-    def run(self, params: m.JobParams, timeout_s: float = 600.0, **kw) -> JobOutcome:
-        return self.wait(self.submit(params), timeout_s, **kw)
+    def run(
+        self, params: m.JobParams, timeout_s: float = 600.0, image_path: str | Path | None = None, **kw
+    ) -> JobOutcome:
+        return self.wait(self.submit(params, image_path=image_path), timeout_s, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int)
     parser.add_argument("--guidance", type=float, dest="guidance_scale")
     parser.add_argument("--guidance-2", type=float, dest="guidance_scale_2", help="low-noise expert's guidance")
+    parser.add_argument("--image", type=Path, help="conditioning image (i2v-A14B; optional for ti2v-5B)")
     parser.add_argument("-o", "--output", type=Path, help="copy the MP4 here")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r.event == "step":
                     print(f"\r{r.stage}: step {r.step}/{r.total_steps}", end="", file=sys.stderr, flush=True)
 
-            outcome = driver.run(params, args.timeout, on_report=show)
+            outcome = driver.run(params, args.timeout, image_path=args.image, on_report=show)
     except Exception as exc:
         body = exc.to_dict() if hasattr(exc, "to_dict") else {"error": {"message": str(exc)}}
         print(f"\nerror: {body['error'].get('code', 'ERROR')}: {body['error']['message']}", file=sys.stderr)

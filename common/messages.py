@@ -82,9 +82,15 @@ class JobMessage(Message):
 
 @dataclass
 class EncodeJob(JobMessage):
-    """Driver/broker -> text_encoder: encode the prompts."""
+    """Driver/broker -> text_encoder: encode the prompts, and VAE-encode the conditioning image.
+
+    `image_path` is the job's input image (a PNG the broker wrote into the job's spool folder),
+    for image-to-video models; None for text-only jobs.
+    """
 
     stage_kind: ClassVar[str] = "text_encoder"
+
+    image_path: str | None = None
 
 
 @dataclass
@@ -93,6 +99,13 @@ class DenoiseJob(JobMessage):
 
     `latents` and `scheduler_state` are absent on the first DiT hop; `step` is the index of the next
     denoising step to run.
+
+    Image-conditioned jobs carry what diffusers' `WanImageToVideoPipeline.prepare_latents` returns
+    besides the noise (float32): for I2V-A14B `condition` is the 4-channel frame mask concatenated
+    with the 16 normalised condition latents, `(1, 20, f, h, w)`, joined to the noise on the channel
+    axis at every step; for TI2V-5B `condition` is the normalised latent of the first frame
+    `(1, z, 1, h, w)` and `first_frame_mask` `(1, 1, f, h, w)` is 0 on the first latent frame, 1
+    elsewhere (it masks the latents and the per-token timesteps).
     """
 
     stage_kind: ClassVar[str] = "dit"
@@ -102,6 +115,8 @@ class DenoiseJob(JobMessage):
     latents: Tensor | None = None
     scheduler_state: dict[str, Any] | None = None
     step: int = 0
+    condition: Tensor | None = None
+    first_frame_mask: Tensor | None = None
 
 
 @dataclass

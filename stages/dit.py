@@ -12,6 +12,12 @@ of the schedule and its device:
 For a one-expert model (TI2V-5B) both parts use `transformer` and split the steps at
 `split_fraction`, so two DiT processes pipeline consecutive jobs the same way.
 A step-progress report is sent after every step.
+
+Image-conditioned jobs (the text_encoder stage VAE-encoded the image) build the model input as
+diffusers' `WanImageToVideoPipeline` does: I2V-A14B joins the noise latents and the job's
+`condition` (mask + condition latents) on the channel axis; TI2V-5B replaces the first latent frame
+by the image's latent (`first_frame_mask`), gives those tokens timestep 0, and the last DiT part
+puts the image's latent back into the first frame before the VAE decodes.
 """
 
 from __future__ import annotations
@@ -68,10 +74,10 @@ class DitStage(Stage):
             }
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
 
-    def prepare_latents(self, info: PipelineInfo, p: m.JobParams, channels: int) -> torch.Tensor:
+    def prepare_latents(self, info: PipelineInfo, p: m.JobParams) -> torch.Tensor:
         shape = (
             1,
-            channels,
+            info.z_dim,
             (p.num_frames - 1) // info.vae_scale_temporal + 1,
             p.height // info.vae_scale_spatial,
             p.width // info.vae_scale_spatial,
@@ -97,7 +103,6 @@ class DitStage(Stage):
         if p.num_frames < 1 or (p.num_frames - 1) % info.vae_scale_temporal:
             raise InvalidRequest(f"num_frames must be {info.vae_scale_temporal}n+1, got {p.num_frames}")
         experts = entry["experts"]
-        any_expert = next(iter(experts.values()))
 
         # The job's shift (its preset's) replaces the checkpoint's flow_shift; None keeps it.
         shift = {} if p.shift is None else {"flow_shift": p.shift}
@@ -105,8 +110,9 @@ class DitStage(Stage):
         scheduler.set_timesteps(p.steps, device=self.device)
         timesteps = scheduler.timesteps
         scheduler.set_begin_index(0)
+        condition, first_frame_mask = self.check_condition(info, msg)
         if msg.latents is None:
-            latents = self.prepare_latents(info, p, any_expert.config.in_channels)
+            latents = self.prepare_latents(info, p)
         else:
             latents = msg.latents.to(self.device, torch.float32)
             if msg.scheduler_state is not None:
@@ -127,7 +133,10 @@ class DitStage(Stage):
         do_cfg = p.guidance_scale > 1.0
         if do_cfg and msg.negative_prompt_embeds is None:
             raise InvalidRequest("guidance is on but the job has no negative prompt embeddings")
-        mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
+        if first_frame_mask is not None:
+            mask = first_frame_mask
+        else:
+            mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
         for i in steps:
             self.check_cancelled(msg.job_id)
             t = timesteps[i]
@@ -136,7 +145,12 @@ class DitStage(Stage):
             else:
                 model, scale = experts["transformer_2"], guidance_2
             cond = msg.prompt_embeds.to(self.device, model.dtype)
-            model_input = latents.to(model.dtype)
+            if first_frame_mask is not None:
+                model_input = ((1 - mask) * condition + mask * latents).to(model.dtype)
+            elif condition is not None:
+                model_input = torch.cat([latents, condition], dim=1).to(model.dtype)
+            else:
+                model_input = latents.to(model.dtype)
             if info.expand_timesteps:
                 timestep = (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
             else:
@@ -166,9 +180,41 @@ class DitStage(Stage):
                     latents=latents.cpu(),
                     scheduler_state=schedule.export_state(scheduler),
                     step=steps.stop,
+                    condition=msg.condition,
+                    first_frame_mask=msg.first_frame_mask,
                 )
             ]
+        if first_frame_mask is not None:
+            latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return [m.DecodeJob(**common, latents=latents.cpu())]
+
+    def check_condition(self, info: PipelineInfo, msg: m.DenoiseJob) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The job's image conditioning on this device, checked against the model: (condition, first_frame_mask)."""
+        p = msg.params
+        f = (p.num_frames - 1) // info.vae_scale_temporal + 1
+        h, w = p.height // info.vae_scale_spatial, p.width // info.vae_scale_spatial
+        mode = info.image_conditioning
+        if mode == "concat":
+            expected = {"condition": (1, info.in_channels - info.z_dim, f, h, w)}
+        elif mode == "first_frame" and msg.condition is not None:
+            expected = {"condition": (1, info.z_dim, 1, h, w), "first_frame_mask": (1, 1, f, h, w)}
+        else:
+            expected = {}
+        for name in ("condition", "first_frame_mask"):
+            value = getattr(msg, name)
+            if name not in expected:
+                if value is not None:
+                    raise InvalidRequest(f"{p.model} takes no {name}", {"model": p.model, "field": name})
+                continue
+            if value is None:
+                raise InvalidRequest(f"{p.model} needs an input image: the job has no {name}", {"field": name})
+            if tuple(value.shape) != expected[name]:
+                raise InvalidRequest(
+                    f"{name} has shape {tuple(value.shape)}, expected {expected[name]}",
+                    {"field": name, "shape": list(value.shape), "expected": list(expected[name])},
+                )
+        to = lambda t: None if t is None else t.to(self.device, torch.float32)  # noqa: E731
+        return to(msg.condition), to(msg.first_frame_mask)
 
 
 def main() -> None:

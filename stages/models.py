@@ -137,6 +137,19 @@ class PipelineInfo:
     vae_scale_spatial: int
     z_dim: int
     patch_size: tuple[int, int, int]
+    in_channels: int = 0
+
+    @property
+    def image_conditioning(self) -> str | None:
+        """How the model takes an input image, as diffusers' WanImageToVideoPipeline does:
+        `"concat"` (I2V-A14B: mask + condition latents joined to the noise on the channel axis; an
+        image is required), `"first_frame"` (TI2V-5B: the first latent frame replaced by the image's
+        latent, timesteps masked per token; the image is optional), or None (text only)."""
+        if self.in_channels > self.z_dim:
+            return "concat"
+        if self.expand_timesteps:
+            return "first_frame"
+        return None
 
     @classmethod
     def read(cls, folder: Path) -> PipelineInfo:
@@ -155,6 +168,7 @@ class PipelineInfo:
             vae_scale_spatial=int(vae.get("scale_factor_spatial", 8)),
             z_dim=int(vae.get("z_dim", 16)),
             patch_size=tuple(transformer.get("patch_size", (1, 2, 2))),
+            in_channels=int(transformer.get("in_channels", 0)),
         )
 
     @classmethod

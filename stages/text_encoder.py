@@ -3,6 +3,10 @@
 Replicates the pipeline exactly: prompt cleaning (ftfy + whitespace), padding to
 `max_sequence_length`, then trimming each sequence to its real length and zero-padding it back.
 The negative prompt (default empty) is encoded only when guidance is on.
+
+For image-to-video models (I2V-A14B; TI2V-5B given an image) it also loads the model's VAE and
+encodes the job's conditioning image into the condition latents and frame mask the DiT stages use
+(`stages.image_condition`), so the DiT processes never hold a VAE.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import logging
 
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers import AutoencoderKLWan
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from common import messages as m
 from common.errors import InvalidRequest
 from common.runtime import Stage, stage_main
-from stages.models import load_component, model_dir
+from stages.image_condition import encode_condition, load_image
+from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -30,12 +36,19 @@ class TextEncoderStage(Stage):
         self.device = self.placement.device
         dtype = self.placement.dtype
         self.encoders: dict[str, tuple[object, UMT5EncoderModel]] = {}
+        self.image_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}
         for model in self.spec.options.get("models", self.config.model_names()):
             folder = model_dir(self.config, model)
             tokenizer = load_component(AutoTokenizer, folder, "tokenizer")
             encoder = load_component(UMT5EncoderModel, folder, "text_encoder", dtype=dtype)
             self.encoders[model] = (tokenizer, self.placement.place(encoder, f"{model}/text_encoder"))
             log.info("loaded text encoder of %s on %s (%s)", model, self.device, dtype)
+            info = PipelineInfo.read(folder)
+            if info.image_conditioning:
+                vae_dtype = torch_dtype(self.spec.options.get("vae_dtype", "float32"))
+                vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=vae_dtype)
+                self.image_models[model] = (info, vae.to(self.device).eval())
+                log.info("loaded VAE of %s for image conditioning (%s)", model, info.image_conditioning)
 
     def encode(self, model: str, prompt: str, max_sequence_length: int) -> torch.Tensor:
         tokenizer, encoder = self.encoders[model]
@@ -64,6 +77,16 @@ class TextEncoderStage(Stage):
         p = msg.params
         if p.model not in self.encoders:
             raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
+        condition = first_frame_mask = None
+        image_model = self.image_models.get(p.model)
+        if msg.image_path is not None:
+            if image_model is None:
+                raise InvalidRequest(f"{p.model} takes no input image", {"model": p.model})
+            info, vae = image_model
+            image = load_image(msg.image_path, p.width, p.height)
+            condition, first_frame_mask = encode_condition(vae, info, image, p, self.device)
+        elif image_model is not None and image_model[0].image_conditioning == "concat":
+            raise InvalidRequest(f"{p.model} needs an input image", {"model": p.model})
         prompt_embeds = self.encode(p.model, p.prompt, p.max_sequence_length)
         negative = None
         if p.guidance_scale > 1.0:
@@ -76,6 +99,8 @@ class TextEncoderStage(Stage):
                 params=p,
                 prompt_embeds=prompt_embeds.cpu(),
                 negative_prompt_embeds=None if negative is None else negative.cpu(),
+                condition=None if condition is None else condition.cpu(),
+                first_frame_mask=None if first_frame_mask is None else first_frame_mask.cpu(),
             )
         ]
 

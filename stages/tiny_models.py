@@ -8,7 +8,7 @@ transformers' UMT5EncoderModel, a T5 Unigram tokenizer) at toy sizes, and are sa
 `write_official` writes the same weights again in the official Wan2.2 release layout (the names,
 shapes and files of the published checkpoints), which `stages/official.py` loads.
 
-    python -m stages.tiny_models --out DIR [--model t2v-A14B|ti2v-5B] [--seed 0] [--layout diffusers|official]
+    python -m stages.tiny_models --out DIR [--model t2v-A14B|i2v-A14B|ti2v-5B] [--seed 0] [--layout diffusers|official]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from stages import official, official_keys
 
 log = logging.getLogger(__name__)
 
-TINY_SHAPES = ("t2v-A14B", "ti2v-5B")
+TINY_SHAPES = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
 
 TEXT_DIM = 32
 _WORDS = (
@@ -90,7 +90,9 @@ def build_text_encoder(seed: int, vocab_size: int):
     return UMT5EncoderModel(config).eval()
 
 
-def build_transformer(seed: int, channels: int):
+def build_transformer(seed: int, channels: int, out_channels: int | None = None):
+    """`channels` in; `out_channels` (default the same) out. The I2V-A14B experts take the noise
+    latents concatenated with a 4-channel frame mask and the 16 condition latents (36 in, 16 out)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -99,7 +101,7 @@ def build_transformer(seed: int, channels: int):
         num_attention_heads=2,
         attention_head_dim=12,
         in_channels=channels,
-        out_channels=channels,
+        out_channels=out_channels or channels,
         text_dim=TEXT_DIM,
         freq_dim=32,
         ffn_dim=32,
@@ -146,12 +148,30 @@ def build_vae(seed: int, wan22: bool):
 
 
 def build_pipeline(model: str, seed: int):
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     if model not in TINY_SHAPES:
         raise ValueError(f"no tiny shape for {model!r}; known: {TINY_SHAPES}")
     tokenizer = build_tokenizer(seed)
     text_encoder = build_text_encoder(seed + 10, len(tokenizer))
+    if model == "i2v-A14B":
+        # As Wan2.2-I2V-A14B-Diffusers: WanImageToVideoPipeline, two experts taking 16 noise + 4 mask
+        # + 16 condition latent channels, Wan2.1 VAE, no CLIP image encoder (Wan2.2 has none),
+        # boundary 0.900, UniPC with shift 5.
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000
+        )
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=build_vae(seed + 30, False),
+            scheduler=scheduler,
+            image_processor=None,
+            image_encoder=None,
+            transformer=build_transformer(seed + 20, 36, 16),
+            transformer_2=build_transformer(seed + 21, 36, 16),
+            boundary_ratio=0.9,
+        )
     if model == "t2v-A14B":
         shift, boundary, channels, wan22 = 12.0, 0.875, 16, False
         transformer = build_transformer(seed + 20, channels)

@@ -58,3 +58,19 @@ def test_diffusers_layout_and_shapes(model_cache):
     assert pipe.tokenizer("a cat walks").input_ids[-1] == pipe.tokenizer.eos_token_id
     assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
     assert not torch.equal(pipe.transformer.blocks[0].attn1.to_q.weight, pipe.transformer_2.blocks[0].attn1.to_q.weight)
+
+
+def test_i2v_shape_as_wan22_i2v_a14b(model_cache):
+    from diffusers import WanImageToVideoPipeline
+
+    folder = tiny_models.ensure("i2v-A14B", 0, model_cache)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline"
+    assert index["image_encoder"] == [None, None] and index["boundary_ratio"] == 0.9
+    info = PipelineInfo.read(folder)
+    assert (info.has_transformer_2, info.z_dim, info.in_channels, info.image_conditioning) == (True, 16, 36, "concat")
+    assert PipelineInfo.read(tiny_models.ensure("ti2v-5B", 0, model_cache)).image_conditioning == "first_frame"
+    assert PipelineInfo.read(tiny_models.ensure("t2v-A14B", 0, model_cache)).image_conditioning is None
+    pipe = WanImageToVideoPipeline.from_pretrained(folder)
+    assert pipe.transformer.config.out_channels == 16 and pipe.transformer_2.config.in_channels == 36
+    assert pipe.scheduler.config.flow_shift == 5.0

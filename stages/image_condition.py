@@ -1,0 +1,87 @@
+"""The conditioning image of an image-to-video job: from the uploaded file to the condition latents.
+
+This is the image half of diffusers' `WanImageToVideoPipeline` (its `preprocess` and
+`prepare_latents` apart from the noise), run in the text_encoder process:
+
+- `fit_image`: scale the image to cover the job's size and crop the centre, keeping the aspect
+  (as the official Wan2.2 TI2V code does before encoding; `WanImageToVideoPipeline` itself would
+  stretch an image of another aspect, so the stage hands it an image of the exact size);
+- `encode_condition`: normalise to [-1, 1], VAE-encode (the latent distribution's mode, as the
+  pipeline's `sample_mode="argmax"`), normalise the latents with the VAE's mean/std, and build the
+  frame mask: I2V-A14B encodes the image followed by `num_frames - 1` black frames and prepends a
+  4-channel mask; TI2V-5B encodes the image alone and masks the first latent frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
+
+from common import messages as m
+from common.errors import InvalidRequest
+from stages.models import PipelineInfo
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale `image` (RGB) to cover `width` x `height` (Lanczos), then crop the centre to exactly that."""
+    iw, ih = image.size
+    if (iw, ih) == (width, height):
+        return image
+    scale = max(width / iw, height / ih)
+    sw, sh = max(width, round(iw * scale)), max(height, round(ih * scale))
+    image = image.resize((sw, sh), Image.LANCZOS)
+    x, y = (sw - width) // 2, (sh - height) // 2
+    return image.crop((x, y, x + width, y + height))
+
+
+def load_image(path: str | Path, width: int, height: int) -> Image.Image:
+    """The job's image from its spool file, as RGB of the job's size."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = img.convert("RGB")
+    except FileNotFoundError:
+        raise InvalidRequest("the job's input image is missing", {"path": str(path)}) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"the job's input image does not decode: {exc}", {"path": str(path)}) from None
+    return fit_image(image, width, height)
+
+
+@torch.no_grad()
+def encode_condition(
+    vae: AutoencoderKLWan, info: PipelineInfo, image: Image.Image, p: m.JobParams, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(condition, first_frame_mask) as `WanImageToVideoPipeline.prepare_latents` builds them (float32)."""
+    processor = VideoProcessor(vae_scale_factor=info.vae_scale_spatial)
+    pixels = processor.preprocess(image, height=p.height, width=p.width).to(device, dtype=torch.float32)
+    pixels = pixels.unsqueeze(2)  # (1, 3, 1, H, W)
+    num_latent_frames = (p.num_frames - 1) // info.vae_scale_temporal + 1
+    latent_h, latent_w = p.height // info.vae_scale_spatial, p.width // info.vae_scale_spatial
+
+    if info.image_conditioning == "first_frame":
+        video = pixels
+    else:
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, p.num_frames - 1, p.height, p.width)], dim=2)
+    video = video.to(device=device, dtype=vae.dtype)
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, torch.float32)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, torch.float32)
+    latent = vae.encode(video).latent_dist.mode()
+    latent = (latent.to(device=device, dtype=torch.float32) - mean) * inv_std
+
+    if info.image_conditioning == "first_frame":
+        mask = torch.ones(1, 1, num_latent_frames, latent_h, latent_w, dtype=torch.float32, device=device)
+        mask[:, :, 0] = 0
+        return latent, mask
+
+    t = info.vae_scale_temporal
+    mask = torch.ones(1, 1, p.num_frames, latent_h, latent_w)
+    mask[:, :, list(range(1, p.num_frames))] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=t)
+    mask = torch.concat([first, mask[:, :, 1:, :]], dim=2)
+    mask = mask.view(1, -1, t, latent_h, latent_w).transpose(1, 2).to(latent.device)
+    return torch.concat([mask, latent], dim=1), None
