@@ -21,6 +21,8 @@ PRESETS = ("draft", "standard", "pro", "cinema", "ultimate")
 # Post-processing a preset may ask for. Carried with the job and recorded in the MP4's metadata;
 # nothing applies them yet (the video keeps the preset's fps and resolution).
 POSTPROCESS_FIELDS = ("interpolate_fps", "upscale")
+# Which models take an input image: I2V-A14B needs one, TI2V-5B takes one optionally.
+IMAGE_INPUT = {"i2v-A14B": "required", "ti2v-5B": "optional"}
 REQUEST_FIELDS = {"prompt", "negative_prompt", "model", "quality_preset", "quality", "seed", "priority", "custom_options"}
 OPTION_FIELDS = {"steps", "cfg_scale", "cfg_scale_2", "resolution", "fps", "duration", "num_frames", "shift"}
 PRESET_FIELDS = {"steps", "shift", "guidance_scale", "guidance_scale_2", "resolution", "num_frames", "fps",
@@ -129,8 +131,17 @@ def round_frames(frames: float) -> int:
     return max(1, int(round((frames - 1) / 4)) * 4 + 1)
 
 
-def resolve(config: Config, request: Any) -> tuple[str, m.JobParams, int]:
-    """Validate `request` and resolve it against the model's preset; returns (preset, params, priority)."""
+def check_image_input(model: str, image_sha256: str | None) -> None:
+    takes = IMAGE_INPUT.get(model)
+    if image_sha256 is None and takes == "required":
+        raise _bad("image", f"{model} needs an input image (multipart part `image`, or base64 in `image`)")
+    if image_sha256 is not None and takes is None:
+        raise _bad("image", f"{model} takes no input image", models_taking_images=sorted(IMAGE_INPUT))
+
+
+def resolve(config: Config, request: Any, image_sha256: str | None = None) -> tuple[str, m.JobParams, int]:
+    """Validate `request` and resolve it against the model's preset; returns (preset, params, priority).
+    `image_sha256` identifies the request's input image, if it has one."""
     if not isinstance(request, dict):
         raise ValidationError("the request body must be a JSON object", {"got": type(request).__name__})
     unknown = sorted(set(request) - REQUEST_FIELDS)
@@ -139,6 +150,7 @@ def resolve(config: Config, request: Any) -> tuple[str, m.JobParams, int]:
     if "model" not in request:
         raise _bad("model", "model is required", allowed=list(MODELS))
     model = resolve_model(config, request["model"])
+    check_image_input(model, image_sha256)
     prompt = _text(request.get("prompt"), "prompt", required=True)
     negative = _text(request.get("negative_prompt"), "negative_prompt", required=False)
     preset = request.get("quality_preset", request.get("quality", "standard"))
@@ -190,7 +202,7 @@ def resolve(config: Config, request: Any) -> tuple[str, m.JobParams, int]:
         frames = int(base["num_frames"])
     params = m.JobParams(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
-        num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
+        num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift, image_sha256=image_sha256,
         postprocess={k: base[k] for k in POSTPROCESS_FIELDS if k in base},
     )
     return preset, params, priority

@@ -23,6 +23,7 @@ process), supervisord restarts it, and its jobs are dispatched again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -31,8 +32,10 @@ import time
 import uuid
 from dataclasses import asdict
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import zmq
 
 from broker import admission, memory
@@ -212,7 +215,9 @@ class Broker:
 
     # ---- API operations ----
     def op_submit(self, args: dict[str, Any]) -> dict[str, Any]:
-        preset, params, priority = admission.resolve(self.config, args.get("request"))
+        png = self.uploaded_image(args.get("image"))
+        sha = None if png is None else hashlib.sha256(png).hexdigest()
+        preset, params, priority = admission.resolve(self.config, args.get("request"), image_sha256=sha)
         route = self.config.route(params.model)
         memory.check(self.config, params, route, {s: hb for s, (hb, _) in self.heartbeats.items()})
         if self.store.count("queued") >= self.max_queued:
@@ -224,7 +229,15 @@ class Broker:
             raise TooManyActiveJobs(f"this key already has {max_active} jobs queued or running; wait for one to end",
                                     {"max_active_jobs": max_active, "retry_after": 10})
         job_id = uuid.uuid4().hex
-        job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority)
+        if png is not None:
+            self.write_image(job_id, png)  # on disk before the job exists, so a queued job always has it
+        try:
+            job = self.store.add(
+                job_id, owner, params.model, preset, asdict(params), route, priority
+            )
+        except BaseException:
+            spool.remove_job(self.config, job_id)
+            raise
         with job_context(job_id):
             log.info("queued %s/%s %dx%d x%d frames, %d steps%s", params.model, preset, params.width, params.height,
                      params.num_frames, params.steps, f" for key {owner}" if owner else "")
@@ -294,6 +307,26 @@ class Broker:
         stages = {s: self.stage_alive(s) for s in sorted(self.route_stages())}
         return {"ready": all(stages.values()), "stages": stages}
 
+    # ---- the job's spool folder (uploaded image; hand-off checkpoints) ----
+    def uploaded_image(self, value: Any) -> bytes | None:
+        """The PNG the gateway validated and re-encoded, sent as a uint8 tensor; None without one."""
+        if value is None:
+            return None
+        limit = int(self.config.section("gateway").get("max_image_pixels", 4096 * 4096)) * 4 + (1 << 20)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1 or value.numel() > limit:
+            raise ValidationError("the image must reach the broker as PNG bytes", {"field": "image"})
+        png = value.numpy().tobytes()
+        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise ValidationError("the image must reach the broker as PNG bytes", {"field": "image"})
+        return png
+
+    def image_path(self, job_id: str) -> Path:
+        return self.config.job_spool(job_id) / "image.png"
+
+    def write_image(self, job_id: str, png: bytes) -> None:
+        """Write the job's image durably (temp file, fsync, rename, fsync the folder)."""
+        spool.write_atomic(self.image_path(job_id), png)
+
     # ---- dispatch ----
     def queue_order(self) -> tuple[list[Job], dict[str, int]]:
         """Queued jobs in the order they will be dispatched (users take turns: broker/fairness.py),
@@ -341,7 +374,9 @@ class Broker:
             return False
         msg: m.Message
         if first == job.route[0] and not job.checkpoint:
-            msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=m.JobParams(**job.params))
+            params = m.JobParams(**job.params)
+            image = str(self.image_path(job.id)) if params.image_sha256 else None
+            msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=params, image_path=image)
         else:
             msg = m.ResumeJob(job_id=job.id, attempt=attempt, stage=first)
         try:

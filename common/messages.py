@@ -59,6 +59,9 @@ class JobParams:
     # Post-processing the preset asks for (`interpolate_fps`, `upscale`): recorded with the job and
     # in the MP4's metadata; not applied yet.
     postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The conditioning image (image-to-video): SHA-256 of the PNG the broker stored in the job's
+    # spool folder (`<spool>/<job_id>/image.png`); None for text-only jobs.
+    image_sha256: str | None = None
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,10 +38,13 @@ from common.sockets import use_curve
 from gateway.auth import AuthMiddleware, auth_required, principal_of
 from gateway.broker_client import BrokerClient
 from gateway.openapi import openapi_document
+from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
 
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+JSON_TYPES = {"", "application/json", "text/json", "text/plain"}
+MULTIPART_OVERHEAD = 64 << 10  # part headers and boundaries around the request and the image
 STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error")
 
 
@@ -75,15 +79,21 @@ def owner_of(request: Request) -> str | None:
     return principal_of(request.scope).owner_filter
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes: from Content-Length
+    before anything is read, or while reading a chunked body that has none."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise api_error("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", 413, limit=limit)
+        raise too_large(limit)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > limit:  # also bounds chunked bodies with no Content-Length
-            raise api_error("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", 413, limit=limit)
+            raise too_large(limit)
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
     try:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -124,16 +134,47 @@ class Gateway:
         section = config.section("gateway")
         self.auth = auth_required(config, host)
         self.max_body = int(section.get("max_body_bytes", 1 << 20))
+        self.uploads = UploadLimits.from_config(section)
+        # Decoding an image holds up to max_image_pixels x 4 bytes: bound how many run at once.
+        self.decode_slots = asyncio.Semaphore(int(section.get("max_concurrent_decodes", 2)))
         self.broker: BrokerClient | None = None
         self.subscribers: set[Subscriber] = set()
 
     # ---- REST ----
     async def generate(self, request: Request) -> Response:
-        body = await read_json(request, self.max_body)
+        body, image = await self.read_generate(request)
         who = principal_of(request.scope)
         limit = who.max_active_jobs if self.auth else None
-        result = await self.broker.call("submit", request=body, owner=who.key_id, max_active=limit)
+        args: dict[str, Any] = {"request": body, "owner": who.key_id, "max_active": limit}
+        if image is not None:
+            data, declared = image
+            async with self.decode_slots:
+                png, width, height = await asyncio.to_thread(check_image, data, declared, self.uploads)
+            args["image"] = torch.frombuffer(bytearray(png), dtype=torch.uint8)
+            args["image_size"] = [width, height]
+        result = await self.broker.call("submit", **args)
         return JSONResponse(result, status_code=202)
+
+    async def read_generate(self, request: Request) -> tuple[Any, tuple[bytes, str] | None]:
+        """(request object, (image bytes, declared type) or None) from a JSON or multipart body."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            limit = self.max_body + self.uploads.max_upload_bytes + MULTIPART_OVERHEAD
+            raw = await read_body(request, limit)
+            body, data, declared = await parse_multipart(request.headers, raw, self.max_body, self.uploads)
+            return body, (data, declared)
+        if ctype not in JSON_TYPES and not ctype.endswith("+json"):
+            raise api_error(
+                "UNSUPPORTED_MEDIA_TYPE", f"send application/json or multipart/form-data, not {ctype[:64]}", 415,
+                allowed=["application/json", "multipart/form-data"],
+            )
+        raw = await read_body(request, self.max_body + self.uploads.max_base64_chars)
+        body = parse_json(raw)
+        if isinstance(body, dict) and "image" in body:
+            return body, decode_base64_image(body.pop("image"), self.uploads)
+        if len(raw) > self.max_body:  # only an image may take a JSON body past max_body_bytes
+            raise too_large(self.max_body)
+        return body, None
 
     async def status(self, request: Request) -> Response:
         body = await self.broker.call("status", job_id=job_id_of(request), owner=owner_of(request))

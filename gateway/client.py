@@ -1,6 +1,7 @@
 """Python client and command line for the server's HTTP/WebSocket API (standard library + websockets).
 
     python -m gateway.client generate --prompt "a cat walks" --model t2v --quality draft --wait -o cat.mp4
+    python -m gateway.client generate --prompt "she turns and smiles" --model i2v --image photo.jpg --wait
     python -m gateway.client status JOB_ID | result JOB_ID | cancel JOB_ID | list [--status completed]
 
 With API keys on (`python -m gateway.keys create NAME`), pass the token as `--api-key` or in
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
 import os
 import sys
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -41,9 +44,11 @@ class Client:
         self.timeout_s = timeout_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _request(self, method: str, path: str, body: Any = None, image: Path | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
         headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
+        if image is not None:
+            data, headers["Content-Type"] = multipart_body(data or b"{}", Path(image))
         req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -55,9 +60,12 @@ class Client:
                 payload = {}
             raise ApiError(exc.code, payload) from None
 
-    def generate(self, prompt: str, model: str = "t2v-A14B", quality_preset: str = "standard", **extra: Any) -> dict:
+    def generate(self, prompt: str, model: str = "t2v-A14B", quality_preset: str = "standard",
+                 image: Path | str | None = None, **extra: Any) -> dict:
+        """Submit a job; with `image` (a PNG, JPEG or WebP file) it is uploaded as multipart/form-data."""
         return self._request("POST", "/api/v1/generate",
-                             {"prompt": prompt, "model": model, "quality_preset": quality_preset, **extra})
+                             {"prompt": prompt, "model": model, "quality_preset": quality_preset, **extra},
+                             image=None if image is None else Path(image))
 
     def status(self, job_id: str) -> dict:
         return self._request("GET", f"/api/v1/status/{job_id}")
@@ -106,6 +114,21 @@ class Client:
         raise TimeoutError(job_id)
 
 
+def multipart_body(request_json: bytes, image: Path) -> tuple[bytes, str]:
+    """The API's multipart form: a `request` part (the JSON request) and an `image` file part."""
+    boundary = uuid.uuid4().hex
+    ctype = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
+    name = image.name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+    body = b"".join([
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n".encode(),
+        b"Content-Type: application/json\r\n\r\n", request_json, b"\r\n",
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n".encode(),
+        f"Content-Type: {ctype}\r\n\r\n".encode(), image.read_bytes(), b"\r\n",
+        f"--{boundary}--\r\n".encode(),
+    ])
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
 def _bar(event: dict[str, Any]) -> None:
     if "progress" in event:
         width = 30
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--resolution", help="WxH")
     gen.add_argument("--fps", type=int)
     gen.add_argument("--duration", type=float)
+    gen.add_argument("--image", type=Path, help="input image (PNG, JPEG, WebP): required by i2v, optional for ti2v")
     gen.add_argument("--wait", action="store_true", help="follow progress and download the video")
     gen.add_argument("-o", "--output", type=Path, help="where --wait writes the MP4")
     for name in ("status", "result", "cancel"):
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {k: v for k, v in {"negative_prompt": args.negative_prompt, "seed": args.seed}.items() if v is not None}
             if options:
                 extra["custom_options"] = options
-            job = client.generate(args.prompt, args.model, args.quality, **extra)
+            job = client.generate(args.prompt, args.model, args.quality, image=args.image, **extra)
             print(json.dumps(job))
             if args.wait:
                 final = client.wait(job["job_id"], on_event=_bar)

@@ -47,6 +47,31 @@ GENERATE_REQUEST = {
     },
 }
 
+# The JSON body may carry the image base64-encoded; multipart/form-data carries the same request
+# object in a `request` part and the file in an `image` part.
+GENERATE_JSON = {
+    **GENERATE_REQUEST,
+    "properties": {
+        **GENERATE_REQUEST["properties"],
+        "image": {
+            "type": "string", "contentEncoding": "base64",
+            "description": "input image, PNG/JPEG/WebP, base64 (a data:image/...;base64, URL is accepted); "
+                           "required by i2v-A14B, optional for ti2v-5B, refused by the others",
+        },
+    },
+}
+
+GENERATE_MULTIPART = {
+    "type": "object",
+    "required": ["request", "image"],
+    "additionalProperties": False,
+    "properties": {
+        "request": {**GENERATE_REQUEST, "description": "the JSON request object (part Content-Type application/json)"},
+        "image": {"type": "string", "contentMediaType": "image/png, image/jpeg, image/webp",
+                  "description": "the input image file (a file part, with a filename)"},
+    },
+}
+
 STATUS = {
     "type": "object",
     "required": ["job_id", "status", "progress", "eta"],
@@ -133,9 +158,22 @@ def _document() -> dict[str, Any]:
         "info": {"title": "wan-server", "version": "1"},
         "paths": {
             "/api/v1/generate": {"post": {
-                "summary": "Submit a generation job",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": GENERATE_REQUEST}}},
-                "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 413, 422, 429, 503)},
+                "summary": "Submit a generation job (JSON, or multipart/form-data with an input image)",
+                "description": "Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 "
+                               "IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/"
+                               "WebP by its magic bytes, or not what its declared type says; or a body that is "
+                               "neither JSON nor multipart), 422 INVALID_IMAGE (bad base64, truncated or corrupt "
+                               "file), 400 INVALID_MULTIPART (parts other than request + image), 422 "
+                               "VALIDATION_ERROR (field image: i2v-A14B without an image, or a model that takes none "
+                               "given one).",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": GENERATE_JSON},
+                    "multipart/form-data": {"schema": GENERATE_MULTIPART, "encoding": {
+                        "request": {"contentType": "application/json"},
+                        "image": {"contentType": "image/png, image/jpeg, image/webp"},
+                    }},
+                }},
+                "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 413, 415, 422, 429, 503)},
             }},
             "/api/v1/status/{job_id}": {"get": {
                 "summary": "A job's status, progress and ETA", "parameters": [JOB_ID_PARAM],

@@ -14,6 +14,8 @@ This is the image half of diffusers' `WanImageToVideoPipeline` (its `preprocess`
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import torch
@@ -38,10 +40,14 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop((x, y, x + width, y + height))
 
 
-def load_image(path: str | Path, width: int, height: int) -> Image.Image:
-    """The job's image from its spool file, as RGB of the job's size."""
+def load_image(path: str | Path, width: int, height: int, sha256: str | None = None) -> Image.Image:
+    """The job's image from its spool file, as RGB of the job's size; with `sha256`, the file must
+    be the one the broker admitted."""
     try:
-        with Image.open(path) as img:
+        data = Path(path).read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise InvalidRequest("the job's input image is not the one admitted (SHA-256 differs)", {"path": str(path)})
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             image = img.convert("RGB")
     except FileNotFoundError:

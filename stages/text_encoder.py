@@ -83,7 +83,7 @@ class TextEncoderStage(Stage):
             if image_model is None:
                 raise InvalidRequest(f"{p.model} takes no input image", {"model": p.model})
             info, vae = image_model
-            image = load_image(msg.image_path, p.width, p.height)
+            image = load_image(msg.image_path, p.width, p.height, p.image_sha256)
             condition, first_frame_mask = encode_condition(vae, info, image, p, self.device)
         elif image_model is not None and image_model[0].image_conditioning == "concat":
             raise InvalidRequest(f"{p.model} needs an input image", {"model": p.model})

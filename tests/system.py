@@ -71,7 +71,7 @@ class System:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         headers = {**self.headers, **(headers or {})}
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        if data is not None and "Content-Type" not in req.headers:
+        if data is not None and not req.has_header("Content-type"):  # urllib stores header names capitalize()d
             req.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:

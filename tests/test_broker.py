@@ -63,7 +63,7 @@ def test_admission_errors(config):
     broker = Broker(config)
     try:
         with pytest.raises(ModelNotServed):
-            submit(broker, model="i2v")
+            submit(broker, model="s2v")
         with pytest.raises(ValidationError, match="4n\\+1"):
             submit(broker, custom_options={"num_frames": 8})
         result = submit(broker, custom_options={"duration": 0.5, "fps": 16})
@@ -119,5 +119,40 @@ def test_users_take_turns_and_active_jobs_per_key_are_bounded(config):
         with pytest.raises(JobNotFound):
             broker.op_status({"job_id": single, "owner": "aaaa0001"})
         assert broker.op_list({"limit": 50, "offset": 0, "owner": "bbbb0002"})["total"] == 1
+    finally:
+        broker.close()
+
+
+def test_image_is_spooled_before_admission_returns_and_removed_when_final(config):
+    import hashlib
+    import os
+    import time
+
+    import torch
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # the gateway validated it; the broker stores bytes
+    image = torch.frombuffer(bytearray(png), dtype=torch.uint8)
+    broker = Broker(config)
+    try:
+        with pytest.raises(ValidationError, match="needs an input image"):
+            submit(broker, model="i2v")
+        with pytest.raises(ValidationError, match="takes no input image"):
+            broker.op_submit({"request": {"prompt": "x", "model": "t2v"}, "image": image})
+        with pytest.raises(ValidationError, match="PNG"):
+            broker.op_submit({"request": {"prompt": "x", "model": "i2v"}, "image": torch.zeros(4, dtype=torch.uint8)})
+        assert not config.spool_dir.exists() or not any(config.spool_dir.iterdir())  # refused: nothing written
+
+        job = broker.op_submit({"request": {"prompt": "x", "model": "i2v", "quality": "draft"}, "image": image})
+        path = config.job_spool(job["job_id"]) / "image.png"
+        assert path.read_bytes() == png
+        params = broker.op_result({"job_id": job["job_id"]})["metadata"]["params"]
+        assert params["image_sha256"] == hashlib.sha256(png).hexdigest()
+        stale = config.job_spool("0" * 32)  # a folder of a job the store does not know, long untouched
+        stale.mkdir(parents=True)
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
+        broker.op_cancel({"job_id": job["job_id"]})
+        assert not config.job_spool(job["job_id"]).exists()
+        broker.recover()  # at start: leftovers of unknown or final jobs are swept
+        assert not stale.exists()
     finally:
         broker.close()
