@@ -139,9 +139,25 @@ def check_image_input(model: str, image_sha256: str | None) -> None:
         raise _bad("image", f"{model} takes no input image", models_taking_images=sorted(IMAGE_INPUT))
 
 
-def resolve(config: Config, request: Any, image_sha256: str | None = None) -> tuple[str, m.JobParams, int]:
+def oriented(resolution: str, image_size: tuple[int, int] | None, allowed: list[str]) -> str:
+    """The preset's resolution turned to the input image's orientation (a portrait photo gives a
+    portrait video), when the model supports the turned size; the image is then cropped far less."""
+    if image_size is None:
+        return resolution
+    w, h = (int(x) for x in resolution.split("x"))
+    iw, ih = image_size
+    turned = f"{h}x{w}"
+    if turned in allowed and (iw > ih) != (w > h) and iw != ih and w != h:
+        return turned
+    return resolution
+
+
+def resolve(
+    config: Config, request: Any, image_sha256: str | None = None, image_size: tuple[int, int] | None = None
+) -> tuple[str, m.JobParams, int]:
     """Validate `request` and resolve it against the model's preset; returns (preset, params, priority).
-    `image_sha256` identifies the request's input image, if it has one."""
+    `image_sha256` and `image_size` (width, height) describe the request's input image, if it has one:
+    without a resolution in `custom_options`, the preset's resolution follows the image's orientation."""
     if not isinstance(request, dict):
         raise ValidationError("the request body must be a JSON object", {"got": type(request).__name__})
     unknown = sorted(set(request) - REQUEST_FIELDS)
@@ -180,8 +196,8 @@ def resolve(config: Config, request: Any, image_sha256: str | None = None) -> tu
     guidance_2 = options.get("cfg_scale_2", base.get("guidance_scale_2"))
     if guidance_2 is not None:
         guidance_2 = _number(guidance_2, "custom_options.cfg_scale_2", 0.0, 20.0)
-    resolution = options.get("resolution", base["resolution"])
     allowed = supported_resolutions(config, model)
+    resolution = options.get("resolution", oriented(base["resolution"], image_size, allowed))
     if not isinstance(resolution, str) or resolution not in allowed:
         raise _bad("custom_options.resolution", f"resolution {str(resolution)[:32]!r} is not supported by {model}",
                    allowed=allowed)

@@ -217,7 +217,10 @@ class Broker:
     def op_submit(self, args: dict[str, Any]) -> dict[str, Any]:
         png = self.uploaded_image(args.get("image"))
         sha = None if png is None else hashlib.sha256(png).hexdigest()
-        preset, params, priority = admission.resolve(self.config, args.get("request"), image_sha256=sha)
+        size = args.get("image_size")
+        ok = png is not None and isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
+        size = (size[0], size[1]) if ok else None
+        preset, params, priority = admission.resolve(self.config, args.get("request"), image_sha256=sha, image_size=size)
         route = self.config.route(params.model)
         memory.check(self.config, params, route, {s: hb for s, (hb, _) in self.heartbeats.items()})
         if self.store.count("queued") >= self.max_queued:

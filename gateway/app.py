@@ -170,8 +170,10 @@ class Gateway:
             )
         raw = await read_body(request, self.max_body + self.uploads.max_base64_chars)
         body = parse_json(raw)
-        if isinstance(body, dict) and "image" in body:
+        if isinstance(body, dict) and body.get("image") is not None:
             return body, decode_base64_image(body.pop("image"), self.uploads)
+        if isinstance(body, dict):
+            body.pop("image", None)  # "image": null is no image
         if len(raw) > self.max_body:  # only an image may take a JSON body past max_body_bytes
             raise too_large(self.max_body)
         return body, None

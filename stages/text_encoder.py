@@ -45,9 +45,12 @@ class TextEncoderStage(Stage):
             log.info("loaded text encoder of %s on %s (%s)", model, self.device, dtype)
             info = PipelineInfo.read(folder)
             if info.image_conditioning:
+                # The VAE may sit on a GPU while the text encoder runs on the CPU (`vae_device`):
+                # encoding the I2V condition video (num_frames frames) is heavy.
                 vae_dtype = torch_dtype(self.spec.options.get("vae_dtype", "float32"))
+                self.vae_device = torch.device(self.spec.options.get("vae_device", self.spec.device))
                 vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=vae_dtype)
-                self.image_models[model] = (info, vae.to(self.device).eval())
+                self.image_models[model] = (info, vae.to(self.vae_device).eval())
                 log.info("loaded VAE of %s for image conditioning (%s)", model, info.image_conditioning)
 
     def encode(self, model: str, prompt: str, max_sequence_length: int) -> torch.Tensor:
@@ -84,7 +87,7 @@ class TextEncoderStage(Stage):
                 raise InvalidRequest(f"{p.model} takes no input image", {"model": p.model})
             info, vae = image_model
             image = load_image(msg.image_path, p.width, p.height, p.image_sha256)
-            condition, first_frame_mask = encode_condition(vae, info, image, p, self.device)
+            condition, first_frame_mask = encode_condition(vae, info, image, p, self.vae_device)
         elif image_model is not None and image_model[0].image_conditioning == "concat":
             raise InvalidRequest(f"{p.model} needs an input image", {"model": p.model})
         prompt_embeds = self.encode(p.model, p.prompt, p.max_sequence_length)

@@ -156,3 +156,15 @@ def test_image_is_spooled_before_admission_returns_and_removed_when_final(config
         assert not stale.exists()
     finally:
         broker.close()
+
+
+def test_preset_resolution_follows_the_image_orientation():
+    from broker.admission import oriented
+
+    allowed = ["64x32", "32x64", "32x32"]
+    assert oriented("64x32", (30, 60), allowed) == "32x64"  # portrait image: portrait video
+    assert oriented("64x32", (60, 30), allowed) == "64x32"
+    assert oriented("64x32", (40, 40), allowed) == "64x32"  # square image: the preset's own
+    assert oriented("32x32", (30, 60), allowed) == "32x32"
+    assert oriented("64x32", (30, 60), ["64x32"]) == "64x32"  # the turned size is not supported
+    assert oriented("64x32", None, allowed) == "64x32"

@@ -127,8 +127,10 @@ def test_image_jobs_multipart_png_via_cli_and_base64_jpeg(system, tmp_path):
     assert system.wait_final(second, timeout_s=180)["status"] == "completed"
 
     presets = system.json("GET", "/api/v1/presets")[1]["presets"]
-    for job_id, model, preset, data in ((first, "i2v-A14B", "draft", png.read_bytes()), (second, "ti2v-5B", "standard", jpeg)):
-        width, height = (int(x) for x in presets[model][preset]["resolution"].split("x"))
+    # ti2v standard is 64x32 (WxH): a portrait image turns it to 32x64; i2v draft is square.
+    assert presets["ti2v-5B"]["standard"]["resolution"] == "64x32"
+    for job_id, model, preset, (width, height) in ((first, "i2v-A14B", "draft", (32, 32)),
+                                                   (second, "ti2v-5B", "standard", (32, 64))):
         frames = video(system, job_id)
         assert len(frames) == presets[model][preset]["num_frames"] and frames[0].shape == (height, width, 3)
         meta = system.json("GET", f"/api/v1/result/{job_id}")[1]["metadata"]
@@ -143,10 +145,17 @@ def test_image_jobs_multipart_png_via_cli_and_base64_jpeg(system, tmp_path):
     url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
     status, third = system.json("POST", "/api/v1/generate", {"prompt": "a cat", "model": "i2v", "image": url})
     assert status == 202, third
-    for job_id in (again["job_id"], third["job_id"]):
+    jobs = [again["job_id"], third["job_id"]]
+    if shutil.which("curl"):  # the README's curl example, as written there
+        request = '{"prompt": "the cat turns its head", "model": "i2v", "quality_preset": "draft"}'
+        curl = subprocess.run(["curl", "-s", "-X", "POST", f"{system.url}/api/v1/generate",
+                               "-F", f"request={request};type=application/json", "-F", f"image=@{png}"],
+                              capture_output=True, text=True, timeout=60)
+        jobs.append(json.loads(curl.stdout)["job_id"])
+    for job_id in jobs:
         assert system.wait_final(job_id, timeout_s=180)["status"] == "completed"
     shas = {system.json("GET", f"/api/v1/result/{j}")[1]["metadata"]["params"]["image_sha256"]
-            for j in (first, again["job_id"], third["job_id"])}
+            for j in (first, *jobs)}
     assert len(shas) == 1
 
 
