@@ -83,7 +83,7 @@ class System:
         status, _, content = self.request(method, path, body, **kw)
         return status, json.loads(content)
 
-    def wait_ready(self, timeout_s: float = 180) -> None:
+    def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
