@@ -208,7 +208,8 @@ def test_stage_killed_while_holding_a_job(system, stage, point, resume_at):
 
 def test_stopped_stage_is_killed_and_restarted(system):
     """SIGSTOP: no heartbeats. The watchdog kills that very process; supervisord starts a new one."""
-    job_id = system.submit(prompt="sigstop", seed=3, custom_options={"steps": 60, "resolution": "64x64"})
+    inject(system, "dit_high", "handle", "delay", "60")  # holds the job there while it is stopped
+    job_id = system.submit(prompt="sigstop", seed=3)
     with subscribe(system, job_id) as ws:
         wait_at(system, job_id, "dit_high", attempt=1)
         old = system.pid("dit_high")
