@@ -186,4 +186,5 @@ class PipelineInfo:
             vae_scale_spatial=int(vae["scale_factor_spatial"]),
             z_dim=int(vae["z_dim"]),
             patch_size=tuple(transformer["patch_size"]),
+            in_channels=int(transformer["in_channels"]),
         )

@@ -26,7 +26,7 @@ from stages.models import PipelineInfo, load_component, model_dir, scheduler_con
 from tests.stack import StageStack, short_tmpdir, stack_env
 from tests.test_pipeline_exact import vae_frames
 
-SHAPES = ("t2v-A14B", "ti2v-5B")
+SHAPES = ("t2v-A14B", "ti2v-5B", "i2v-A14B")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_same_components_from_either_layout(folders, shape, dtype):
     assert PipelineInfo.read(diff).__dict__ | {"folder": None} == PipelineInfo.read(off).__dict__ | {"folder": None}
     assert scheduler_config(diff) == scheduler_config(off)
     assert scheduler_config(off, 3.0) == scheduler_config(diff) | {"flow_shift": 3.0}
-    components = ["vae", "text_encoder", "transformer"] + (["transformer_2"] if shape == "t2v-A14B" else [])
+    components = ["vae", "text_encoder", "transformer"] + (["transformer_2"] if shape != "ti2v-5B" else [])
     from transformers import UMT5EncoderModel
 
     loaders = {"vae": AutoencoderKLWan, "text_encoder": UMT5EncoderModel}
