@@ -61,7 +61,24 @@ def no_faults_left(system):
 
 
 def inject(system, stage: str, point: str, kind: str, value: str = "") -> None:
+    """Arm a one-shot fault for the next job that reaches `stage`. Waits until no job is queued or
+    running first, so the fault cannot go to a job an earlier test left in flight, and clears
+    triggers an earlier failed test left unused."""
+    wait_idle(system)
+    for stale in (system.state_dir / "faults").iterdir():
+        stale.unlink()
     (system.state_dir / "faults" / f"{stage}.{point}.{kind}").write_text(value)
+
+
+def wait_idle(system, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = sum(system.json("GET", f"/api/v1/jobs?status={s}&limit=1")[1]["total"] for s in ("queued", "processing"))
+        if busy == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{busy} jobs still queued or running after {timeout_s} s")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
