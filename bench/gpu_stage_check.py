@@ -360,7 +360,7 @@ def sdpa_probe(env: Env, dtype: torch.dtype, heads: int, tokens: int, head_dim: 
 
     call()
     res = timed(env, call, reps)
-    res["tflops_per_s"] = r4(4.0 * tokens * tokens * head_dim * heads / res["median_s"] / 1e12)
+    res["tflops_per_s"] = r4(4.0 * tokens * tokens * head_dim * heads / max(res["median_s"], 1e-9) / 1e12)
     res["shape_BLHD"] = [1, tokens, heads, head_dim]
     res["kernels"] = top_kernels(env, call, 5)
     return res
@@ -440,15 +440,9 @@ def dit_stage(env: Env, dtype_name: str, sp: dict, model: nn.Module, part: str, 
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=sp["shift"], num_train_timesteps=1000
     )
-    stage.models = {
-        sp["name"]: {
-            "info": info,
-            "experts": {"transformer": model},
-            "two_experts": two_experts and info.boundary_ratio is not None,
-            "scheduler_config": dict(scheduler.config),
-            "split_fraction": float(config.model(sp["name"]).get("split_fraction", 0.5)),
-        }
-    }
+    stage.models = {}
+    stage.add_model(sp["name"], info, {"transformer": model}, dict(scheduler.config), boundary_ratio=info.boundary_ratio,
+                    split_fraction=config.model(sp["name"]).get("split_fraction", 0.5))
     stage.emit = StepClock(env)  # type: ignore[method-assign]
     stage.ready = True
     return stage
@@ -613,7 +607,6 @@ def dit_section(env: Env, P: dict, key: str, part: str, two_experts: bool, warm_
 
 def vae_section(env: Env, P: dict, key: str, dtype_name: str) -> dict:
     from diffusers import AutoencoderKLWan
-    from diffusers.video_processor import VideoProcessor
 
     from common import messages as m
     from stages.vae import VaeStage, to_uint8
@@ -632,7 +625,8 @@ def vae_section(env: Env, P: dict, key: str, dtype_name: str) -> dict:
     config, spec = make_config("vae_bench", "vae", str(env.device), dtype_name, [sp["name"]])
     stage = VaeStage(config, spec)
     stage.device = torch.device(spec.device)
-    stage.vaes = {sp["name"]: (vae, VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial))}
+    stage.vaes = {}
+    stage.add_vae(sp["name"], vae)
     stage.ready = True
 
     z = vae.config.z_dim

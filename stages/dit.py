@@ -63,16 +63,24 @@ class DitStage(Stage):
                 )
                 for name in names
             }
-            self.models[model] = {
-                "info": info,
-                "experts": experts,
-                "two_experts": two_experts,
-                "scheduler_config": scheduler_config(folder, model_spec.get("flow_shift")),
-                # The profile may set the expert boundary; else the checkpoint decides.
-                "boundary_ratio": float(model_spec.get("boundary_ratio", info.boundary_ratio or 0.0)),
-                "split_fraction": float(model_spec.get("split_fraction", 0.5)),
-            }
+            self.add_model(model, info, experts, scheduler_config(folder, model_spec.get("flow_shift")),
+                           # The profile may set the expert boundary; else the checkpoint decides.
+                           boundary_ratio=model_spec.get("boundary_ratio", info.boundary_ratio),
+                           split_fraction=model_spec.get("split_fraction", 0.5))
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
+
+    def add_model(self, model: str, info: PipelineInfo, experts: dict[str, torch.nn.Module],
+                  scheduler_config: dict, *, boundary_ratio: float | None, split_fraction: float = 0.5) -> None:
+        """Serve `model` with these loaded experts (`transformer` and/or `transformer_2`). setup()
+        calls it for each model of the profile; a benchmark can hand over models it built itself."""
+        self.models[model] = {
+            "info": info,
+            "experts": experts,
+            "two_experts": info.has_transformer_2 and info.boundary_ratio is not None,
+            "scheduler_config": dict(scheduler_config),
+            "boundary_ratio": float(boundary_ratio or 0.0),
+            "split_fraction": float(split_fraction),
+        }
 
     def prepare_latents(self, info: PipelineInfo, p: m.JobParams) -> torch.Tensor:
         shape = (

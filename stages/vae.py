@@ -38,12 +38,15 @@ class VaeStage(Stage):
         self.vaes: dict[str, tuple[AutoencoderKLWan, VideoProcessor]] = {}
         for model in self.spec.options.get("models", self.config.model_names()):
             vae = load_component(AutoencoderKLWan, model_dir(self.config, model), "vae", torch_dtype=dtype)
-            vae = self.placement.place(vae, f"{model}/vae")
-            if tiling:  # decode in overlapping spatial tiles: less memory at 720p, slightly slower
-                vae.enable_tiling()
-            processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
-            self.vaes[model] = (vae, processor)
+            self.add_vae(model, self.placement.place(vae, f"{model}/vae"), tiling)
             log.info("loaded VAE of %s on %s (%s, z%d, tiling %s)", model, self.device, dtype, vae.config.z_dim, tiling)
+
+    def add_vae(self, model: str, vae: AutoencoderKLWan, tiling: bool = False) -> None:
+        """Decode `model`'s latents with this loaded VAE. setup() calls it for each model of the
+        profile; a benchmark can hand over a VAE it built itself."""
+        if tiling:  # decode in overlapping spatial tiles: less memory at 720p, slightly slower
+            vae.enable_tiling()
+        self.vaes[model] = (vae, VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial))
 
     def decode(self, model: str, latents: torch.Tensor) -> torch.Tensor:
         """Latents (1, z, f, h, w) -> uint8 frames (F, H, W, 3) on the CPU.
