@@ -595,7 +595,10 @@ class Broker:
         else:
             return
         progress = min(progress, 0.99)
-        if self.store.progress(job.id, r.attempt, r.stage, progress, timings):
+        # Where the job is now: after `forwarded`, the stage it went to. (Reports of two processes
+        # can arrive out of order: a late `forwarded` must not move the job back a stage.)
+        where = r.to if r.event == "forwarded" and r.to else r.stage
+        if self.store.progress(job.id, r.attempt, where, progress, timings):
             job = self.store.get(job.id)  # type: ignore[assignment]
             self._emit(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job), "stage": r.stage,
                                          "attempt": r.attempt})
