@@ -11,16 +11,20 @@ whatever its working directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
+    from common.curve import CurveKeys
     from common.wire import Limits
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,22 +70,245 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
         node[leaf] = _parse_env_value(raw)
 
 
+# ---- typed sections ----
+# Each section of the file is one frozen dataclass; its field defaults are the only defaults. A key
+# that no field names, or a value of the wrong type, stops startup with CONFIG_ERROR naming the
+# file, the section and the key.
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    state_dir: str = "var"
+    socket_dir: str | None = None  # default <state_dir>/sock
+    results_dir: str | None = None  # default <state_dir>/results
+    spool_dir: str | None = None  # default <state_dir>/spool
+    model_cache_dir: str | None = None  # default <state_dir>/models
+    record_dir: str | None = None  # record every stage's wire traffic for replay
+    fault_dir: str | None = None  # tests only: fault injection files
+    checkpoint_kinds: tuple[str, ...] = ("dit", "vae")
+    torch_threads: int = 0
+    heartbeat_interval_s: float = 1.0
+    forward_timeout_s: float = 60.0
+    hwm: int = 16
+    report_hwm: int = 1000
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class WatchdogSection:
+    heartbeat_timeout_s: float = 5.0  # no heartbeat for this long: the stage is dead or stopped
+    progress_timeout_s: float = 120.0  # a stage holding a job with no report for this long is wedged
+    progress_factor: float = 3.0  # ... or for this many times its measured time per report, if longer
+    kill: bool = True  # SIGKILL a wedged stage (supervisord restarts it)
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_message_bytes: int = 2 << 30
+    max_header_bytes: int = 1 << 20
+    max_frames: int = 256
+
+
+@dataclass(frozen=True)
+class DefaultsSection:
+    """What the driver uses for options it is not given."""
+
+    steps: int = 4
+    height: int = 64
+    width: int = 64
+    num_frames: int = 9
+    fps: int = 16
+    guidance_scale: float = 4.0
+    max_sequence_length: int = 512
+
+
+@dataclass(frozen=True)
+class AdmissionSection:
+    max_queued: int = 100
+    max_inflight_per_route: int = 4
+    max_steps: int = 100
+    max_attempts: int = 3
+    memory_check: bool = True
+    memory_budget_gib: float | dict[str, float] | None = None  # GiB a job may use per device (one for all, or by device)
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 2 << 20
+    max_image_pixels: int = 4096 * 4096
+    max_concurrent_decodes: int = 2
+    auth: str = "auto"
+    allowed_origins: tuple[str, ...] = ()
+    rate_limit_per_minute: int = 600
+    max_active_jobs_per_key: int = 20
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    curve_keys_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ServingSection:
+    models: tuple[str, ...] | None = None  # None: every [models.*] entry
+
+
+@dataclass(frozen=True)
+class HardwareSection:
+    device_memory_gib: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `[models.<id>]` entry: where its weights are and what this profile allows of it."""
+
+    name: str
+    path: str | None = None
+    layout: str | None = None  # "diffusers" | "official"; None: detected from the folder
+    tiny: bool = False  # build a tiny random-initialised model (tests, the tiny profile)
+    tiny_shape: str | None = None  # which tiny model to build (default: the model id)
+    seed: int = 0
+    resolutions: tuple[str, ...] = ()
+    max_frames: int = 121
+    boundary_ratio: float | None = None  # None: the checkpoint's own
+    flow_shift: float | None = None  # None: the checkpoint's scheduler config
+    split_fraction: float = 0.5  # one expert: where the two DiT processes split its steps
+
+
 @dataclass(frozen=True)
 class StageSpec:
+    """One `[stages.<name>]` entry. Which keys a stage may set depends on its kind (`STAGE_KEYS`)."""
+
     name: str
     kind: str
-    device: str
-    dtype: str
-    options: dict[str, Any]
+    device: str = "cpu"
+    dtype: str = "float32"
+    storage_dtype: str | None = None  # weights stored in fp8, cast layer by layer to `dtype`
+    attention: str = "auto"
+    models: tuple[str, ...] | None = None  # None: every served model
+    address_space_headroom_mib: int | None = None  # cap RLIMIT_AS at the size after setup plus this
+    part: str = "all"  # dit: "high" | "low" | "all"
+    vae_tiling: bool = False  # vae
+    vae_dtype: str = "float32"  # text_encoder: the VAE that encodes input images
+    vae_device: str | None = None  # text_encoder: None: the stage's device
+    crf: int = 18  # muxer
+    preset: str = "medium"  # muxer (x264 preset)
 
-    @property
-    def storage_dtype(self) -> str | None:
-        """The dtype weights are stored in, when it differs from the compute `dtype` (fp8)."""
-        return self.options.get("storage_dtype")
 
-    @property
-    def attention(self) -> str:
-        return str(self.options.get("attention", "auto"))
+_COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
+STAGE_KEYS: dict[str, set[str]] = {
+    "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
+    "dit": _COMMON_STAGE_KEYS | {"part"},
+    "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
+    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset"},
+}
+DIT_PARTS = ("high", "low", "all")
+MODEL_LAYOUTS = ("diffusers", "official")
+AUTH_MODES = ("auto", "required", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_T = TypeVar("_T")
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(value fits `hint`, value converted: lists to tuples, ints to floats)."""
+    if hint is Any:
+        return True, value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return type(None) in args, None
+        for arg in args:
+            if arg is not type(None):
+                ok, converted = _type_ok(value, arg)
+                if ok:
+                    return True, converted
+        return False, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for item in value:
+            ok, converted = _type_ok(item, args[0])
+            if not ok:
+                return False, value
+            out.append(converted)
+        return True, tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        out_d = {}
+        for k, v in value.items():
+            ok, converted = _type_ok(v, args[1])
+            if not isinstance(k, str) or not ok:
+                return False, value
+            out_d[k] = converted
+        return True, out_d
+    raise TypeError(f"unsupported config field type {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    """`hint` in words, for error messages: "an integer", "a list of strings or none"."""
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return f"a table of {_type_name(args[1]).split(' ', 1)[1]}s"
+    return str(hint)
+
+
+def build_section(cls: type[_T], table: Any, source: Path | None, section: str, allowed: set[str] | None = None,
+                  **fixed: Any) -> _T:
+    """`cls` from one TOML table, every key and type checked; `fixed` are fields not read from the file."""
+    where = {"file": str(source) if source else "<memory>", "section": section}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where['file']}: [{section}] must be a table", where)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)  # type: ignore[arg-type]
+    known = names if allowed is None else names & allowed
+    values: dict[str, Any] = dict(fixed)
+    for key, value in table.items():
+        if key not in known:
+            hint = f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{where['file']}: [{section}] has unknown key {key!r}{hint}", {**where, "key": key})
+        ok, converted = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(
+                f"{where['file']}: [{section}] {key} = {value!r} is not {_type_name(hints[key])}",
+                {**where, "key": key, "value": repr(value)[:80]},
+            )
+        values[key] = converted
+    return cls(**values)
+
+
+def _choice(value: Any, allowed: tuple[str, ...], source: Path | None, section: str, key: str) -> None:
+    if value not in allowed:
+        where = {"file": str(source) if source else "<memory>", "section": section, "key": key}
+        raise ConfigError(f"{where['file']}: [{section}] {key} = {value!r} is not one of {list(allowed)}",
+                          {**where, "value": repr(value)[:80], "allowed": list(allowed)})
+
+
+TOP_LEVEL = ("runtime", "watchdog", "limits", "defaults", "admission", "gateway", "network", "serving",
+             "hardware", "endpoints", "models", "presets", "routes", "stages")
 
 
 class Config:
@@ -90,7 +317,80 @@ class Config:
     def __init__(self, data: dict[str, Any], source: Path | None = None):
         self.data = data
         self.source = source
+        for key in data:
+            if key not in TOP_LEVEL:
+                raise ConfigError(f"{self._file}: unknown section [{key}]; known: {', '.join(TOP_LEVEL)}",
+                                  {"file": self._file, "section": key})
+        self.runtime = build_section(RuntimeSection, data.get("runtime", {}), source, "runtime")
+        self.watchdog = build_section(WatchdogSection, data.get("watchdog", {}), source, "watchdog")
+        self.limits_section = build_section(LimitsSection, data.get("limits", {}), source, "limits")
+        self.defaults = build_section(DefaultsSection, data.get("defaults", {}), source, "defaults")
+        self.admission = build_section(AdmissionSection, data.get("admission", {}), source, "admission")
+        self.gateway = build_section(GatewaySection, data.get("gateway", {}), source, "gateway")
+        self.network = build_section(NetworkSection, data.get("network", {}), source, "network")
+        self.serving = build_section(ServingSection, data.get("serving", {}), source, "serving")
+        self.hardware = build_section(HardwareSection, data.get("hardware", {}), source, "hardware")
+        _choice(self.gateway.auth, AUTH_MODES, source, "gateway", "auth")
+        _choice(self.runtime.log_level.upper(), LOG_LEVELS, source, "runtime", "log_level")
+        self.endpoints: dict[str, str] = self._string_table("endpoints")
+        self.models: dict[str, ModelSpec] = {}
+        for name, table in self._tables("models").items():
+            spec = build_section(ModelSpec, table, source, f"models.{name}", name=name)
+            if spec.layout is not None:
+                _choice(spec.layout, MODEL_LAYOUTS, source, f"models.{name}", "layout")
+            self.models[name] = spec
+        self.stages: dict[str, StageSpec] = {}
+        for name, table in self._tables("stages").items():
+            kind = table.get("kind", name)
+            _choice(kind, STAGE_KINDS, source, f"stages.{name}", "kind")
+            self.stages[name] = self._stage(name, kind, {k: v for k, v in table.items() if k != "kind"})
+        # Preset fields are checked against the request catalog by admission when the broker starts.
+        self.presets: dict[str, dict[str, dict[str, Any]]] = {
+            model: {preset: dict(values) for preset, values in self._tables(f"presets.{model}", table).items()}
+            for model, table in self._tables("presets").items()
+        }
+        self.routes: dict[str, list[str]] = {}
+        for model, route in self._tables("routes", allow_lists=True).items():
+            ok, converted = _type_ok(route, tuple[str, ...])
+            if not ok or not converted:
+                raise ConfigError(f"{self._file}: [routes] {model} must be a non-empty list of stage names",
+                                  {"file": self._file, "section": "routes", "key": model})
+            self.routes[model] = list(converted)
         self._validate()
+
+    @property
+    def _file(self) -> str:
+        return str(self.source) if self.source else "<memory>"
+
+    def _tables(self, section: str, table: Any = None, allow_lists: bool = False) -> dict[str, Any]:
+        value = self.data.get(section, {}) if table is None else table
+        if not isinstance(value, dict) or not all(
+            isinstance(v, dict) or (allow_lists and isinstance(v, list)) for v in value.values()
+        ):
+            raise ConfigError(f"{self._file}: [{section}] must hold tables", {"file": self._file, "section": section})
+        return value
+
+    def _string_table(self, section: str) -> dict[str, str]:
+        ok, converted = _type_ok(self.data.get(section, {}), dict[str, str])
+        if not ok:
+            raise ConfigError(f"{self._file}: [{section}] values must be strings",
+                              {"file": self._file, "section": section})
+        return dict(converted)
+
+    def _stage(self, name: str, kind: str, table: dict[str, Any]) -> StageSpec:
+        section = f"stages.{name}"
+        spec = build_section(StageSpec, table, self.source, section, allowed=STAGE_KEYS[kind], name=name, kind=kind)
+        for key in ("device", "vae_device"):
+            value = getattr(spec, key)
+            if value is not None and not DEVICE_PATTERN.match(value):
+                _choice(value, ("cpu", "cuda", "cuda:N"), self.source, section, key)
+        _choice(spec.dtype, COMPUTE_DTYPES, self.source, section, "dtype")
+        _choice(spec.vae_dtype, COMPUTE_DTYPES, self.source, section, "vae_dtype")
+        if spec.storage_dtype is not None:
+            _choice(spec.storage_dtype, STORAGE_DTYPES, self.source, section, "storage_dtype")
+        _choice(spec.attention, ATTENTION_BACKENDS, self.source, section, "attention")
+        _choice(spec.part, DIT_PARTS, self.source, section, "part")
+        return spec
 
     # ---- loading ----
     @classmethod
@@ -109,135 +409,120 @@ class Config:
         return cls(data, chosen)
 
     def _validate(self) -> None:
-        for name, spec in self.data.get("stages", {}).items():
-            kind = spec.get("kind", name)
-            if kind not in STAGE_KINDS:
-                raise ConfigError(f"stage {name!r} has unknown kind {kind!r}", {"stage": name, "kinds": STAGE_KINDS})
-            self._validate_stage(name, spec)
-        served = self.data.get("serving", {}).get("models")
+        served = self.serving.models
         if served is not None:
-            unknown = [name for name in served if name not in self.data.get("models", {})]
-            if not isinstance(served, list) or unknown:
-                raise ConfigError(f"[serving] models names undefined model(s) {unknown}", {"models": unknown})
-        for model, route in self.data.get("routes", {}).items():
+            unknown = [name for name in served if name not in self.models]
+            if unknown:
+                raise ConfigError(f"{self._file}: [serving] models names undefined model(s) {unknown}",
+                                  {"file": self._file, "section": "serving", "key": "models", "models": unknown})
+        for model, route in self.routes.items():
             for stage in route:
-                if stage not in self.data.get("stages", {}):
-                    raise ConfigError(f"route of {model!r} names unknown stage {stage!r}", {"model": model})
+                if stage not in self.stages:
+                    raise ConfigError(f"{self._file}: route of {model!r} names unknown stage {stage!r}",
+                                      {"file": self._file, "section": "routes", "key": model})
+        for name, spec in self.stages.items():
+            for model in spec.models or ():
+                if model not in self.models:
+                    raise ConfigError(f"{self._file}: [stages.{name}] models names undefined model {model!r}",
+                                      {"file": self._file, "section": f"stages.{name}", "key": "models"})
 
-    @staticmethod
-    def _validate_stage(name: str, spec: dict[str, Any]) -> None:
-        def bad(key: str, allowed: Any) -> ConfigError:
-            return ConfigError(
-                f"stage {name!r}: {key} = {spec.get(key)!r} is not one of {allowed}",
-                {"stage": name, "key": key, "value": repr(spec.get(key)), "allowed": list(allowed)},
-            )
-
-        if not DEVICE_PATTERN.match(str(spec.get("device", "cpu"))):
-            raise bad("device", ["cpu", "cuda", "cuda:N"])
-        if str(spec.get("dtype", "float32")) not in COMPUTE_DTYPES:
-            raise bad("dtype", COMPUTE_DTYPES)
-        if "storage_dtype" in spec and spec["storage_dtype"] not in STORAGE_DTYPES:
-            raise bad("storage_dtype", STORAGE_DTYPES)
-        if str(spec.get("attention", "auto")) not in ATTENTION_BACKENDS:
-            raise bad("attention", ATTENTION_BACKENDS)
-        if not isinstance(spec.get("vae_tiling", False), bool):
-            raise bad("vae_tiling", [True, False])
-
-    # ---- sections ----
+    # ---- derived values ----
     def section(self, name: str) -> dict[str, Any]:
+        """The raw table (transitional: read the typed section attributes instead)."""
         return dict(self.data.get(name, {}))
 
     def path(self, value: str | os.PathLike[str]) -> Path:
         p = Path(os.path.expanduser(str(value)))
         return p if p.is_absolute() else PROJECT_ROOT / p
 
+    def _dir(self, value: str | None, default: str) -> Path:
+        return self.path(value) if value else self.state_dir / default
+
     @property
     def state_dir(self) -> Path:
-        return self.path(self.section("runtime").get("state_dir", "var"))
+        return self.path(self.runtime.state_dir)
 
     @property
     def results_dir(self) -> Path:
-        return self.path(self.section("runtime").get("results_dir", self.state_dir / "results"))
+        return self._dir(self.runtime.results_dir, "results")
 
     @property
     def spool_dir(self) -> Path:
         """Per-job working files (`<spool_dir>/<job_id>/`): uploaded inputs, DiT hand-off checkpoints.
         The broker removes a job's folder once the job is final."""
-        return self.path(self.section("runtime").get("spool_dir", self.state_dir / "spool"))
+        return self._dir(self.runtime.spool_dir, "spool")
 
     def job_spool(self, job_id: str) -> Path:
         return self.spool_dir / job_id
 
     @property
     def socket_dir(self) -> Path:
-        return self.path(self.section("runtime").get("socket_dir", self.state_dir / "sock"))
+        return self._dir(self.runtime.socket_dir, "sock")
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.path(self.section("runtime").get("model_cache_dir", self.state_dir / "models"))
+        return self._dir(self.runtime.model_cache_dir, "models")
 
     @property
     def limits(self) -> Limits:
-        from common.wire import Limits  # here, not at the top: wire imports torch, and the keys CLI needs none
+        from common.wire import Limits  # here, not at the top: only processes that move tensors need the wire
 
-        return Limits.from_config(self.section("limits"))
+        s = self.limits_section
+        return Limits(max_message_bytes=s.max_message_bytes, max_header_bytes=s.max_header_bytes,
+                      max_frames=s.max_frames)
 
     @property
     def torch_threads(self) -> int:
-        return int(self.section("runtime").get("torch_threads", 0))
+        return self.runtime.torch_threads
 
     @property
     def log_level(self) -> str:
-        return str(self.section("runtime").get("log_level", "INFO"))
+        return self.runtime.log_level.upper()
 
     @property
     def heartbeat_interval(self) -> float:
-        return float(self.section("runtime").get("heartbeat_interval_s", 1.0))
+        return self.runtime.heartbeat_interval_s
 
     def stage(self, name: str) -> StageSpec:
-        stages = self.data.get("stages", {})
-        if name not in stages:
-            raise ConfigError(f"no stage named {name!r} in the config", {"stage": name, "stages": sorted(stages)})
-        spec = dict(stages[name])
-        return StageSpec(
-            name=name,
-            kind=spec.pop("kind", name),
-            device=spec.pop("device", "cpu"),
-            dtype=spec.pop("dtype", "float32"),
-            options=spec,
-        )
+        spec = self.stages.get(name)
+        if spec is None:
+            raise ConfigError(f"no stage named {name!r} in the config", {"stage": name, "stages": sorted(self.stages)})
+        return spec
 
     def stage_names(self) -> list[str]:
-        return list(self.data.get("stages", {}))
+        return list(self.stages)
 
-    def model(self, name: str) -> dict[str, Any]:
-        models = self.data.get("models", {})
-        if name not in models:
-            raise ConfigError(f"model {name!r} is not served by this profile", {"model": name, "models": sorted(models)})
-        return dict(models[name])
+    def model(self, name: str) -> ModelSpec:
+        spec = self.models.get(name)
+        if spec is None:
+            raise ConfigError(f"model {name!r} is not served by this profile",
+                              {"model": name, "models": sorted(self.models)})
+        return spec
 
     def model_names(self) -> list[str]:
         """The models this server serves: `[serving] models` when set, else every `[models.*]` entry.
 
         A profile can describe more models than it loads (their paths, resolutions, presets), and
         pick what fits its cards in `[serving]`; the stages load only the served ones."""
-        defined = self.defined_model_names()
-        served = self.data.get("serving", {}).get("models")
-        return defined if served is None else [name for name in served if name in defined]
+        served = self.serving.models
+        return list(self.models) if served is None else [name for name in served if name in self.models]
 
     def defined_model_names(self) -> list[str]:
-        return list(self.data.get("models", {}))
+        return list(self.models)
+
+    def stage_models(self, spec: StageSpec) -> list[str]:
+        """The models a stage loads: its `models`, else every served model."""
+        return list(spec.models) if spec.models is not None else self.model_names()
 
     def route(self, model: str) -> list[str]:
-        routes = self.data.get("routes", {})
-        route = routes.get(model, routes.get("default"))
+        route = self.routes.get(model, self.routes.get("default"))
         if not route:
             raise ConfigError(f"no route for model {model!r}", {"model": model})
         return list(route)
 
-    def curve_keys(self):
+    def curve_keys(self) -> CurveKeys | None:
         """The deployment's CURVE keys (`[network] curve_keys_dir`), or None when not configured."""
-        keys_dir = self.section("network").get("curve_keys_dir")
+        keys_dir = self.network.curve_keys_dir
         if not keys_dir:
             return None
         from common.curve import CurveKeys
@@ -246,9 +531,9 @@ class Config:
 
     def endpoint(self, name: str) -> str:
         """The address the named peer binds: a stage name, or `reports`."""
-        configured = self.section("endpoints").get(name)
+        configured = self.endpoints.get(name)
         if configured:
-            return str(configured)
+            return configured
         path = self.socket_dir / f"{name}.sock"
         if len(str(path)) > MAX_IPC_PATH:
             raise ConfigError(
@@ -256,3 +541,15 @@ class Config:
                 {"path": str(path)},
             )
         return f"ipc://{path}"
+
+
+def load_or_exit(path: str | os.PathLike[str] | None = None) -> Config:
+    """`Config.load` for a process's main(): a bad profile stops startup with one CONFIG_ERROR line
+    (naming the file, section and key) on stderr and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        return Config.load(path)
+    except ConfigError as exc:
+        print(f"CONFIG_ERROR: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
