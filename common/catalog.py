@@ -136,8 +136,9 @@ OPTIONS: tuple[Field, ...] = (
     Field("resolution", "string", "WxH, one the model supports in this profile (GET /api/v1/models)",
           pattern=RESOLUTION_PATTERN, pattern_hint="WxH (e.g. 832x480)", profile_limit="resolutions"),
     Field("fps", "integer", "frames per second of the video", minimum=1, maximum=60),
+    # At 1 fps, MAX_FRAMES seconds are MAX_FRAMES frames: no longer duration can ever be admitted.
     Field("duration", "number", "seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both)",
-          minimum=0.01, maximum=600.0),
+          minimum=0.01, maximum=float(MAX_FRAMES)),
     Field("num_frames", "integer", "4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile",
           minimum=1, maximum=MAX_FRAMES, step=4, profile_limit="max_frames"),
 )
@@ -159,8 +160,9 @@ REQUEST_FIELDS: dict[str, Field] = {f.name: f for f in REQUEST}
 OPTION_FIELDS: dict[str, Field] = {f.name: f for f in OPTIONS}
 
 # GET /api/v1/jobs
+JOB_STATUSES: tuple[str, ...] = ("queued", "processing", "completed", "failed", "cancelled")
 LIST_QUERY: tuple[Field, ...] = (
-    Field("status", "string", "only jobs with this status"),
+    Field("status", "string", "only jobs with this status", enum=JOB_STATUSES),
     Field("limit", "integer", "jobs per page", default=20, minimum=1, maximum=100),
     Field("offset", "integer", "jobs to skip", default=0, minimum=0, maximum=10**9),
 )
@@ -237,6 +239,7 @@ def _self_check() -> None:
             lo, hi = bounds(spec)
             assert lo <= hi and (spec.default is None or lo <= spec.default <= hi), spec.name
         assert spec.kind == "string" or not (spec.enum or spec.pattern or spec.max_length), spec.name
+        assert not (spec.nonblank and spec.pattern), f"{spec.name}: nonblank is a pattern of its own"
     assert set(PRESET_OPTIONS.values()) <= set(OPTION_FIELDS) and DEFAULT_PRESET in PRESETS
 
 
