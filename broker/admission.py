@@ -1,9 +1,10 @@
 """Admission: a client's generate request -> resolved job parameters, or a clear 4xx error.
 
 The request is the plan's: `prompt`, `negative_prompt?`, `model`, `quality_preset` (or `quality`),
-`seed?`, `priority?`, `custom_options?` {`steps`, `cfg_scale`, `cfg_scale_2`, `resolution`, `fps`,
-`duration`, `num_frames`}. Presets and the sizes each model supports come from the profile
-(`[presets.<model>.<preset>]`, `[models.<model>]`), so a profile can scale them to its hardware.
+`seed?`, `priority?`, `custom_options?` {`steps`, `cfg_scale`, `cfg_scale_2`, `shift`, `resolution`,
+`fps`, `duration`, `num_frames`}; common/catalog.py defines each field and its bounds, and the OpenAPI
+document is generated from the same tables. Presets and the sizes each model supports come from the
+profile (`[presets.<model>.<preset>]`, `[models.<model>]`), so a profile can scale them to its hardware.
 """
 
 from __future__ import annotations
@@ -11,63 +12,40 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from common import catalog
 from common import messages as m
+from common.catalog import (  # broker.broker and the tests read these from here
+    ALIASES,
+    MODELS,
+    POSTPROCESS_FIELDS,
+    PRESET_FIELDS,
+    PRESETS,
+    round_frames,
+)
 from common.config import Config
 from common.errors import ConfigError, ModelNotServed, ValidationError
 
-MODELS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B")
-ALIASES = {"t2v": "t2v-A14B", "i2v": "i2v-A14B", "ti2v": "ti2v-5B", "s2v": "s2v-14B"}
-PRESETS = ("draft", "standard", "pro", "cinema", "ultimate")
-# Post-processing a preset may ask for. Carried with the job and recorded in the MP4's metadata;
-# nothing applies them yet (the video keeps the preset's fps and resolution).
-POSTPROCESS_FIELDS = ("interpolate_fps", "upscale")
-# Which models take an input image: I2V-A14B needs one, TI2V-5B takes one optionally.
-IMAGE_INPUT = {"i2v-A14B": "required", "ti2v-5B": "optional"}
-REQUEST_FIELDS = {"prompt", "negative_prompt", "model", "quality_preset", "quality", "seed", "priority", "custom_options"}
-OPTION_FIELDS = {"steps", "cfg_scale", "cfg_scale_2", "resolution", "fps", "duration", "num_frames", "shift"}
-PRESET_FIELDS = {"steps", "shift", "guidance_scale", "guidance_scale_2", "resolution", "num_frames", "fps",
-                 *POSTPROCESS_FIELDS}
-MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**32 - 1
+__all__ = ["ALIASES", "MODELS", "POSTPROCESS_FIELDS", "PRESETS", "PRESET_FIELDS", "check_presets", "max_frames",
+           "max_steps", "oriented", "preset_table", "resolve", "round_frames", "supported_resolutions"]
+
+# Which models take an input image, and how ("required" or "optional").
+IMAGE_INPUT = {x.id: x.takes("image") for x in catalog.CATALOG if x.takes("image") != "none"}
 
 
 def _bad(field: str, message: str, **details: Any) -> ValidationError:
     return ValidationError(message, {"field": field, **details})
 
 
-def _int(value: Any, field: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(field, f"{field} must be an integer", got=type(value).__name__)
-    if not lo <= value <= hi:
-        raise _bad(field, f"{field} must be between {lo} and {hi}, got {value}", min=lo, max=hi)
-    return value
-
-
-def _number(value: Any, field: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise _bad(field, f"{field} must be a number", got=type(value).__name__)
-    if not lo <= value <= hi:
-        raise _bad(field, f"{field} must be between {lo} and {hi}, got {value}", min=lo, max=hi)
-    return float(value)
-
-
-def _text(value: Any, field: str, required: bool) -> str:
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        raise _bad(field, f"{field} must be a string", got=type(value).__name__)
-    if required and not value.strip():
-        raise _bad(field, f"{field} is empty")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise _bad(field, f"{field} is longer than {MAX_PROMPT_CHARS} characters", max=MAX_PROMPT_CHARS, got=len(value))
-    return value
+def _option(options: dict[str, Any], name: str, default: Any, maximum: int | None = None) -> Any:
+    return catalog.check(catalog.OPTION_FIELDS[name], options.get(name, default), f"custom_options.{name}",
+                         maximum=maximum)
 
 
 def resolve_model(config: Config, value: Any) -> str:
     if not isinstance(value, str):
         raise _bad("model", "model must be a string", allowed=list(MODELS))
-    name = ALIASES.get(value, value)
-    if name not in MODELS:
+    name = catalog.canonical(value)
+    if name is None:
         raise _bad("model", f"unknown model {value[:64]!r}", allowed=[*MODELS, *ALIASES])
     if name not in config.model_names():
         raise ModelNotServed(
@@ -82,36 +60,56 @@ def preset_table(config: Config, model: str) -> dict[str, dict[str, Any]]:
 
 
 def check_presets(config: Config) -> None:
-    """Every model of the profile has all five presets, each complete and within the model's limits."""
+    """Every model of the profile has all five presets, each complete and within the model's limits;
+    the profile's limits are within the catalog's (what the API schema promises at most)."""
+    if not 1 <= max_steps(config) <= catalog.MAX_STEPS:
+        raise ConfigError(f"[admission] max_steps {max_steps(config)} is outside 1..{catalog.MAX_STEPS}",
+                          {"key": "max_steps"})
     for model in config.defined_model_names():
         table = config.section("presets").get(model, {})
         missing = [p for p in PRESETS if p not in table]
         if missing:
             raise ConfigError(f"presets {missing} are missing for {model}", {"model": model, "missing": missing})
         resolutions, limit = supported_resolutions(config, model), max_frames(config, model)
+        if not 1 <= limit <= catalog.MAX_FRAMES or (limit - 1) % 4:
+            raise ConfigError(f"models.{model}: max_frames {limit} must be 4n+1 and at most {catalog.MAX_FRAMES}",
+                              {"model": model, "key": "max_frames"})
+        for res in resolutions:
+            try:
+                catalog.check(catalog.OPTION_FIELDS["resolution"], res)
+            except ValidationError as exc:
+                raise ConfigError(f"models.{model}: {exc.message}", {"model": model, "key": "resolutions"}) from None
         for name in PRESETS:
-            row, where = table[name], f"presets.{model}.{name}"
+            _check_preset(f"presets.{model}.{name}", table[name], model, resolutions, limit, max_steps(config))
 
-            def bad(message: str) -> ConfigError:
-                return ConfigError(f"{where}: {message}", {"preset": where})
 
-            unknown = sorted(set(row) - PRESET_FIELDS)
-            if unknown:
-                raise bad(f"unknown key(s) {unknown}")
-            for key in ("steps", "guidance_scale", "resolution", "num_frames", "fps"):
-                if key not in row:
-                    raise bad(f"{key} is missing")
-            if not 1 <= row["steps"] <= max_steps(config):
-                raise bad(f"steps {row['steps']} is outside 1..{max_steps(config)}")
-            if row["resolution"] not in resolutions:
-                raise bad(f"resolution {row['resolution']} is not one of {model}'s {resolutions}")
-            frames = row["num_frames"]
-            if not 1 <= frames <= limit or (frames - 1) % 4:
-                raise bad(f"num_frames {frames} must be 4n+1 and at most {limit}")
-            if row.get("interpolate_fps", row["fps"] + 1) <= row["fps"]:
-                raise bad("interpolate_fps must be above fps")
-            if row.get("upscale", 1.0) < 1.0:
-                raise bad("upscale must be at least 1")
+def _check_preset(where: str, row: dict[str, Any], model: str, resolutions: list[str], limit: int, steps: int) -> None:
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"{where}: {message}", {"preset": where})
+
+    unknown = sorted(set(row) - PRESET_FIELDS)
+    if unknown:
+        raise bad(f"unknown key(s) {unknown}")
+    for key in catalog.PRESET_REQUIRED:
+        if key not in row:
+            raise bad(f"{key} is missing")
+    if not 1 <= row["steps"] <= steps:
+        raise bad(f"steps {row['steps']} is outside 1..{steps}")
+    if row["resolution"] not in resolutions:
+        raise bad(f"resolution {row['resolution']} is not one of {model}'s {resolutions}")
+    frames = row["num_frames"]
+    if not 1 <= frames <= limit or (frames - 1) % 4:
+        raise bad(f"num_frames {frames} must be 4n+1 and at most {limit}")
+    for key, option in catalog.PRESET_OPTIONS.items():
+        # A preset must be a request a client could send: within the options' bounds.
+        try:
+            catalog.check(catalog.OPTION_FIELDS[option], row.get(key), key)
+        except ValidationError as exc:
+            raise bad(exc.message) from None
+    if row.get("interpolate_fps", row["fps"] + 1) <= row["fps"]:
+        raise bad("interpolate_fps must be above fps")
+    if row.get("upscale", 1.0) < 1.0:
+        raise bad("upscale must be at least 1")
 
 
 def supported_resolutions(config: Config, model: str) -> list[str]:
@@ -123,20 +121,15 @@ def max_frames(config: Config, model: str) -> int:
 
 
 def max_steps(config: Config) -> int:
-    return int(config.section("admission").get("max_steps", 100))
-
-
-def round_frames(frames: float) -> int:
-    """The nearest 4n+1 frame count."""
-    return max(1, int(round((frames - 1) / 4)) * 4 + 1)
+    return int(config.section("admission").get("max_steps", catalog.MAX_STEPS))
 
 
 def check_image_input(model: str, image_sha256: str | None) -> None:
-    takes = IMAGE_INPUT.get(model)
+    takes = catalog.BY_ID[model].takes("image")
     if image_sha256 is None and takes == "required":
         raise _bad("image", f"{model} needs an input image (multipart part `image`, or base64 in `image`)")
-    if image_sha256 is not None and takes is None:
-        raise _bad("image", f"{model} takes no input image", models_taking_images=sorted(IMAGE_INPUT))
+    if image_sha256 is not None and takes == "none":
+        raise _bad("image", f"{model} takes no input image", models_taking_images=sorted(catalog.models_taking("image")))
 
 
 def oriented(resolution: str, image_size: tuple[int, int] | None, allowed: list[str]) -> str:
@@ -157,59 +150,53 @@ def resolve(
 ) -> tuple[str, m.JobParams, int]:
     """Validate `request` and resolve it against the model's preset; returns (preset, params, priority).
     `image_sha256` and `image_size` (width, height) describe the request's input image, if it has one:
-    without a resolution in `custom_options`, the preset's resolution follows the image's orientation."""
+    without a resolution in `custom_options`, the preset's resolution follows the image's orientation.
+    Each field is checked against its catalog entry (common/catalog.py), narrowed by the profile."""
     if not isinstance(request, dict):
         raise ValidationError("the request body must be a JSON object", {"got": type(request).__name__})
-    unknown = sorted(set(request) - REQUEST_FIELDS)
+    fields = catalog.REQUEST_FIELDS
+    unknown = sorted(set(request) - set(fields))
     if unknown:
         raise ValidationError(f"unknown field(s): {', '.join(unknown)[:200]}", {"fields": unknown[:20]})
     if "model" not in request:
         raise _bad("model", "model is required", allowed=list(MODELS))
     model = resolve_model(config, request["model"])
     check_image_input(model, image_sha256)
-    prompt = _text(request.get("prompt"), "prompt", required=True)
-    negative = _text(request.get("negative_prompt"), "negative_prompt", required=False)
-    preset = request.get("quality_preset", request.get("quality", "standard"))
-    if preset not in PRESETS:
-        raise _bad("quality_preset", f"unknown quality preset {str(preset)[:32]!r}", allowed=list(PRESETS))
+    prompt = catalog.check(fields["prompt"], request.get("prompt"))
+    negative = catalog.check(fields["negative_prompt"], request.get("negative_prompt")) or ""
+    preset = request.get("quality_preset", request.get("quality", catalog.DEFAULT_PRESET))
+    preset = catalog.check(fields["quality_preset"], preset)
     table = preset_table(config, model)
     if preset not in table:
         raise ValidationError(
             f"preset {preset} is not configured for {model} in this profile", {"field": "quality_preset", "model": model}
         )
     base = table[preset]
-    seed = request.get("seed")
-    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else _int(seed, "seed", 0, MAX_SEED)
-    priority = _int(request.get("priority", 0), "priority", -10, 10)
-    options = request.get("custom_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("custom_options", "custom_options must be an object")
-    unknown = sorted(set(options) - OPTION_FIELDS)
+    seed = catalog.check(fields["seed"], request.get("seed"))
+    if seed is None:
+        seed = secrets.randbelow(catalog.MAX_SEED + 1)
+    priority = catalog.check(fields["priority"], request.get("priority", fields["priority"].default))
+    options = catalog.check(fields["custom_options"], request.get("custom_options")) or {}
+    unknown = sorted(set(options) - set(catalog.OPTION_FIELDS))
     if unknown:
         raise ValidationError(f"unknown custom option(s): {', '.join(unknown)[:200]}", {"fields": unknown[:20]})
 
-    steps = _int(options.get("steps", base["steps"]), "custom_options.steps", 1, max_steps(config))
-    guidance = _number(options.get("cfg_scale", base["guidance_scale"]), "custom_options.cfg_scale", 0.0, 20.0)
-    shift = options.get("shift", base.get("shift"))
-    if shift is not None:
-        shift = _number(shift, "custom_options.shift", 0.1, 50.0)
-    guidance_2 = options.get("cfg_scale_2", base.get("guidance_scale_2"))
-    if guidance_2 is not None:
-        guidance_2 = _number(guidance_2, "custom_options.cfg_scale_2", 0.0, 20.0)
+    steps = _option(options, "steps", base["steps"], maximum=max_steps(config))
+    guidance = _option(options, "cfg_scale", base["guidance_scale"])
+    shift = _option(options, "shift", base.get("shift"))
+    guidance_2 = _option(options, "cfg_scale_2", base.get("guidance_scale_2"))
     allowed = supported_resolutions(config, model)
-    resolution = options.get("resolution", oriented(base["resolution"], image_size, allowed))
-    if not isinstance(resolution, str) or resolution not in allowed:
-        raise _bad("custom_options.resolution", f"resolution {str(resolution)[:32]!r} is not supported by {model}",
+    resolution = _option(options, "resolution", oriented(base["resolution"], image_size, allowed))
+    if resolution not in allowed:
+        raise _bad("custom_options.resolution", f"resolution {resolution[:32]!r} is not supported by {model}",
                    allowed=allowed)
     width, height = (int(x) for x in resolution.split("x"))
-    fps = _int(options.get("fps", base["fps"]), "custom_options.fps", 1, 60)
+    fps = _option(options, "fps", base["fps"])
     limit = max_frames(config, model)
     if "num_frames" in options:
-        frames = _int(options["num_frames"], "custom_options.num_frames", 1, limit)
-        if (frames - 1) % 4:
-            raise _bad("custom_options.num_frames", f"num_frames must be 4n+1 (5, 9, 13, ...), got {frames}")
+        frames = _option(options, "num_frames", None, maximum=limit)
     elif "duration" in options:
-        duration = _number(options["duration"], "custom_options.duration", 0.01, 600.0)
+        duration = _option(options, "duration", None)
         frames = round_frames(duration * fps)
         if frames > limit:
             raise _bad("custom_options.duration", f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}",
@@ -218,11 +205,10 @@ def resolve(
         frames = int(base["num_frames"])
     params = m.JobParams(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
-        num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift, image_sha256=image_sha256,
-        postprocess={k: base[k] for k in POSTPROCESS_FIELDS if k in base},
+        num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
+        image_sha256=image_sha256, postprocess={k: base[k] for k in POSTPROCESS_FIELDS if k in base},
     )
     return preset, params, priority
-
 
 
 def preset_markdown(config: Config) -> str:

@@ -1,10 +1,16 @@
-"""The OpenAPI document of the gateway (served at /api/v1/openapi.json; tests check it against the routes)."""
+"""The OpenAPI document of the gateway (served at /api/v1/openapi.json).
+
+The request schemas are generated from common/catalog.py, the tables admission checks requests
+against, so the document states the real bounds (and the schema fuzzer, tests/test_fuzz.py, tries
+them). Routes, responses and security are written here, once.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from broker.admission import ALIASES, MODELS, PRESETS
+from common import catalog
+from common.catalog import Field
 
 ERROR = {
     "type": "object",
@@ -19,56 +25,70 @@ ERROR = {
     },
 }
 
-GENERATE_REQUEST = {
-    "type": "object",
-    "required": ["prompt", "model"],
-    "additionalProperties": False,
-    "properties": {
-        "prompt": {"type": "string", "minLength": 1, "maxLength": 2000},
-        "negative_prompt": {"type": "string", "maxLength": 2000},
-        "model": {"type": "string", "enum": [*MODELS, *ALIASES]},
-        "quality_preset": {"type": "string", "enum": list(PRESETS)},
-        "quality": {"type": "string", "enum": list(PRESETS), "description": "alias of quality_preset"},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
-        "priority": {"type": "integer", "minimum": -10, "maximum": 10},
-        "custom_options": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "steps": {"type": "integer", "minimum": 1},
-                "cfg_scale": {"type": "number", "minimum": 0, "maximum": 20},
-                "cfg_scale_2": {"type": "number", "minimum": 0, "maximum": 20},
-                "resolution": {"type": "string", "pattern": "^[0-9]+x[0-9]+$", "description": "WxH, one the model supports"},
-                "fps": {"type": "integer", "minimum": 1, "maximum": 60},
-                "duration": {"type": "number", "exclusiveMinimum": 0, "description": "seconds; frames = 4n+1 nearest duration x fps"},
-                "num_frames": {"type": "integer", "minimum": 1, "description": "4n+1"},
-            },
-        },
-    },
-}
 
-# The JSON body may carry the image base64-encoded; multipart/form-data carries the same request
-# object in a `request` part and the file in an `image` part.
+def field_schema(spec: Field) -> dict[str, Any]:
+    """The JSON Schema of one catalog field."""
+    schema: dict[str, Any] = {"type": [spec.kind, "null"] if spec.nullable else spec.kind}
+    if spec.description:
+        schema["description"] = spec.description
+    if spec.default is not None:
+        schema["default"] = spec.default
+    if spec.enum:
+        schema["enum"] = [*spec.enum, None] if spec.nullable else list(spec.enum)
+    if spec.minimum is not None:
+        schema["minimum"] = spec.minimum
+    if spec.maximum is not None:
+        schema["maximum"] = spec.maximum
+    if spec.nonblank:
+        schema["minLength"] = 1
+        schema["pattern"] = r"\S"  # more than white space
+    if spec.max_length is not None:
+        schema["maxLength"] = spec.max_length
+    if spec.pattern is not None:
+        schema["pattern"] = spec.pattern
+    if spec.kind == "object":
+        schema.update({k: v for k, v in object_schema(spec.fields).items() if k != "type"})
+    return schema
+
+
+def object_schema(fields: tuple[Field, ...]) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                              "properties": {f.name: field_schema(f) for f in fields}}
+    required = [f.name for f in fields if f.required]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _input_description(name: str) -> str:
+    uses = {"required by": "required", "optional for": "optional"}
+    said = [f"{words} {', '.join(ids)}" for words, use in uses.items()
+            if (ids := [x.id for x in catalog.CATALOG if x.takes(name) == use])]
+    return f"{catalog.INPUTS[name].description}; {'; '.join(said)}; refused by the other models"
+
+
+GENERATE_REQUEST = object_schema(catalog.REQUEST)
+
+# The JSON body may carry each input file base64-encoded (null: none); multipart/form-data carries
+# the same request object in a `request` part and each file in a part of the input's name.
 GENERATE_JSON = {
     **GENERATE_REQUEST,
     "properties": {
         **GENERATE_REQUEST["properties"],
-        "image": {
-            "type": "string", "contentEncoding": "base64",
-            "description": "input image, PNG/JPEG/WebP, base64 (a data:image/...;base64, URL is accepted); "
-                           "required by i2v-A14B, optional for ti2v-5B, refused by the others",
-        },
+        **{name: {"type": ["string", "null"], "contentEncoding": "base64", "description": _input_description(name)}
+           for name in catalog.INPUTS},
     },
 }
 
 GENERATE_MULTIPART = {
     "type": "object",
-    "required": ["request", "image"],
+    "required": ["request", "image"],  # multipart exists to carry a file: today the image
     "additionalProperties": False,
     "properties": {
         "request": {**GENERATE_REQUEST, "description": "the JSON request object (part Content-Type application/json)"},
-        "image": {"type": "string", "contentMediaType": "image/png, image/jpeg, image/webp",
-                  "description": "the input image file (a file part, with a filename)"},
+        **{name: {"type": "string", "contentMediaType": ", ".join(spec.media_types),
+                  "description": f"{_input_description(name)} (a file part, with a filename)"}
+           for name, spec in catalog.INPUTS.items()},
     },
 }
 
@@ -77,7 +97,7 @@ STATUS = {
     "required": ["job_id", "status", "progress", "eta"],
     "properties": {
         "job_id": {"type": "string"},
-        "status": {"type": "string", "enum": ["queued", "processing", "completed", "failed", "cancelled"]},
+        "status": {"type": "string", "enum": list(catalog.JOB_STATUSES)},
         "progress": {"type": "number", "minimum": 0, "maximum": 1},
         "eta": {"type": ["number", "null"], "description": "seconds, from measured stage timings; null until measured"},
         "stage": {"type": ["string", "null"]},
@@ -170,7 +190,7 @@ def _document() -> dict[str, Any]:
                     "application/json": {"schema": GENERATE_JSON},
                     "multipart/form-data": {"schema": GENERATE_MULTIPART, "encoding": {
                         "request": {"contentType": "application/json"},
-                        "image": {"contentType": "image/png, image/jpeg, image/webp"},
+                        **{name: {"contentType": ", ".join(spec.media_types)} for name, spec in catalog.INPUTS.items()},
                     }},
                 }},
                 "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 413, 415, 422, 429, 503)},
@@ -189,11 +209,7 @@ def _document() -> dict[str, Any]:
             }},
             "/api/v1/jobs": {"get": {
                 "summary": "List jobs, newest first",
-                "parameters": [
-                    {"name": "status", "in": "query", "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                ],
+                "parameters": [{"name": f.name, "in": "query", "schema": field_schema(f)} for f in catalog.LIST_QUERY],
                 "responses": {"200": _json(OBJECT), **_errors(422, 503)},
             }},
             "/api/v1/models": {"get": {"summary": "Models and what this server serves",

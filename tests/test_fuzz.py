@@ -1,7 +1,8 @@
 """Schema-driven fuzzing of every HTTP route of the running system (schemathesis + hypothesis).
 
-schemathesis reads our OpenAPI document from the live gateway and sends generated requests, valid
-and invalid by the schema, to every operation; each response must not be a 5xx, must have a status
+schemathesis reads our OpenAPI document (the one the live gateway serves; its request schemas are
+generated from common/catalog.py, so they carry admission's real bounds) and sends generated
+requests, valid and invalid by the schema, to every operation; each response must not be a 5xx, must have a status
 code and content type the document declares, and a body that matches the declared schema. Invalid
 requests must be refused (4xx). The number of examples is bounded so the suite stays fast; the
 queue is kept small so valid submissions do not pile work onto the CPU stages.
@@ -25,7 +26,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
 from websockets.sync.client import connect
 
 from gateway.openapi import openapi_document
@@ -44,15 +44,18 @@ def system(model_cache):
     s.start()
     try:
         s.wait_ready()
+        status, served = s.json("GET", "/api/v1/openapi.json")
+        # The fuzzer is built from the document at import; it must be the one this gateway serves.
+        assert status == 200 and served == json.loads(json.dumps(DOCUMENT))
         yield s
     finally:
         s.stop()
         shutil.rmtree(state, ignore_errors=True)
 
 
-# The document the gateway serves on loopback with auth off, as here (test_api.py checks the served
-# one is this one).
-SCHEMA = schemathesis.openapi.from_dict(openapi_document(auth=False))
+# The document the gateway serves on loopback with auth off, as here (the fixture checks it is).
+DOCUMENT = openapi_document(auth=False)
+SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
 OPERATIONS = {op.label: op for op in (result.ok() for result in SCHEMA.get_all_operations())}
 # Invalid cases exist only where the schema constrains something: a body, or query parameters
 # (a string path parameter admits every string, so there is nothing to make invalid).
