@@ -183,12 +183,12 @@ class Broker:
         except WireError as exc:
             log.error("dropped a bad report: %s %s", exc.code, exc.message)
             return
-        job_id = getattr(msg, "job_id", None)
         try:
             self.on_report(msg)
         except Exception:  # one report must not take the broker down
-            with job_context(job_id if isinstance(job_id, str) else None):
-                log.exception("handling a %s failed; the broker goes on", msg.type_name)
+            job_id = getattr(msg, "job_id", None)
+            log.exception("handling a %s failed; the broker goes on", msg.type_name,
+                          extra={"job_id": job_id if isinstance(job_id, str) else None})
 
     def guarded(self, check: Callable[[], None]) -> None:
         """Run a periodic check; an exception is logged (the checks set the job id) and the loop goes on."""

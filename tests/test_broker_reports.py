@@ -274,3 +274,31 @@ def test_a_late_forwarded_report_does_not_move_a_job_back(state: Path) -> None:
         pull.close(0)
         ctx.term()
         broker.close()
+
+
+def test_an_exception_in_one_handler_is_logged_with_the_job_id_and_the_broker_goes_on(
+        state: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    broker = make_broker(state)
+    try:
+        job_id = submit(broker)
+        assert broker.store.start(job_id) == 1
+
+        def boom(*args: Any) -> None:
+            raise RuntimeError("a bug in a handler")
+
+        monkeypatch.setattr(broker.progress, "on_stage_report", boom)
+        monkeypatch.setattr(broker.liveness, "check_stages", boom)
+        with caplog.at_level("ERROR"):
+            broker.handle_report(m.encode(m.StageReport(job_id=job_id, attempt=1, stage="vae", event="accepted")))
+            broker.guarded(broker.liveness.check_stages)
+            broker.handle_report([b"not msgpack"])
+        failed = [r for r in caplog.records if r.exc_info and "StageReport" in r.getMessage()]
+        assert failed and getattr(failed[0], "job_id", None) == job_id
+        assert any(r.exc_info and "boom failed" in r.getMessage() for r in caplog.records)  # the periodic check
+        # Still serving: the next report is handled.
+        monkeypatch.undo()
+        broker.handle_report(m.encode(m.StageReport(job_id=job_id, attempt=1, stage="text_encoder", event="accepted")))
+        job = broker.store.get(job_id)
+        assert job is not None and job.stage == "text_encoder"
+    finally:
+        broker.close()
