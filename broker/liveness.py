@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from broker.inflight import StageSeen
+from broker.progress import timing_key
 from broker.store import Job
 from common import messages as m
 from common import procs
@@ -82,8 +83,6 @@ class Liveness:
     def progress_deadline(self, job: Job, stage: str) -> float:
         """Longest a stage may hold `job` without a report: the configured timeout, or a multiple
         of that stage's measured time per report (per step for a DiT) for jobs of this size."""
-        from broker.progress import timing_key
-
         mean = self.broker.store.timings(timing_key(job.params)).get(stage)
         if mean is None:
             return self.progress_timeout
