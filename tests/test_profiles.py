@@ -180,7 +180,7 @@ def test_broker_refuses_what_does_not_fit_the_reported_cards(rtx_broker):
     """dual-3090 with the weights and card sizes its stages would report: 720p is refused at submit
     with the structured error, 480p is admitted; before the stages report, nothing is refused."""
     request = {"prompt": "x", "model": "t2v", "custom_options": {"resolution": "1280x720"}}
-    assert rtx_broker.op_submit({"request": request})["status"] == "queued"  # no heartbeat yet: admitted
+    assert rtx_broker.api.submit({"request": request})["status"] == "queued"  # no heartbeat yet: admitted
     cfg = rtx_broker.config
     for stage in ("text_encoder", "dit_high", "dit_low", "vae"):
         spec = cfg.stage(stage)
@@ -188,14 +188,14 @@ def test_broker_refuses_what_does_not_fit_the_reported_cards(rtx_broker):
         rtx_broker.on_report(m.Heartbeat(stage=stage, pid=1, ready=True, device=spec.device, device_total_bytes=total,
                                          weight_bytes=memory.nominal_weight_bytes(cfg, stage)))
     with pytest.raises(InsufficientMemory) as info:
-        rtx_broker.op_submit({"request": request})
+        rtx_broker.api.submit({"request": request})
     err = info.value.to_dict()["error"]
     assert err["code"] == "INSUFFICIENT_GPU_MEMORY" and info.value.http_status == 422
     d = err["details"]
     assert d["device"] == "cuda:1" and d["needed_gib"] > d["available_gib"] == 23.56
     assert set(d["stages"]) == {"dit_low", "vae"} and d["suggestion"]
     assert re.search(r"needs about [0-9.]+ GiB on cuda:1", err["message"])
-    assert rtx_broker.op_submit({"request": {"prompt": "x", "model": "t2v"}})["status"] == "queued"  # 480p fits
+    assert rtx_broker.api.submit({"request": {"prompt": "x", "model": "t2v"}})["status"] == "queued"  # 480p fits
     assert rtx_broker.store.count("queued") == 2  # the refused job was never stored
 
 

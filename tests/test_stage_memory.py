@@ -155,7 +155,7 @@ def pump(broker: Broker, until, timeout_s: float) -> None:
                 except zmq.Again:
                     break
                 broker.on_report(m.decode(parts, broker.limits))
-        broker.dispatch()
+        broker.dispatcher.dispatch()
 
 
 def test_memory_budget_refuses_big_job_at_submit_and_admits_small(fp8_stack):
@@ -164,18 +164,18 @@ def test_memory_budget_refuses_big_job_at_submit_and_admits_small(fp8_stack):
     broker = Broker(config)
     try:
         stages = ("text_encoder", "dit_high", "dit_low", "vae")
-        pump(broker, lambda: all(s in broker.heartbeats and broker.heartbeats[s][0].weight_bytes for s in stages), 60)
+        pump(broker, lambda: all(s in broker.inflight.stages and broker.inflight.stages[s].beat.weight_bytes for s in stages), 60)
         big = {"prompt": "a cat", "model": "t2v", "custom_options": {"resolution": "64x64", "num_frames": 33}}
         with pytest.raises(InsufficientMemory) as info:
-            broker.op_submit({"request": big})
+            broker.api.submit({"request": big})
         d = info.value.details
         assert info.value.code == "INSUFFICIENT_GPU_MEMORY" and d["device"] == "cpu"
         assert d["available_gib"] == 0.25 < d["needed_gib"]
         assert set(d["stages"]) == set(stages) and d["suggestion"]
         assert broker.store.count("queued") == 0
-        job = broker.op_submit({"request": {"prompt": "a cat", "model": "t2v", "quality": "draft", "seed": 4}})
+        job = broker.api.submit({"request": {"prompt": "a cat", "model": "t2v", "quality": "draft", "seed": 4}})
         pump(broker, lambda: broker.store.get(job["job_id"]).final, 180)
-        result = broker.op_result({"job_id": job["job_id"]})
+        result = broker.api.result({"job_id": job["job_id"]})
         assert result["status"] == "completed", result["error"]
         with av.open(result["output_path"]) as container:
             assert len(list(container.decode(video=0))) == result["metadata"]["params"]["num_frames"]

@@ -1,0 +1,182 @@
+"""Progress: what the stages report about a job (StageReport, JobDone, JobFailed), turned into the
+job's stage, progress, timings and ETA.
+
+Reports of an attempt other than the job's current one, and reports about final jobs, are ignored.
+A job's position only moves forward along its route within an attempt: reports of two stage
+processes arrive on separate connections, so one stage's `forwarded` can land after the next
+stage's `accepted` (broker/inflight.py `JobInFlight.move_to`).
+
+Progress is the share of the route done: each stage kind weighs `PROGRESS_WEIGHTS` (the DiT share
+split by steps). Each stage's time from `accepted` to `forwarded` (or to JobDone, for the last) is
+recorded per job shape (`timing_key`); ETAs and the watchdog's deadlines come from those means.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from broker.dispatch import entry_stage
+from broker.inflight import JobInFlight
+from broker.store import Job
+from common import messages as m
+
+if TYPE_CHECKING:
+    from broker.broker import Broker
+
+log = logging.getLogger(__name__)
+
+# Share of a job's progress each stage kind accounts for (the DiT share is split by steps).
+PROGRESS_WEIGHTS = {"text_encoder": 0.05, "dit": 0.80, "vae": 0.10, "muxer": 0.05}
+
+
+def timing_key(params: dict[str, Any]) -> str:
+    """Jobs of one shape take about the same time per stage."""
+    return f"{params['model']}:{params['width']}x{params['height']}x{params['num_frames']}:{params['steps']}"
+
+
+def failure(body: Any, stage: str) -> dict[str, Any]:
+    """The structured error a JobFailed carries (`{"error": {code, message, details}}`, or the inner
+    map); a body of any other shape fails the job with a generic JOB_FAILED naming the stage."""
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("code"), str) and inner["code"]:
+        error = dict(inner)
+        if not isinstance(error.get("message"), str):
+            error["message"] = f"stage {stage} failed the job"
+        if not isinstance(error.get("details"), dict):
+            error["details"] = {"stage": stage}
+        return error
+    return {"code": "JOB_FAILED", "message": f"stage {stage} failed the job", "details": {"stage": stage}}
+
+
+class Progress:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.config = broker.config
+        self.store = broker.store
+
+    def on_report(self, msg: m.StageReport | m.JobDone | m.JobFailed) -> None:
+        job = self.store.get(msg.job_id)
+        if job is None or job.final or msg.attempt != job.attempt:
+            return  # a stale attempt, a cancelled job, or a job we never had
+        if isinstance(msg, m.StageReport):
+            self.on_stage_report(job, msg)
+        elif isinstance(msg, m.JobDone):
+            self.on_done(job, msg)
+        else:
+            self.on_failed(job, msg)
+
+    def _record(self, job: Job) -> JobInFlight:
+        record = self.broker.inflight.jobs.get(job.id)
+        if record is None or record.attempt != job.attempt:
+            # Dispatched by an earlier broker process or a test: where it is shows from its reports.
+            record = JobInFlight(job.id, job.attempt, job.route, entry_stage(job), None)
+            self.broker.inflight.jobs[job.id] = record
+        return record
+
+    def on_stage_report(self, job: Job, r: m.StageReport) -> None:
+        if r.stage not in job.route:
+            log.warning("ignored a %r report from %s, which is not on this job's route", r.event[:32], r.stage)
+            return
+        record = self._record(job)
+        pid_of = self.broker.inflight.pid_of
+        timings = dict(job.timings)
+        now, tick = time.time(), time.monotonic()
+        not_behind = job.route.index(r.stage) >= job.route.index(record.stage)
+        if r.event == "accepted":
+            if record.move_to(r.stage, r.pid or pid_of(r.stage)):
+                record.progressed(r.stage, tick)
+            record.started[r.stage] = now
+            progress = self.progress_at(job, r.stage, 0.0)
+        elif r.event == "step":
+            if not_behind:
+                record.progressed(r.stage, tick)
+            dits = [s for s in job.route if self.config.stage(s).kind == "dit"]
+            base = self.progress_at(job, dits[0], 0.0) if dits else 0.0
+            progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
+        elif r.event == "checkpoint":
+            if record.watched == r.stage:
+                record.progressed(r.stage, tick)
+            if r.to in job.route and self.store.set_checkpoint(job.id, r.attempt, r.to):
+                log.info("attempt %d: checkpoint for %s written", r.attempt, r.to)
+            return
+        elif r.event == "forwarded":
+            if record.watched == r.stage:
+                record.watched = None
+            if r.to:
+                record.move_to(r.to, pid_of(r.to))
+            started = record.started.pop(r.stage, None)
+            if started is not None:
+                timings[r.stage] = {"start": started, "end": now, "seconds": round(now - started, 4)}
+                self.store.record_timing(timing_key(job.params), r.stage, now - started)
+            progress = self.progress_at(job, r.stage, 1.0)
+        else:
+            return
+        if self.store.progress(job.id, r.attempt, record.stage, min(progress, 0.99), timings):
+            job = self.store.get(job.id)  # type: ignore[assignment]
+            self.broker.events.job(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job),
+                                                     "stage": r.stage, "attempt": r.attempt})
+
+    def on_done(self, job: Job, done: m.JobDone) -> None:
+        timings = dict(job.timings)
+        now = time.time()
+        last = job.route[-1]
+        record = self.broker.inflight.jobs.get(job.id)
+        started = record.started.pop(last, None) if record is not None else None
+        if started is not None:
+            timings[last] = {"start": started, "end": now, "seconds": round(now - started, 4)}
+            self.store.record_timing(timing_key(job.params), last, now - started)
+        if job.started_at:
+            timings["total_seconds"] = round(now - job.started_at, 4)
+        if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings):
+            log.info("completed: %s", done.path)
+            self.broker.events.job(job, "progress", {"progress": 1.0, "eta": 0.0, "stage": last})
+            self.broker.events.job(job, "complete", {"output_url": f"/api/v1/files/{job.id}.mp4"})
+            self.broker.finalize(job.id)
+            self.broker.dispatcher.dispatch()
+
+    def on_failed(self, job: Job, msg: m.JobFailed) -> None:
+        error = failure(msg.error, msg.stage)
+        if error["code"] == "CHECKPOINT_ERROR" and job.attempt < self.broker.max_attempts:
+            # The checkpoint is unreadable: start over rather than fail the job.
+            self.store.set_checkpoint(job.id, job.attempt, None)
+            if self.store.requeue(job.id, job.attempt, keep_attempt=True):
+                log.warning("checkpoint in %s unreadable at attempt %d; dispatching again from the start",
+                            msg.stage, job.attempt)
+                self.broker.inflight.forget(job.id)
+                self.broker.dispatcher.dispatch()
+            return
+        if self.broker.fail(job, error, stage=msg.stage, attempt=msg.attempt):
+            log.error("failed in %s: %s", msg.stage, error.get("message"))
+            self.broker.dispatcher.dispatch()
+
+    # ---- progress and ETA ----
+    def progress_at(self, job: Job, stage: str, fraction: float) -> float:
+        """Job progress when `stage` of the route is `fraction` done."""
+        done = 0.0
+        kinds = [self.config.stage(s).kind for s in job.route]
+        dit_count = max(1, kinds.count("dit"))
+        for s, kind in zip(job.route, kinds):
+            weight = PROGRESS_WEIGHTS.get(kind, 0.0) / (dit_count if kind == "dit" else 1)
+            if s == stage:
+                return done + weight * fraction
+            done += weight
+        return done
+
+    def eta(self, job: Job) -> float | None:
+        """Seconds until the job should finish, from measured stage timings; None until measured."""
+        if job.final:
+            return 0.0
+        means = self.store.timings(timing_key(job.params))
+        if any(stage not in means for stage in job.route):
+            return None
+        total = sum(means[s] for s in job.route)
+        remaining = total * (1.0 - job.progress)
+        if job.status == "queued":
+            dispatcher = self.broker.dispatcher
+            position = dispatcher.queue_position(job) or 1
+            running = self.store.count("processing")
+            slots = max(1, dispatcher.max_inflight)
+            remaining += max(means.values()) * ((position - 1 + running) / slots)
+        return round(remaining, 2)
