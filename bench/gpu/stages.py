@@ -49,7 +49,7 @@ def serve(stage: Any, clock: StepClock | None = None) -> None:
     stage.ready = True
 
 
-def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: torch.nn.Module, part: str,
+def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: str,
               two_experts: bool, clock: StepClock, attention: str = "sdpa") -> Any:
     """A DitStage serving `sp["name"]` with `model` as its `transformer` (the high-noise expert
     when `two_experts`, with the model's boundary). `attention` as in a profile (placement sets
