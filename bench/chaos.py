@@ -636,6 +636,7 @@ class Soak:
         by_status: collections.Counter[str] = collections.Counter()
         failed_codes: collections.Counter[str] = collections.Counter()
         unknown, not_final, latencies, server_latencies = [], [], [], []
+        per_job: list[tuple[float, str, str, Any]] = []
         for job_id, body in finals.items():
             if body.get("http") == 404:
                 unknown.append(job_id)
@@ -652,6 +653,7 @@ class Soak:
             sub = self.plan[self.jobs[job_id].submission]
             if finished and sub.job_ids[:1] == [job_id] and sub.first_attempt_at:
                 latencies.append(finished - sub.first_attempt_at)
+                per_job.append((finished - sub.first_attempt_at, job_id, status, meta.get("attempts")))
             if finished and meta.get("created_at"):
                 server_latencies.append(finished - meta["created_at"])
 
@@ -674,7 +676,10 @@ class Soak:
         submitted = [s for s in self.plan if s.job_ids]
 
         rss = self.rss_report(start_rows, end_rows)
-        problems = sorted(set(unknown) | set(not_final) | set(completed_twice) | set(completed_without_mp4))
+        slowest = sorted(per_job, reverse=True)[:3]
+        orphans = [f[:-4] for f in mp4_of_not_completed]
+        problems = sorted(set(unknown) | set(not_final) | set(completed_twice) | set(completed_without_mp4)
+                          | set(orphans)) + [j for _, j, _, _ in slowest]
         report: dict[str, Any] = {
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "machine": {"cpus": os.cpu_count(), "load_average_at_end": round(os.getloadavg()[0], 2)},
@@ -727,8 +732,19 @@ class Soak:
             "websocket": {"connects": self.ws_connects, "jobs_with_complete_event": len(self.ws_complete)},
             "rss": rss,
             "process_states_at_end": {r["program"]: r["state"] for r in end_rows},
+            "slowest_jobs": [{"job_id": j, "submit_to_final_s": round(t, 2), "status": st, "attempts": a}
+                             for t, j, st, a in slowest],
             "problem_job_logs": {j: lines.get(j, [])[-40:] for j in problems[:20]},
         }
+        # Not targets, but what a run should not show either; the state folder is kept when any is there.
+        report["findings"] = {k: v for k, v in {
+            "mp4_of_jobs_not_completed": len(mp4_of_not_completed),
+            "mp4_writes_more_than_once": len(report["mp4_writes_more_than_once"]),
+            "duplicate_jobs": report["submissions"]["duplicate_jobs"],
+            "jobs_created_behind_a_lost_answer": len(created_behind_error),
+            "store_jobs_unknown_to_the_client": len(report["store_jobs_unknown_to_the_client"]),
+            "results_other_files": len(other_files),
+        }.items() if v}
         growth = [v["growth_pct"] for v in rss.values() if v.get("growth_pct") is not None]
         report["targets"] = {
             "lost_0": report["lost"] == 0,
@@ -785,6 +801,7 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  {name:12s} RSS {v['start']['rss_mib']} -> {v['end']['rss_mib']} MiB "
                      f"({v.get('growth_pct')}%; peak {v['peak_seen_mib']}){restarted}")
     lines.append(f"targets: {r['targets']}")
+    lines.append(f"findings: {r['findings'] or 'none'}; slowest: {r['slowest_jobs']}")
     return "\n".join(lines)
 
 
@@ -821,7 +838,7 @@ def main() -> int:
         report["ready_after_s"] = round(ready_s, 1)
     finally:
         system.stop()
-        keep = args.keep or report is None or not all(report["targets"].values())
+        keep = args.keep or report is None or not all(report["targets"].values()) or bool(report["findings"])
         if keep:
             print(f"kept the state folder {state} (logs in {system.log_dir})", flush=True)
         else:
