@@ -17,12 +17,17 @@ client looks for its prompt (unique per submission) among the jobs the server li
 every listed job is matched to its submission, so a job created behind a lost answer is counted,
 and a retried submit that created a second job is counted as a duplicate, not as a new submission.
 
-After the killer stops, it waits (at most `--drain-s`) until every job is final, then reports:
-submissions, jobs, completed, failed (by error code), cancelled, lost (submitted but unknown to the
-server, or never final), completed twice (per job: `completed` lines in the broker's log, MP4
-writes in the muxer's, `complete` events on a WebSocket subscribed to all jobs; and MP4s in the
-results folder of jobs that did not complete), p50/p99 latency (submit to final), and each
-process's RSS at the start and the end (and whether supervisord restarted it). JSON to `--out`.
+Before anything is measured or killed, one warm-up job of each variant runs (not counted), so
+memory a process allocates once, on its first job of a kind, is not counted as growth. After the
+killer stops, it waits (at most `--drain-s`) until every job is final, then reports: submissions,
+jobs, completed, failed (by error code), cancelled, lost (submitted but unknown to the server, or
+never final), completed twice (per job: more than one `completed` line in the broker's log, or more
+than one `complete` event on a WebSocket subscribed to all jobs), p50/p99 latency (submit to
+final), the slowest jobs, and each program's RSS at the start and the end (and how often
+supervisord started it). Findings that are no target but should not happen either (MP4s of jobs
+that did not complete, MP4s written twice, duplicate jobs, jobs created behind a lost answer) are
+listed with the jobs' log lines; the state folder is kept when a target is missed or there is a
+finding. JSON to `--out`, a summary on stdout.
 
     .venv/bin/python bench/chaos.py --jobs 20 --kill-every 5 --max-kills 6 --time-limit 600
     .venv/bin/python bench/chaos.py --seed 1 --jobs 200 --time-limit 1200 --drain-s 300
