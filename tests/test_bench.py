@@ -1,0 +1,65 @@
+"""bench/gpu_stage_check.py in its `--small` CPU mode: the same code path as on a GPU (models built
+with random weights, handed to our DitStage / VaeStage through add_model / add_vae, timed against
+diffusers on the same weights), at tiny sizes. Run as its own process, as on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ["env", "sdpa_probe", "ti2v", "a14b", "vae22_float32", "vae21_float32", "vae22_bfloat16", "vae21_bfloat16"]
+
+
+def finite_positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_gpu_stage_check_small(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_stage_check.py", "--small", "--budget-s", "600", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "gpu_stage_check.json").read_text())
+    assert (tmp_path / "gpu_stage_check.md").read_text().count("\n| ") >= 10
+
+    for name in SECTIONS:
+        assert name in results, f"section {name} missing"
+        assert "error" not in results[name] and "skipped" not in results[name], (name, results[name])
+
+    for key, steps in (("ti2v", [1, 2, 3]), ("a14b", [1, 2, 3])):  # a14b: the high-noise steps of 4
+        d = results[key]
+        assert d["stage"]["steps_run"] == steps
+        assert all(finite_positive(s) for s in d["stage"]["step_s"])
+        assert d["stage"]["output_finite"]
+        assert finite_positive(d["direct_2x_batch1"]["median_s"])
+        pipe = d["diffusers_pipeline"]
+        assert pipe["steps_run"] == len(steps) and finite_positive(pipe["median_step_s"])
+        # float32 on the CPU: our stage is the pipeline's loop, so its latents are the pipeline's, bit for bit.
+        diff = pipe["vs_stage"]
+        assert diff["all_finite"] and diff["max_abs_ref"] > 0
+        assert diff["max_abs_diff"] == 0.0, diff
+    assert results["ti2v"]["stage"]["output"] == "DecodeJob"  # part "all": every step, then to the VAE
+    assert results["a14b"]["stage"]["output"] == "DenoiseJob (next step 3)"  # the hand-off to the low expert
+    assert "vs_2x_batch1" in results["ti2v"]["direct_batch2"]
+
+    for key in SECTIONS[4:]:
+        v = results[key]
+        assert finite_positive(v["stage_handle"]["handle_s"]) and finite_positive(v["direct_decode"]["decode_s"])
+        frames = v["stage_handle"]["frames_shape"]
+        assert frames[0] == 9 and frames[-1] == 3 and v["stage_handle"]["frames_dtype"] == "uint8"
+        diff = v["direct_decode"]["vs_stage_uint8"]
+        assert diff["all_finite"] and diff["max_abs_ref"] > 0
+        # The stage post-processes on the device; the frames must still be the pipeline's (uint8 levels).
+        assert diff["max_abs_diff"] <= (0 if v["dtype"] == "float32" else 1), (key, diff)
+
+    compared = results["comparisons_max_abs_diff"]
+    assert set(compared) == {"ti2v", "a14b", *SECTIONS[4:]}
+    assert all(isinstance(x, float) and math.isfinite(x) for x in compared.values()), compared
