@@ -386,12 +386,9 @@ class StageRuntime:
                 if oom is not None:
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                     log.error("job failed in %s: out of memory on %s: %s", self.name, device, first)
-                elif isinstance(exc, ServerError):
-                    log.error("job failed in %s: %s %s %s", self.name, exc.code, exc.message,
-                              json.dumps(exc.details, default=str))
                 else:
-                    log.error("job failed in %s: %s: %s\n%s", self.name, type(exc).__name__, exc,
-                              traceback.format_exc())
+                    what = f"{exc.code} {exc.message}" if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+                    log.error("job failed in %s: %s\n%s", self.name, what, traceback.format_exc())
                 if job_id is not None:
                     self.send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc, self.name)))
                 exc.__traceback__ = None  # its frames hold the failed job's tensors
@@ -457,6 +454,7 @@ class StageRuntime:
             if thread.is_alive():
                 thread.join(timeout=2)
         stuck = [t.name for t in threads if t.is_alive()]
+        log.info("closing sockets; queued messages get up to %.1f s to leave", self.shutdown_linger_ms / 1000)
         if pull is not None:
             pull.close(linger=0)
         for sock in self._peers.values():
