@@ -4,7 +4,9 @@
   (a fault point in setup), and after a failed model load (non-zero, one structured log line);
 - reports still queued when it stops (nobody listening yet) get a bounded linger, not dropped;
 - a job's error as the client sees it holds no library text, file path or spool folder;
-- the muxer's MP4 is fsynced before it is renamed into place, and its folder after.
+- the muxer's MP4 is fsynced before it is renamed into place, and its folder after;
+- a stage reports progress, and learns of cancellation and stopping, through the context it is
+  handed (no method of it is replaced).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from PIL import Image
 
 from common import messages as m
 from common.config import Config
-from common.errors import InvalidRequest
+from common.errors import InvalidRequest, JobCancelled, StageStopping
 from common.sockets import SocketOptions, make_socket
+from stages.base import StageContext
+from stages.dit import DitStage
 from stages.failures import as_out_of_memory, error_body
 from stages.image_condition import load_image
 from stages.muxer import write_mp4
@@ -226,3 +230,57 @@ def test_mp4_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeyp
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     assert calls == [("fsync", str(tmp)), ("replace", str(path)), ("fsync", str(path.parent))]
     assert path.stat().st_size > 0 and not tmp.exists()
+
+
+# ---- the context a stage is handed ----------------------------------------------------------
+
+
+class Recorded(StageContext):
+    """An in-process context that keeps the reports and cancels or stops on request."""
+
+    def __init__(self, cancel: str | None = None, stop: bool = False):
+        self.reports: list[m.Message] = []
+        self.cancel, self.stop = cancel, stop
+
+    def emit(self, report: m.Message) -> None:
+        self.reports.append(report)
+
+    def cancelled(self, job_id: str) -> bool:
+        return job_id == self.cancel
+
+    def stopping(self) -> bool:
+        return self.stop
+
+
+@pytest.fixture(scope="module")
+def tiny_config(model_cache) -> Config:
+    return Config.load(environ={"WAN_SERVER__RUNTIME__MODEL_CACHE_DIR": str(model_cache)})
+
+
+def denoise_job(stage: DitStage, job_id: str) -> m.DenoiseJob:
+    text_dim = stage.models["t2v-A14B"]["experts"]["transformer"].config.text_dim
+    p = m.JobParams("t2v-A14B", "x", "", 0, 4, 32, 32, 5, 16, 1.0)
+    return m.DenoiseJob(job_id=job_id, attempt=1, route=["dit_high", "dit_low"], params=p,
+                        prompt_embeds=torch.randn(1, 8, text_dim, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_dit_stage_reports_cancels_and_stops_through_its_context(tiny_config):
+    context = Recorded()
+    stage = DitStage(tiny_config, tiny_config.stage("dit_high"), context)
+    assert stage.placement is None and stage.memory() == {} and stage.device_name() == "cpu"
+    stage.setup()
+    assert stage.placement is not None and stage.placement.weight_bytes > 0
+    (out,) = stage.handle(denoise_job(stage, "ctx1"))
+    assert isinstance(out, m.DenoiseJob) and out.step > 0
+    assert [(r.job_id, r.stage, r.event, r.step) for r in context.reports] == [
+        ("ctx1", "dit_high", "step", i + 1) for i in range(out.step)]
+    stage.ready = True
+    assert stage.memory()["device"] == "cpu" and stage.memory()["weight_bytes"] == stage.placement.weight_bytes
+
+    stage.context = Recorded(cancel="ctx2")
+    with pytest.raises(JobCancelled):
+        stage.handle(denoise_job(stage, "ctx2"))
+    stage.context = Recorded(stop=True)
+    with pytest.raises(StageStopping):
+        stage.handle(denoise_job(stage, "ctx3"))
+    assert stage.context.reports == []  # stopped before the first step ran
