@@ -45,25 +45,33 @@ def checkpoint_path(config: Config, job_id: str, stage: str) -> Path:
     return job_dir(config, job_id) / f"{stage}{CHECKPOINT_SUFFIX}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one, even after a
-    crash or power loss: temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the fully written `tmp` (in the same folder) onto `path` so that, even after a crash or
+    power loss, a reader sees the old file or the whole new one: fsync, rename, fsync the folder."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably (see `replace_durably`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        replace_durably(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_checkpoint(config: Config, job_id: str, stage: str, frames: list[Any]) -> Path:

@@ -31,10 +31,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from common import messages as m
 from common.errors import InvalidRequest
-from common.runtime import Stage, stage_main
 from stages import schedule
+from stages.base import Stage
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from stages.placement import Placement
+from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ class DitStage(Stage):
     kind = "dit"
 
     def setup(self) -> None:
-        self.placement = Placement.from_spec(self.spec, attention=True)
-        self.device = self.placement.device
-        self.dtype = self.placement.dtype
+        placement = self.placement = Placement.from_spec(self.spec, attention=True)
+        self.device = placement.device
+        self.dtype = placement.dtype
         self.part = self.spec.options.get("part", "all")
         if self.part not in schedule.PARTS:
             raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
@@ -58,7 +59,7 @@ class DitStage(Stage):
             wanted = {"high": ["transformer"], "low": ["transformer_2"], "all": ["transformer", "transformer_2"]}
             names = wanted[self.part] if two_experts else ["transformer"]
             experts = {
-                name: self.placement.place(
+                name: placement.place(
                     load_component(WanTransformer3DModel, folder, name, torch_dtype=self.dtype), f"{model}/{name}"
                 )
                 for name in names

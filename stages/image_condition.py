@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from PIL import Image
 from common import messages as m
 from common.errors import InvalidRequest
 from stages.models import PipelineInfo
+
+log = logging.getLogger(__name__)
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -43,17 +46,28 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
 def load_image(path: str | Path, width: int, height: int, sha256: str | None = None) -> Image.Image:
     """The job's image from its spool file, as RGB of the job's size; with `sha256`, the file must
     be the one the broker admitted."""
+    # The errors reach the client: they name the problem, never the spool path or the decoder's
+    # text, which go to the stage's log.
     try:
         data = Path(path).read_bytes()
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise InvalidRequest("the job's input image is not the one admitted (SHA-256 differs)", {"path": str(path)})
+    except FileNotFoundError:
+        log.error("the input image %s is missing", path)
+        raise InvalidRequest("the job's input image is missing", {"field": "image"}) from None
+    except OSError as exc:
+        log.error("the input image %s could not be read: %s", path, exc)
+        raise InvalidRequest("the job's input image could not be read", {"field": "image",
+                                                                         "reason": type(exc).__name__}) from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        log.error("the input image %s is not the one admitted (SHA-256 differs)", path)
+        raise InvalidRequest("the job's input image is not the one admitted (SHA-256 differs)", {"field": "image"})
+    try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             image = img.convert("RGB")
-    except FileNotFoundError:
-        raise InvalidRequest("the job's input image is missing", {"path": str(path)}) from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"the job's input image does not decode: {exc}", {"path": str(path)}) from None
+        log.error("the input image %s does not decode: %s: %s", path, type(exc).__name__, exc)
+        raise InvalidRequest("the job's input image does not decode", {"field": "image",
+                                                                       "reason": type(exc).__name__}) from None
     return fit_image(image, width, height)
 
 

@@ -1,9 +1,10 @@
 """Muxer stage: uint8 frames -> H.264 (yuv420p) MP4 with PyAV.
 
-The file is written to a temporary name in the results folder and renamed into place, so a reader
-never sees a partial MP4. A write that fails (disk full, the file size limit, a results folder that
-is not writable) fails the job with `RESULT_WRITE_ERROR` and removes the temporary file; temporary
-files left by a muxer process that was killed are removed when the next one starts.
+The file is written to a temporary name in the results folder, fsynced and renamed into place
+(and the folder fsynced), so a reader never sees a partial MP4, even after a crash or power loss.
+A write that fails (disk full, the file size limit, a results folder that is not writable) fails
+the job with `RESULT_WRITE_ERROR` and removes the temporary file; temporary files left by a muxer
+process that was killed are removed when the next one starts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 
 from common import messages as m
 from common.errors import InvalidRequest, OutputError
-from common.runtime import Stage, stage_main
+from common.spool import replace_durably
+from stages.base import Stage
+from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: s
                 container.mux(packet)
             if before_trailer is not None:
                 before_trailer()
-        os.replace(tmp, path)
+        # The job is recorded completed once the JobDone report leaves: the video must be on
+        # disk by then, as checkpoints are.
+        replace_durably(tmp, path)
     except OSError as exc:
         raise write_error(exc) from None
     finally:

@@ -20,10 +20,11 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from common import messages as m
 from common.errors import InvalidRequest
-from common.runtime import Stage, stage_main
 from stages.image_condition import encode_condition, load_image
+from stages.base import Stage
 from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
+from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,16 @@ class TextEncoderStage(Stage):
     kind = "text_encoder"
 
     def setup(self) -> None:
-        self.placement = Placement.from_spec(self.spec)
-        self.device = self.placement.device
-        dtype = self.placement.dtype
+        placement = self.placement = Placement.from_spec(self.spec)
+        self.device = placement.device
+        self.dtype = dtype = placement.dtype
         self.encoders: dict[str, tuple[object, UMT5EncoderModel]] = {}
         self.image_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}
         for model in self.spec.options.get("models", self.config.model_names()):
             folder = model_dir(self.config, model)
             tokenizer = load_component(AutoTokenizer, folder, "tokenizer")
             encoder = load_component(UMT5EncoderModel, folder, "text_encoder", dtype=dtype)
-            self.encoders[model] = (tokenizer, self.placement.place(encoder, f"{model}/text_encoder"))
+            self.encoders[model] = (tokenizer, placement.place(encoder, f"{model}/text_encoder"))
             log.info("loaded text encoder of %s on %s (%s)", model, self.device, dtype)
             info = PipelineInfo.read(folder)
             if info.image_conditioning:
@@ -67,7 +68,7 @@ class TextEncoderStage(Stage):
         ids, mask = inputs.input_ids, inputs.attention_mask
         seq_lens = mask.gt(0).sum(dim=1).long()
         embeds = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
-        embeds = embeds.to(dtype=self.placement.dtype)  # not encoder.dtype: fp8 storage would show
+        embeds = embeds.to(dtype=self.dtype)  # not encoder.dtype: fp8 storage would show
         embeds = [u[:v] for u, v in zip(embeds, seq_lens)]
         return torch.stack(
             [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in embeds], dim=0

@@ -15,9 +15,10 @@ from diffusers.video_processor import VideoProcessor
 
 from common import messages as m
 from common.errors import InvalidRequest
-from common.runtime import Stage, stage_main
+from stages.base import Stage
 from stages.models import load_component, model_dir
 from stages.placement import Placement
+from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,14 @@ class VaeStage(Stage):
     kind = "vae"
 
     def setup(self) -> None:
-        self.placement = Placement.from_spec(self.spec)
-        self.device = self.placement.device
-        dtype = self.placement.dtype
+        placement = self.placement = Placement.from_spec(self.spec)
+        self.device = placement.device
+        dtype = placement.dtype
         tiling = bool(self.spec.options.get("vae_tiling", self.spec.options.get("tiling", False)))
         self.vaes: dict[str, tuple[AutoencoderKLWan, VideoProcessor]] = {}
         for model in self.spec.options.get("models", self.config.model_names()):
             vae = load_component(AutoencoderKLWan, model_dir(self.config, model), "vae", torch_dtype=dtype)
-            self.add_vae(model, self.placement.place(vae, f"{model}/vae"), tiling)
+            self.add_vae(model, placement.place(vae, f"{model}/vae"), tiling)
             log.info("loaded VAE of %s on %s (%s, z%d, tiling %s)", model, self.device, dtype, vae.config.z_dim, tiling)
 
     def add_vae(self, model: str, vae: AutoencoderKLWan, tiling: bool = False) -> None:

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 from broker.driver import default_params
-from common.runtime import replay_file
+from stages.recording import replay_file
 from stages.dit import DitStage
 from stages.muxer import MuxerStage
 from stages.text_encoder import TextEncoderStage

@@ -6,6 +6,7 @@ import time
 
 import msgpack
 import pytest
+import torch
 import zmq
 
 from broker.driver import default_params
@@ -88,3 +89,25 @@ def test_failing_job_reports_error_and_stage_keeps_serving(stack, driver):
     good = default_params(stack.config, "ti2v-5B", prompt="after the failure", height=32, width=64, steps=2)
     assert driver.run(good, timeout_s=120).done.width == 64
     assert "Traceback" in stack.log("dit_high")  # the failure was logged with its stack
+
+
+def test_library_exception_reaches_the_client_as_stage_error_and_its_text_stays_in_the_log(stack, driver):
+    # Prompt embeddings 3 wide, where the tiny DiT's text projection takes more: torch raises a
+    # RuntimeError naming the shapes inside diffusers.
+    p = m.JobParams("t2v-A14B", "x", "", 0, 2, 32, 32, 9, 16, 1.0)
+    job = m.DenoiseJob(job_id="libraryerror", attempt=1, route=stack.config.route("t2v-A14B"), params=p,
+                       prompt_embeds=torch.zeros(1, 8, 3))
+    sock = make_socket(zmq.Context.instance(), zmq.PUSH, stack.config.endpoint("dit_high"), bind=False)
+    sock.send_multipart(m.encode(job))
+    sock.close(linger=2000)
+    with pytest.raises(JobFailedError) as info:
+        driver.wait("libraryerror", timeout_s=60)
+    assert info.value.details["stage"] == "dit_high"
+    assert info.value.details["error"] == {
+        "code": "STAGE_ERROR",
+        "message": "stage dit_high failed while running this job",
+        "details": {"stage": "dit_high", "exception": "RuntimeError"},
+    }
+    (line,) = [ln for ln in stack.log("dit_high").splitlines()
+               if "job=libraryerror" in ln and "job failed in dit_high: RuntimeError: " in ln]
+    assert "shapes" in line or "size" in line, line  # torch's own words, for the operator

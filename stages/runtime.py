@@ -1,23 +1,28 @@
 """The loop every stage process runs: receive -> decode -> handle -> send, plus heartbeats.
 
-A stage is a class with `setup()` (load models) and `handle(message) -> messages`. Everything that
-touches a socket lives here, so `handle` can be driven in-process by tests and by replay.
+Everything that touches a socket or a signal lives here, so a stage's `handle` can be driven
+in-process by tests, replay and benchmarks (`stages/base.py`).
 
 - Job messages returned by `handle` go to the next stage in the job's route; anything else
   (JobDone, JobFailed) goes to the reports endpoint.
 - A message that does not decode is logged and dropped; the stage keeps serving.
-- An exception in `handle` fails that job with a structured error; the stage keeps serving.
-- A heartbeat thread, with its own socket, reports liveness whatever the main loop is doing.
-- With `runtime.record_dir` set, every received message and what `handle` returned for it are
-  written, as raw wire frames in a msgpack file, for replay (see `replay_file`).
+- An exception in `handle` fails that job with a structured error (`stages/failures.py`); the
+  stage keeps serving.
+- A heartbeat thread, with its own socket, reports liveness whatever the main loop is doing; a
+  cancellation thread listens to the broker's `cancel` events.
+- With `runtime.record_dir` set, the traffic is recorded for replay (`stages/recording.py`).
 - A job message sent to a stage of a kind in `runtime.checkpoint_kinds` (default: the DiTs and
   the VAE) is first written to the job's spool folder, and the broker is told (`checkpoint`
   report); a `ResumeJob` from the broker replays that checkpoint as a new attempt.
 - The same job message (job id + attempt) delivered twice is handled once.
-- SIGTERM stops a job between two steps (the broker dispatches it again).
+- SIGTERM stops a job between two steps (the broker dispatches it again). During `setup()` it
+  abandons the loading where it is (`SetupAborted`): loading keeps no state worth finishing, and
+  one 14B expert takes minutes to load, so waiting for a check between models would hold a stop
+  up that long. Whatever way the process ends, the threads are joined and the sockets closed;
+  reports still queued (the broker restarting) get `runtime.shutdown_linger_s` to leave.
 - With `runtime.fault_dir` set (tests only), a file `<stage>.<point>.delay` (seconds) or
-  `<stage>.<point>.hang` there makes the stage sleep or hang once at that point (`handle`: after
-  accepting a job; stages add their own, e.g. the muxer's `write`).
+  `<stage>.<point>.hang` there makes the stage sleep or hang once at that point (`setup`: before
+  the models load; `handle`: after accepting a job; stages add their own, e.g. the muxer's `write`).
 """
 
 from __future__ import annotations
@@ -34,69 +39,37 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import msgpack
 import torch
 import zmq
 
 from common import messages as m
-from common.config import Config, StageSpec
 from common import procs, spool
-from common.errors import CheckpointError, JobCancelled, OutOfMemory, ServerError, StageStopping, StageTimeout, WireError
+from common.config import Config, StageSpec
+from common.errors import (
+    CheckpointError,
+    JobCancelled,
+    ServerError,
+    StageStopping,
+    StageTimeout,
+    WireError,
+)
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
+from stages.base import Stage, StageContext
+from stages.failures import as_out_of_memory, error_body, free_memory
+from stages.recording import Recorder, frame_bytes
 
 log = logging.getLogger(__name__)
 
+REMEMBERED = 10_000  # job ids kept for dedupe and cancellation
 
-class Stage:
-    """Base of every stage. Subclasses set `kind` and implement `setup` and `handle`."""
 
-    kind = ""
-
-    def __init__(self, config: Config, spec: StageSpec):
-        self.config = config
-        self.spec = spec
-        self.name = spec.name
-        self.ready = False
-
-    def setup(self) -> None:
-        """Load models. Called once before the first message."""
-
-    def handle(self, msg: m.Message) -> list[m.Message]:
-        raise NotImplementedError
-
-    def memory(self) -> dict[str, Any]:
-        """Heartbeat memory fields (see `Heartbeat`): from the stage's `placement`, once set up."""
-        placement = getattr(self, "placement", None)
-        return placement.memory() if placement is not None and self.ready else {}
-
-    def device_name(self) -> str:
-        """The device this stage computes on (for error details)."""
-        placement = getattr(self, "placement", None)
-        return str(placement.device if placement is not None else self.spec.device)
-
-    def emit(self, msg: m.Message) -> None:
-        """Send a side report (progress) while handling; the runtime replaces this."""
-
-    def cancelled(self, job_id: str) -> bool:
-        """True once the broker has cancelled `job_id`; the runtime replaces this."""
-        return False
-
-    def stopping(self) -> bool:
-        """True once the process was asked to stop; the runtime replaces this."""
-        return False
-
-    def fault_point(self, point: str) -> None:
-        """A place where tests inject a delay or a hang (`runtime.fault_dir`); the runtime replaces this."""
-
-    def check_cancelled(self, job_id: str) -> None:
-        """Called between steps of long work: stops a cancelled job there, or any job when stopping."""
-        if self.cancelled(job_id):
-            raise JobCancelled(f"job {job_id} was cancelled", {"job_id": job_id})
-        if self.stopping():
-            raise StageStopping(f"{self.name} is stopping", {"stage": self.name})
+class SetupAborted(BaseException):
+    """Raised by the SIGTERM handler while `setup()` runs. A BaseException, so that the loaders'
+    `except Exception` (which turn failures into MODEL_LOAD_ERROR) let it through."""
 
 
 def next_stage(config: Config, route: list[str], current: str, kind: str) -> str | None:
@@ -106,34 +79,6 @@ def next_stage(config: Config, route: list[str], current: str, kind: str) -> str
     except ValueError:
         raise ServerError(f"stage {current!r} is not on the job's route {route}", {"route": route}) from None
     return next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
-
-
-def as_out_of_memory(exc: BaseException, stage: str, device: str) -> OutOfMemory | None:
-    """The structured error for an allocation failure, whichever way torch reported it.
-
-    On CUDA torch raises `torch.OutOfMemoryError`; the CPU allocator raises a RuntimeError
-    ("DefaultCPUAllocator: can't allocate memory ..."), and Python's own allocations MemoryError.
-    """
-    text = str(exc)
-    if not (
-        isinstance(exc, (torch.OutOfMemoryError, MemoryError))
-        or (isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
-    ):
-        return None
-    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    return OutOfMemory(
-        f"{device} ran out of memory in stage {stage} while running this job; try a lower resolution or fewer frames",
-        {"stage": stage, "device": device, "exception": type(exc).__name__, "detail": first},
-    )
-
-
-def free_memory(device: str) -> None:
-    """After an allocation failure: collect what the failed job held and give cached blocks back."""
-    gc.collect()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        log.info("after freeing: %s allocated %.2f GiB, reserved %.2f GiB", device,
-                 torch.cuda.memory_allocated(device) / 2**30, torch.cuda.memory_reserved(device) / 2**30)
 
 
 def limit_address_space(headroom_mib: int) -> int:
@@ -150,47 +95,115 @@ def limit_address_space(headroom_mib: int) -> int:
     return limit
 
 
-def error_body(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, ServerError):
-        return exc.to_dict()
-    return ServerError(f"{type(exc).__name__}: {exc}", {"exception": type(exc).__name__}).to_dict()
+class FaultPoints:
+    """Test-only delays and hangs (`runtime.fault_dir`), each armed by a file and fired once."""
+
+    def __init__(self, folder: Path | None, stage: str, stop_event: threading.Event):
+        self.folder = folder
+        self.stage = stage
+        self.stop_event = stop_event
+
+    def __call__(self, point: str) -> None:
+        if self.folder is None:
+            return
+        for kind in ("hang", "delay"):
+            trigger = self.folder / f"{self.stage}.{point}.{kind}"
+            try:
+                text = trigger.read_text().strip()
+                trigger.unlink()  # one shot: the restarted process runs normally
+            except FileNotFoundError:
+                continue
+            if kind == "hang":  # like a library call that never returns: not woken by a stop
+                log.warning("fault injected: hanging at %s", point)
+                threading.Event().wait()
+            seconds = float(text or 0)
+            log.warning("fault injected: sleeping %.1f s at %s", seconds, point)
+            self.stop_event.wait(seconds)
+
+
+class Cancellations:
+    """The job ids the broker cancelled (the newest `REMEMBERED`), shared by two threads."""
+
+    def __init__(self) -> None:
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, job_id: str) -> None:
+        with self._lock:
+            self._ids[job_id] = None
+            while len(self._ids) > REMEMBERED:
+                self._ids.popitem(last=False)
+
+    def __contains__(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._ids
+
+
+class RuntimeContext(StageContext):
+    """The context of a stage in its process: reports on the reports socket, cancellations from the
+    broker's events, the stop flag SIGTERM sets, the configured fault points."""
+
+    def __init__(self, runtime: StageRuntime):
+        self._runtime = runtime
+
+    def emit(self, report: m.Message) -> None:
+        self._runtime.send_report(report)
+
+    def cancelled(self, job_id: str) -> bool:
+        return job_id in self._runtime.cancellations
+
+    def stopping(self) -> bool:
+        return self._runtime.stop_event.is_set()
+
+    def fault_point(self, name: str) -> None:
+        self._runtime.faults(name)
 
 
 class StageRuntime:
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        self.config = stage.config
-        self.name = stage.name
-        self.limits = self.config.limits
-        self.ctx = zmq.Context.instance()
-        runtime = self.config.section("runtime")
+    def __init__(self, config: Config, spec: StageSpec, stage_cls: type[Stage]):
+        self.config = config
+        self.name = spec.name
+        self.limits = config.limits
+        # Our own context, terminated when the process stops (after its sockets are closed).
+        self.ctx = zmq.Context()
+        runtime = config.section("runtime")
         self.options = SocketOptions(
             hwm=int(runtime.get("hwm", 16)),
             max_message_bytes=self.limits.max_message_bytes,
             send_timeout_ms=int(float(runtime.get("forward_timeout_s", 60)) * 1000),
         )
-        record_dir = runtime.get("record_dir")
-        self.record_dir = self.config.path(record_dir) / self.name if record_dir else None
-        fault_dir = runtime.get("fault_dir")
-        self.fault_dir = self.config.path(fault_dir) if fault_dir else None
-        self.checkpoint_kinds = set(runtime.get("checkpoint_kinds", ["dit", "vae"]))
-        self.start_ticks = procs.start_ticks(os.getpid())
-        # (job id, attempt) of the job messages taken, so a message delivered twice runs once.
-        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
-        self.stop_event = threading.Event()
-        self.busy_job: str | None = None
-        self.handled = 0
-        self.seq = 0
-        self._peers: dict[str, zmq.Socket] = {}
-        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._cancel_lock = threading.Lock()
         # Reports queue (bounded) while the tracker is down or restarting, instead of being lost.
         self.report_options = SocketOptions(
             hwm=int(runtime.get("report_hwm", 1000)), max_message_bytes=self.limits.max_message_bytes, immediate=False
         )
+        self.shutdown_linger_ms = int(float(runtime.get("shutdown_linger_s", 1.0)) * 1000)
+        record_dir = runtime.get("record_dir")
+        self.recorder = Recorder(config.path(record_dir) / self.name if record_dir else None, self.name)
+        self.checkpoint_kinds = set(runtime.get("checkpoint_kinds", ["dit", "vae"]))
+        self.start_ticks = procs.start_ticks(os.getpid())
+        self.stop_event = threading.Event()
+        fault_dir = runtime.get("fault_dir")
+        self.faults = FaultPoints(config.path(fault_dir) if fault_dir else None, self.name, self.stop_event)
+        self.cancellations = Cancellations()
+        # (job id, attempt) of the job messages taken, so a message delivered twice runs once.
+        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self.busy_job: str | None = None
+        self.handled = 0
+        self.seq = 0
+        self._peers: dict[str, zmq.Socket[bytes]] = {}
+        self._in_setup = False
+        self.stage = stage_cls(config, spec, RuntimeContext(self))
+
+    # ---- signals ----
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT (supervisord stops us with SIGTERM): stop between two steps; abandon setup."""
+        self.stop_event.set()
+        if self._in_setup:
+            self._in_setup = False  # raise once: the cleanup after it must not be interrupted
+            raise SetupAborted(f"signal {signum} during setup")
 
     # ---- sockets ----
-    def _peer(self, name: str) -> zmq.Socket:
+    def _peer(self, name: str) -> zmq.Socket[bytes]:
         sock = self._peers.get(name)
         if sock is None:
             options = self.report_options if name == "reports" else self.options
@@ -198,7 +211,7 @@ class StageRuntime:
             self._peers[name] = sock
         return sock
 
-    def _send_report(self, msg: m.Message) -> None:
+    def send_report(self, msg: m.Message) -> None:
         """Reports never block the stage: if nobody is listening they are dropped."""
         try:
             if isinstance(msg, m.StageReport):
@@ -227,7 +240,7 @@ class StageRuntime:
                 if time.monotonic() > deadline:
                     raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest}) from None
                 sock.poll(200, zmq.POLLOUT)
-        self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
+        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
         log.info("attempt %d: %s sent to %s", msg.attempt, msg.type_name, dest)
 
     def _checkpoint(self, msg: m.JobMessage, dest: str, frames: list[Any]) -> None:
@@ -239,7 +252,7 @@ class StageRuntime:
         except (OSError, ServerError) as exc:
             log.warning("attempt %d: no checkpoint for %s: %s", msg.attempt, dest, getattr(exc, "strerror", None) or exc)
             return
-        self._send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest))
+        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest))
         log.info("attempt %d: checkpoint for %s written (%d bytes, %.3f s)", msg.attempt, dest, path.stat().st_size,
                  time.monotonic() - started)
 
@@ -257,24 +270,7 @@ class StageRuntime:
         log.info("attempt %d: resumed from the checkpoint for %s", resume.attempt, self.name)
         return msg
 
-    def fault_point(self, point: str) -> None:
-        if self.fault_dir is None:
-            return
-        for kind in ("hang", "delay"):
-            trigger = self.fault_dir / f"{self.name}.{point}.{kind}"
-            try:
-                text = trigger.read_text().strip()
-                trigger.unlink()  # one shot: the restarted process runs normally
-            except FileNotFoundError:
-                continue
-            if kind == "hang":
-                log.warning("fault injected: hanging at %s", point)
-                threading.Event().wait()
-            seconds = float(text or 0)
-            log.warning("fault injected: sleeping %.1f s at %s", seconds, point)
-            self.stop_event.wait(seconds)
-
-    # ---- heartbeat ----
+    # ---- threads ----
     def _heartbeat_loop(self) -> None:
         options = SocketOptions(hwm=1, linger_ms=0, immediate=True)  # a stale heartbeat is worthless
         sock = make_socket(self.ctx, zmq.PUSH, self.config.endpoint("reports"), bind=False, options=options)
@@ -282,7 +278,7 @@ class StageRuntime:
             while not self.stop_event.is_set():
                 try:
                     memory = self.stage.memory()
-                except Exception as exc:  # a heartbeat without memory figures beats none
+                except Exception as exc:  # noqa: BLE001 - a heartbeat without memory figures beats none
                     log.warning("could not read device memory: %s", exc)
                     memory = {}
                 beat = m.Heartbeat(
@@ -303,11 +299,6 @@ class StageRuntime:
         finally:
             sock.close(0)
 
-    # ---- cancellation ----
-    def cancelled(self, job_id: str) -> bool:
-        with self._cancel_lock:
-            return job_id in self._cancelled
-
     def _cancel_loop(self) -> None:
         """Listen to the broker's `cancel` events; the main loop checks the set between steps."""
         sub = make_socket(self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=SocketOptions(hwm=1000))
@@ -323,44 +314,21 @@ class StageRuntime:
                     log.error("dropped a bad cancel event: %s %s", exc.code, exc.message)
                     continue
                 if isinstance(msg, m.CancelJob):
-                    with self._cancel_lock:
-                        self._cancelled[msg.job_id] = None
-                        while len(self._cancelled) > 10_000:
-                            self._cancelled.popitem(last=False)
+                    self.cancellations.add(msg.job_id)
         finally:
             sub.close(0)
 
-    # ---- recording ----
-    def _record(self, seq: int, job_id: str | None, incoming: list[bytes], outgoing: list[list[Any]] | None) -> None:
-        if self.record_dir is None:
-            return
-        body = {
-            "stage": self.name,
-            "job_id": job_id,
-            "in": incoming,
-            "out": None if outgoing is None else [[bytes(memoryview(f)) for f in parts] for parts in outgoing],
-        }
-        path = self.record_dir / f"{seq:06d}-{job_id or 'undecodable'}.msgpack"
-        tmp = path.with_suffix(".tmp")
-        try:
-            self.record_dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(msgpack.packb(body, use_bin_type=True))
-            tmp.replace(path)
-        except OSError as exc:  # a recording is a debugging aid: losing one must not stop the stage
-            log.warning("could not record message %d: %s", seq, exc.strerror)
-            tmp.unlink(missing_ok=True)
-
-    # ---- main loop ----
+    # ---- one message ----
     def process(self, parts: list[Any]) -> None:
         """Handle one received multipart message (already off the socket)."""
         self.seq += 1
         seq = self.seq
-        incoming = [bytes(p.buffer if hasattr(p, "buffer") else p) for p in parts] if self.record_dir else []
+        incoming = [frame_bytes(p) for p in parts] if self.recorder.enabled else []
         try:
             msg = m.decode(parts, self.limits)
         except WireError as exc:
             log.error("dropped a bad message: %s %s", exc.code, exc.message)
-            self._record(seq, None, incoming, None)
+            self.recorder.record(seq, None, incoming, None)
             return
         job_id = getattr(msg, "job_id", None)
         attempt = getattr(msg, "attempt", 0)
@@ -370,30 +338,30 @@ class StageRuntime:
                     msg = self._resume(msg)
                 except ServerError as exc:
                     log.error("cannot resume: %s", exc.message)
-                    self._send_report(m.JobFailed(job_id, attempt, self.name, exc.to_dict()))
+                    self.send_report(m.JobFailed(msg.job_id, attempt, self.name, exc.to_dict()))
                     return
-                if self.record_dir:
-                    incoming = [bytes(memoryview(f)) for f in m.encode(msg)]
+                if self.recorder.enabled:
+                    incoming = [frame_bytes(f) for f in m.encode(msg)]
             if job_id is not None and isinstance(msg, m.JobMessage):
                 if (job_id, attempt) in self._seen:
                     log.warning("dropped a second delivery of attempt %d", attempt)
                     return
                 self._seen[(job_id, attempt)] = None
-                while len(self._seen) > 10_000:
+                while len(self._seen) > REMEMBERED:
                     self._seen.popitem(last=False)
-            self._record(seq, job_id, incoming, None)
+            self.recorder.record(seq, job_id, incoming, None)
             self.busy_job = job_id
-            if job_id is not None and self.cancelled(job_id):
+            if job_id is not None and job_id in self.cancellations:
                 log.info("dropped a cancelled job")
-                self._send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
+                self.send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
                 self.busy_job = None
                 return
             if job_id is not None:
-                self._send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
+                self.send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
             outputs: list[list[Any]] = []
             oom = None
             try:
-                self.fault_point("handle")
+                self.faults("handle")
                 if job_id is not None:
                     self.stage.check_cancelled(job_id)
                 for out in self.stage.handle(msg):
@@ -403,21 +371,26 @@ class StageRuntime:
                         self._forward(out, frames)
                     else:
                         self._peer("reports").send_multipart(frames, copy=False)
-                self._record(seq, job_id, incoming, outputs)
+                self.recorder.record(seq, job_id, incoming, outputs)
             except JobCancelled:
                 log.info("stopped: the job was cancelled")
-                self._send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
+                if job_id is not None:
+                    self.send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
             except StageStopping:
                 log.warning("stopping: dropped attempt %d; the broker dispatches the job again", attempt)
-            except Exception as exc:  # a job's failure is not the process's failure
-                oom = as_out_of_memory(exc, self.name, self.stage.device_name())
+            except Exception as exc:  # noqa: BLE001 - a job's failure is not the process's failure
+                device = self.stage.device_name()
+                oom = as_out_of_memory(exc, self.name, device)
+                # The full text stays here, in the stage's log (with the job id); the report
+                # carries only the structured error.
                 if oom is not None:
-                    log.error("job failed in %s: out of memory on %s: %s", self.name, self.stage.device_name(),
-                              oom.details["detail"])
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                    log.error("job failed in %s: out of memory on %s: %s", self.name, device, first)
                 else:
-                    log.error("job failed in %s: %s\n%s", self.name, exc, traceback.format_exc())
+                    what = f"{exc.code} {exc.message}" if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+                    log.error("job failed in %s: %s\n%s", self.name, what, traceback.format_exc())
                 if job_id is not None:
-                    self._send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc)))
+                    self.send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc, self.name)))
                 exc.__traceback__ = None  # its frames hold the failed job's tensors
             finally:
                 self.busy_job = None
@@ -425,53 +398,76 @@ class StageRuntime:
             if oom is not None:
                 free_memory(self.stage.device_name())
 
+    # ---- the process ----
     def run(self) -> None:
-        stage = self.stage
-        pull = make_socket(self.ctx, zmq.PULL, self.config.endpoint(self.name), bind=True, options=self.options)
-        stage.emit = self._send_report  # type: ignore[method-assign]
-        stage.cancelled = self.cancelled  # type: ignore[method-assign]
-        stage.stopping = self.stop_event.is_set  # type: ignore[method-assign]
-        stage.fault_point = self.fault_point  # type: ignore[method-assign]
-        cancel = threading.Thread(target=self._cancel_loop, name="cancel", daemon=True)
-        cancel.start()
-        self._peer("reports")
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
+        """Set up, then serve until stopped. Raises what setup raised (`SetupAborted` on SIGTERM
+        during setup); the threads and sockets are cleaned up however it ends."""
+        threads = [
+            threading.Thread(target=self._cancel_loop, name="cancel", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+        ]
+        pull: zmq.Socket[bytes] | None = None
+        try:
+            pull = make_socket(self.ctx, zmq.PULL, self.config.endpoint(self.name), bind=True, options=self.options)
+            self._peer("reports")
+            for thread in threads:
+                thread.start()
+            self._setup()
+            self._serve(pull)
+        finally:
+            self._shutdown(threads, pull)
+
+    def _setup(self) -> None:
         started = time.monotonic()
-        stage.setup()
-        placement = getattr(stage, "placement", None)
-        if placement is not None:
-            log.info("%s", placement.summary())
+        stage = self.stage
+        self._in_setup = True
+        try:
+            if self.stop_event.is_set():  # the signal came before setup began
+                raise SetupAborted("stopped before setup")
+            self.faults("setup")
+            stage.setup()
+        finally:
+            self._in_setup = False
+        if stage.placement is not None:
+            log.info("%s", stage.placement.summary())
         headroom = stage.spec.options.get("address_space_headroom_mib")
         if headroom:
             limit_address_space(int(headroom))
+        # What the imports and the loading created lives as long as the process: keep it out of
+        # every later full collection, and out of the two the interpreter runs at exit, which
+        # otherwise take seconds over torch's, diffusers' and transformers' objects.
+        gc.freeze()
         stage.ready = True
         log.info("%s ready in %.1f s, listening on %s", self.name, time.monotonic() - started, self.config.endpoint(self.name))
+
+    def _serve(self, pull: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
-        try:
-            while not self.stop_event.is_set():
-                if not poller.poll(200):
-                    continue
-                parts = pull.recv_multipart(copy=False)
-                self.process(parts)
-        finally:
-            self.stop_event.set()
-            beat.join(timeout=2)
-            cancel.join(timeout=2)
-            pull.close(0)
-            for sock in self._peers.values():
-                sock.close()
-            stop_authenticators()
-            log.info("%s stopped", self.name)
+        while not self.stop_event.is_set():
+            if not poller.poll(200):
+                continue
+            self.process(pull.recv_multipart(copy=False))
 
-
-def replay_file(path: str | os.PathLike[str], stage: Stage, limits) -> tuple[list[list[bytes]], list[list[bytes]]]:
-    """Feed a recorded message to `stage.handle` in-process; returns (recorded outputs, replayed outputs)."""
-    body = msgpack.unpackb(Path(path).read_bytes(), raw=False)
-    msg = m.decode(body["in"], limits)
-    replayed = [[bytes(memoryview(f)) for f in m.encode(out)] for out in stage.handle(msg)]
-    return body["out"], replayed
+    def _shutdown(self, threads: list[threading.Thread], pull: zmq.Socket[bytes] | None) -> None:
+        self.stop_event.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(timeout=2)
+        stuck = [t.name for t in threads if t.is_alive()]
+        log.info("closing sockets; queued messages get up to %.1f s to leave", self.shutdown_linger_ms / 1000)
+        if pull is not None:
+            pull.close(linger=0)
+        for sock in self._peers.values():
+            # Reports and forwarded jobs still queued get a short while to leave (the broker or the
+            # next stage restarting); after that they are dropped.
+            sock.close(linger=self.shutdown_linger_ms)
+        stop_authenticators()
+        if stuck:
+            # term() would wait for the sockets those threads hold; the OS closes them at exit.
+            log.warning("threads %s did not stop; the ZeroMQ context is left to the OS", ", ".join(stuck))
+        else:
+            self.ctx.term()
+        log.info("%s stopped", self.name)
 
 
 def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
@@ -486,22 +482,23 @@ def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
         parser.error(f"stage {args.name!r} is a {spec.kind} stage, not {stage_cls.kind}")
     configure_torch(config)
     use_curve(config.curve_keys())
-    runtime = StageRuntime(stage_cls(config, spec))
-
-    def on_term(signum, frame):  # supervisord stops us with SIGTERM
-        runtime.stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    runtime = StageRuntime(config, spec, stage_cls)
+    signal.signal(signal.SIGTERM, runtime.on_signal)
+    signal.signal(signal.SIGINT, runtime.on_signal)
     try:
         runtime.run()
+    except SetupAborted:
+        log.info("%s stopped during setup", args.name)
     except ServerError as exc:  # e.g. MODEL_LOAD_ERROR from setup(): one structured line, no traceback
         log.error("%s could not start: %s", args.name, json.dumps(exc.to_dict()["error"], default=str))
         raise SystemExit(3) from None
-    # Sockets are closed and logs written: leave now. Interpreter teardown (library finalizers,
-    # threads) has been seen to hang for seconds after SIGTERM, which delays a restart.
-    logging.shutdown()
-    os._exit(0)
+    except Exception as exc:
+        if runtime.stage.ready:
+            raise
+        error = {"code": "INTERNAL_ERROR", "message": f"{type(exc).__name__}: {exc}",
+                 "details": {"stage": args.name, "exception": type(exc).__name__}}
+        log.exception("%s could not start: %s", args.name, json.dumps(error, default=str))
+        raise SystemExit(3) from None
 
 
 def configure_torch(config: Config) -> None:
