@@ -11,8 +11,10 @@ import av
 import pytest
 from websockets.sync.client import connect
 
+from common.config import Config
 from gateway.app import Gateway
 from gateway.openapi import openapi_document
+from tests.error_bodies import check_error_body
 from tests.stack import short_tmpdir
 from tests.system import System, kill9
 
@@ -173,7 +175,9 @@ def test_listing_models_presets_health_ready(system):
     presets = system.json("GET", "/api/v1/presets")[1]["presets"]
     assert set(presets["ti2v-5B"]) == {"draft", "standard", "pro", "cinema", "ultimate"}
     assert presets["t2v-A14B"]["draft"]["steps"] < presets["t2v-A14B"]["ultimate"]["steps"]
-    assert system.json("GET", "/health") == (200, {"status": "ok"})
+    status, health = system.json("GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert {name: state["running"] for name, state in health["listeners"].items()} == {"replies": True, "events": True}
     status, ready = system.json("GET", "/ready")
     assert status == 200 and ready["ready"] and all(ready["stages"].values())
 
@@ -230,6 +234,7 @@ def raw_post(system, body: bytes, chunked: bool = False) -> tuple[int, bytes]:
 def test_oversize_body_refused(system, chunked):
     status, content = raw_post(system, b'{"prompt": "' + b"a" * (4 << 20) + b'"}', chunked=chunked)
     body = json.loads(content)
+    check_error_body("/api/v1/generate", status, body, [str(system.state_dir)])
     assert status == 413 and body["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
@@ -311,9 +316,7 @@ def test_kill_gateway_clients_see_the_same_state(system):
 def test_openapi_document_matches_routes(system):
     status, doc = system.json("GET", "/api/v1/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(openapi_document(auth=False)))  # loopback: auth off
-    app = Gateway.__new__(Gateway)
-    app.config, app.max_body, app.broker, app.subscribers, app.auth = None, 0, None, set(), False
-    routes = {r.path for r in Gateway.app(app).routes if r.path != "/ws"}
+    routes = {r.path for r in Gateway(Config.load(environ=system.env)).app().routes if r.path != "/ws"}
     assert routes == set(doc["paths"])
 
 

@@ -254,3 +254,42 @@ def test_dead_broker_listeners_are_reported_and_restarted(env, broker):
                 event = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
     finally:
         inproc.stop()
+
+
+# ---- error bodies: the check the suite applies, and what the gateway builds ----
+
+
+@pytest.mark.parametrize("body", [
+    {"error": {"code": "X", "message": "m", "details": {}}},  # no success
+    {"success": False, "error": {"code": "X", "message": "m"}},  # no details
+    {"success": False, "error": {"code": "X", "message": "cannot open /tmp/wsa-1/spool/j/image.png", "details": {}}},
+    {"success": False, "error": {"code": "X", "message": "m", "details": {"why": "ValueError('bad')"}}},
+    {"success": False, "error": {"code": "X", "message": "Traceback (most recent call last):", "details": {}}},
+    {"success": False, "error": {"code": "X", "message": "m", "details": {"key": "wk_secret-token"}}},
+])
+def test_error_body_check_refuses_bad_shapes_and_leaks(body):
+    with pytest.raises(AssertionError):
+        check_error_body("/api/v1/generate", 400, body, forbidden=["wk_secret-token"])
+    check_error_body("/ready", 503, body)  # status reports are not errors
+
+
+def test_image_and_json_errors_hold_no_library_text():
+    import io
+
+    from PIL import Image
+
+    from common.errors import InvalidImage, InvalidJson, ServerError
+    from gateway.app import parse_json
+    from gateway.uploads import UploadLimits, check_image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(out, "PNG")
+    with pytest.raises(InvalidImage) as truncated:
+        check_image(out.getvalue()[:-40], "image/png", UploadLimits())
+    with pytest.raises(InvalidJson) as bad_json:
+        parse_json(b'{"prompt": ')
+    for err in (truncated.value, bad_json.value):
+        assert isinstance(err, ServerError) and err.__cause__ is None
+        check_error_body("/api/v1/generate", err.http_status, err.to_dict())
+    assert truncated.value.message == "the image/png image does not decode completely (truncated or corrupt)"
+    assert bad_json.value.message == "request body is not valid JSON" and bad_json.value.details["column"] == 12
