@@ -20,6 +20,7 @@ import re
 from http import HTTPStatus
 from pathlib import Path
 from stat import S_ISREG
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -72,7 +73,7 @@ def error_response(exc: ServerError) -> JSONResponse:
 
 
 def job_id_of(request: Request) -> str:
-    job_id = request.path_params["job_id"]
+    job_id: str = request.path_params["job_id"]
     if not JOB_ID.match(job_id):
         raise JobNotFound("no such job", {"job_id": job_id} if SAFE_ID.match(job_id) else {})
     return job_id
@@ -151,6 +152,11 @@ class Gateway:
         self.broker: BrokerClient | None = None
         self.subscribers: set[Subscriber] = set()
 
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """One broker operation (the client exists once the app's lifespan has started)."""
+        assert self.broker is not None
+        return await self.broker.call(op, **args)
+
     # ---- REST ----
     async def generate(self, request: Request) -> Response:
         body, image = await self.read_generate(request)
@@ -163,7 +169,7 @@ class Gateway:
                 png, width, height = await asyncio.to_thread(check_image, data, declared, self.uploads)
             args["image"] = png  # msgpack binary
             args["image_size"] = [width, height]
-        result = await self.broker.call("submit", **args)
+        result = await self.call("submit", **args)
         return JSONResponse(result, status_code=202)
 
     async def read_generate(self, request: Request) -> tuple[Any, tuple[bytes, str] | None]:
@@ -190,16 +196,16 @@ class Gateway:
         return body, None
 
     async def status(self, request: Request) -> Response:
-        body = await self.broker.call("status", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("status", job_id=job_id_of(request), owner=owner_of(request))
         return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
 
     async def result(self, request: Request) -> Response:
-        body = await self.broker.call("result", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("result", job_id=job_id_of(request), owner=owner_of(request))
         body.pop("output_path", None)
         return JSONResponse(body)
 
     async def cancel(self, request: Request) -> Response:
-        body = await self.broker.call("cancel", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("cancel", job_id=job_id_of(request), owner=owner_of(request))
         return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
 
     async def jobs(self, request: Request) -> Response:
@@ -214,13 +220,13 @@ class Gateway:
         args: dict[str, Any] = {"limit": limit, "offset": offset, "owner": owner_of(request)}
         if "status" in q:
             args["status"] = q["status"]
-        return JSONResponse(await self.broker.call("list", **args))
+        return JSONResponse(await self.call("list", **args))
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse(await self.broker.call("models"))
+        return JSONResponse(await self.call("models"))
 
     async def presets(self, request: Request) -> Response:
-        return JSONResponse(await self.broker.call("presets"))
+        return JSONResponse(await self.call("presets"))
 
     async def health(self, request: Request) -> Response:
         """ok while the broker listeners run; 503 "degraded" while one is down (it is being restarted),
@@ -233,11 +239,11 @@ class Gateway:
         return JSONResponse({"status": "degraded", "listeners": listeners}, status_code=503)
 
     async def ready(self, request: Request) -> Response:
-        body = await self.broker.call("ready")
+        body = await self.call("ready")
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def file(self, request: Request) -> Response:
-        body = await self.broker.call("result", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("result", job_id=job_id_of(request), owner=owner_of(request))
         found = self.result_file(body["job_id"], body.get("output_path")) if body["status"] == "completed" else None
         if found is None:
             raise ResultNotAvailable("the job has no video (yet)", {"status": body["status"]})
@@ -292,7 +298,7 @@ class Gateway:
                 try:
                     data = await sub.websocket.receive_json()
                 except (json.JSONDecodeError, KeyError, ValueError):
-                    sub.offer({"event": "error", "error": {"code": "INVALID_JSON", "message": "send JSON objects"}})
+                    sub.offer({"event": "error", "error": InvalidJson("send JSON objects").to_dict()["error"]})
                     continue
                 try:
                     await self.on_ws_message(sub, data)
@@ -316,7 +322,7 @@ class Gateway:
         for status in ACTIVE:
             offset = 0
             while True:
-                page = await self.broker.call("list", status=status, limit=self.snapshot_page_size, offset=offset,
+                page = await self.call("list", status=status, limit=self.snapshot_page_size, offset=offset,
                                               owner=owner)
                 for job in page["jobs"]:
                     jobs.setdefault(job["job_id"], job)  # a job that moved on while we paged is listed once
@@ -337,7 +343,7 @@ class Gateway:
             # nothing falls between the two and nothing older than the snapshot follows it.
             sub.held[job_id] = []
             try:
-                job = await self.broker.call("status", job_id=job_id, owner=sub.owner)
+                job = await self.call("status", job_id=job_id, owner=sub.owner)
             except ServerError as exc:
                 sub.held.pop(job_id, None)
                 sub.offer({"event": "error", "job_id": job_id, "error": exc.to_dict()["error"]})
@@ -355,10 +361,8 @@ class Gateway:
                 sub.jobs.discard(data["job_id"])
             sub.all = sub.all and data.get("all") is not True
         else:
-            sub.offer({"event": "error", "error": {
-                "code": "VALIDATION_ERROR",
-                "message": 'send {"action": "subscribe", "job_id": "<id>"} or {"action": "subscribe", "all": true}',
-            }})
+            usage = 'send {"action": "subscribe", "job_id": "<id>"} or {"action": "subscribe", "all": true}'
+            sub.offer({"event": "error", "error": ValidationError(usage).to_dict()["error"]})
 
     def on_event(self, event: m.JobEvent) -> None:
         payload = {"event": event.event, "job_id": event.job_id, **event.data}
@@ -387,10 +391,12 @@ class Gateway:
             WebSocketRoute("/ws", self.ws),
         ]
 
-        async def server_error(request: Request, exc: ServerError) -> Response:
+        async def server_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, ServerError)
             return error_response(exc)
 
-        async def http_error(request: Request, exc: HTTPException) -> Response:
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
             err: ServerError
             if exc.status_code == 404:
                 err = RouteNotFound("no such route")
@@ -406,7 +412,7 @@ class Gateway:
             return error_response(ServerError("internal error"))
 
         @contextlib.asynccontextmanager
-        async def lifespan(app):
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
             self.broker = BrokerClient(self.config, restart_s=self.listener_restart_s)
             self.broker.listeners.append(self.on_event)
             self.broker.start()

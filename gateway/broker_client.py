@@ -15,7 +15,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -55,10 +55,11 @@ class BrokerClient:
 
     def _open(self, name: str) -> zmq.asyncio.Socket:
         if name == "replies":
-            return make_socket(self.ctx, zmq.DEALER, self.config.endpoint("broker"), bind=False, options=self.opts)
-        sock = make_socket(self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=self.opts)
-        sock.setsockopt(zmq.SUBSCRIBE, b"job")
-        return sock
+            sock = make_socket(self.ctx, zmq.DEALER, self.config.endpoint("broker"), bind=False, options=self.opts)
+        else:
+            sock = make_socket(self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=self.opts)
+            sock.setsockopt(zmq.SUBSCRIBE, b"job")
+        return cast(zmq.asyncio.Socket, sock)  # an asyncio context makes asyncio sockets
 
     def _reopen(self, name: str) -> None:
         """A fresh socket for a restarted listener: the old one may be closed or in an error state."""
@@ -138,7 +139,7 @@ class BrokerClient:
                 raise BrokerUnavailable("the gateway is reconnecting to the broker; try again shortly") from None
             try:
                 reply = await asyncio.wait_for(future, self.timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BrokerUnavailable("the broker did not answer in time; try again shortly") from None
         finally:
             self.pending.pop(request_id, None)

@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def too_large(limit: int) -> PayloadTooLarge:
 async def parse_multipart(headers: Headers, body: bytes, max_request_bytes: int, limits: UploadLimits) -> tuple[Any, bytes, str]:
     """(request object, image bytes, declared image type) from a multipart/form-data body read whole."""
 
-    async def stream():
+    async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
     parser = MultiPartParser(headers, stream(), max_files=1, max_fields=1, max_part_size=max_request_bytes)

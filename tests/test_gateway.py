@@ -168,7 +168,9 @@ def test_slow_websocket_client_is_dropped_with_a_reason(gateway):
     # The other client is still served, and so is HTTP, by the same process.
     with other:
         other.send('{"action": "nothing"}')
-        assert json.loads(other.recv(timeout=10))["error"]["code"] == "VALIDATION_ERROR"
+        error = json.loads(other.recv(timeout=10))["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        check_error_body("/ws", 422, {"success": False, "error": error})
     assert proc.poll() is None and http.json("GET", "/health")[0] == 200
 
 
