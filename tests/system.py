@@ -33,7 +33,7 @@ class System:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = stack_env(state_dir, model_cache, WAN_SERVER__GATEWAY__PORT=str(self.port), **extra_env)
         self.headers: dict[str, str] = {}  # sent with every request (e.g. an API key), under per-call headers
-        self.tokens: list[str] = []  # every key token created: no error body may hold one
+        self.key_tokens: list[str] = []  # every key token created: no error body may hold one
         self.conf = state_dir / "supervisord.conf"
         var = state_dir / "var"
         (var / "log").mkdir(parents=True, exist_ok=True)
@@ -61,8 +61,8 @@ class System:
         """A new API key through the keys CLI (`python -m gateway.keys create`); returns its token."""
         out = subprocess.run([sys.executable, "-m", "gateway.keys", "create", name, "--json", *flags], cwd=ROOT,
                              env=self.env, capture_output=True, text=True, timeout=60, check=True).stdout
-        self.tokens.append(json.loads(out)["token"])
-        return self.tokens[-1]
+        self.key_tokens.append(json.loads(out)["token"])
+        return self.key_tokens[-1]
 
     def log(self, program: str) -> str:
         path = self.log_dir / f"{program}.log"
@@ -83,7 +83,7 @@ class System:
             content = exc.read()
             # Every error body the API tests receive is checked for its shape and for leaks.
             check_error_response(path, exc.code, dict(exc.headers), content,
-                                 forbidden=[str(self.state_dir), *self.tokens, *tokens_in(headers)])
+                                 forbidden=[str(self.state_dir), *self.key_tokens, *tokens_in(headers)])
             return exc.code, dict(exc.headers), content
 
     def json(self, method: str, path: str, body: Any = None, **kw) -> tuple[int, Any]:
