@@ -300,10 +300,15 @@ class Gateway:
                 except (json.JSONDecodeError, KeyError, ValueError):
                     sub.offer({"event": "error", "error": InvalidJson("send JSON objects").to_dict()["error"]})
                     continue
+                if sub.too_slow.is_set():
+                    continue  # being closed: what it asks for now would not be sent anyway
                 try:
                     await self.on_ws_message(sub, data)
                 except ServerError as exc:  # e.g. the broker is restarting: say so, keep the socket
                     sub.offer({"event": "error", "error": exc.to_dict()["error"]})
+                except Exception:  # a fault of ours on one message: logged, and the socket stays up
+                    log.exception("WebSocket message failed")
+                    sub.offer({"event": "error", "error": ServerError("internal error").to_dict()["error"]})
 
     async def drop(self, sub: Subscriber) -> None:
         """Close a client that stopped reading, with a reason, instead of holding its events without bound.
