@@ -17,10 +17,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
 from stat import S_ISREG
-from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -62,6 +62,7 @@ ACTIVE = ("processing", "queued")
 SAFE_ID = re.compile(r"^[\w-]{1,80}$")  # what of a malformed job id may be echoed back (never a path)
 TOO_SLOW = "too slow: event queue full"
 HTTP_STATUSES = {s.value for s in HTTPStatus}
+
 
 def error_response(exc: ServerError) -> JSONResponse:
     headers = {}
@@ -327,8 +328,7 @@ class Gateway:
         for status in ACTIVE:
             offset = 0
             while True:
-                page = await self.call("list", status=status, limit=self.snapshot_page_size, offset=offset,
-                                              owner=owner)
+                page = await self.call("list", status=status, limit=self.snapshot_page_size, offset=offset, owner=owner)
                 for job in page["jobs"]:
                     jobs.setdefault(job["job_id"], job)  # a job that moved on while we paged is listed once
                 offset += len(page["jobs"])

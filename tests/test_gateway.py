@@ -138,7 +138,7 @@ def test_gateway_does_not_load_torch(gateway):
     out = subprocess.run([sys.executable, "-c", "import gateway.app, sys; print('torch' in sys.modules)"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == "False"
-    http, proc = gateway
+    _, proc = gateway
     maps = Path(f"/proc/{proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "site-packages/torch" not in maps
 
