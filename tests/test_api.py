@@ -340,14 +340,26 @@ def test_client_cli_generates_and_downloads(system, tmp_path):
     assert bad.returncode == 1 and "JOB_NOT_FOUND" in bad.stderr
 
 
-def kill_at(ws, system, stage: str, attempt: int, timeout_s: float = 180) -> None:
-    """kill -9 `stage` as soon as the broker reports it working on `attempt` of the subscribed job."""
+def stage_pid(system, stage: str, not_pid: int = 0, timeout_s: float = 60) -> int:
+    """The pid of `stage`'s process, other than `not_pid` (one just killed, which supervisord may not
+    have replaced yet)."""
+    deadline = time.monotonic() + timeout_s
+    while (pid := system.pid(stage)) in (0, not_pid):
+        assert time.monotonic() < deadline, f"{stage} did not come back"
+        time.sleep(0.1)
+    return pid
+
+
+def kill_at(ws, system, stage: str, attempt: int, pid: int, timeout_s: float = 180) -> None:
+    """kill -9 `pid` (the stage's process) as soon as the broker reports the stage working on
+    `attempt` of the subscribed job. The pid is looked up beforehand: a supervisorctl call after the
+    event takes longer than a tiny stage needs to finish its steps and hand the job on."""
     deadline = time.monotonic() + timeout_s
     while True:
         event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
         assert event["event"] not in ("complete", "error"), event
         if event["event"] == "progress" and (event.get("stage"), event.get("attempt")) == (stage, attempt):
-            kill9(system.pid(stage))
+            kill9(pid)
             return
 
 
@@ -357,10 +369,11 @@ def attempts_of(system, job_id: str) -> int:
 
 @pytest.mark.parametrize("stage", ["dit_high", "dit_low"])
 def test_stage_killed_while_holding_a_job_is_dispatched_again(system, stage):
+    pid = stage_pid(system, stage)
     job_id = system.submit(prompt=f"outlives {stage}", custom_options={"steps": 100, "resolution": "64x64"})
     with ws_connect(system) as ws:
         ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
-        kill_at(ws, system, stage, attempt=1)
+        kill_at(ws, system, stage, attempt=1, pid=pid)
     final = system.wait_final(job_id, timeout_s=240)
     assert final["status"] == "completed", final
     assert attempts_of(system, job_id) == 2
@@ -372,11 +385,13 @@ def test_stage_killed_while_holding_a_job_is_dispatched_again(system, stage):
 
 
 def test_job_that_keeps_killing_its_stage_fails_after_bounded_attempts(system):
+    pid = stage_pid(system, "dit_low")
     job_id = system.submit(prompt="poison", custom_options={"steps": 100, "resolution": "64x64"})
     with ws_connect(system) as ws:
         ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
         for attempt in (1, 2, 3):
-            kill_at(ws, system, "dit_low", attempt)
+            kill_at(ws, system, "dit_low", attempt, pid)
+            pid = stage_pid(system, "dit_low", not_pid=pid)
     final = system.wait_final(job_id, timeout_s=120)
     assert final["status"] == "failed" and final["error"]["code"] == "STAGE_CRASHED"
     assert final["error"]["details"] == {"stage": "dit_low", "attempts": 3}
