@@ -1,7 +1,12 @@
 """Structured errors: `{"success": false, "error": {"code", "message", "details"}}`.
 
 Every failure that can reach a client or another process is one of these types, so it can be
-turned into that body (or carried in a message) without losing its code.
+turned into that body (or carried in a message) without losing its code. This module is the only
+way to build one: each class fixes its code and HTTP status; `ServerError(..., code=, http_status=)`
+is only for rebuilding an error received from another process (the broker's reply to the gateway).
+
+What a client sees is written for the client: a message and details never hold exception text
+from a library, a file path, a spool folder or a key (the tests check every error body they get).
 """
 
 from __future__ import annotations
@@ -15,20 +20,26 @@ class ServerError(Exception):
     code = "INTERNAL_ERROR"
     http_status = 500
 
-    def __init__(self, message: str, details: dict[str, Any] | None = None, *, code: str | None = None):
+    def __init__(
+        self, message: str, details: dict[str, Any] | None = None, *, code: str | None = None,
+        http_status: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.details = dict(details or {})
         if code is not None:
             self.code = code
+        if http_status is not None:
+            self.http_status = http_status
 
     def to_dict(self) -> dict[str, Any]:
         return {"success": False, "error": {"code": self.code, "message": self.message, "details": self.details}}
 
     @classmethod
-    def from_dict(cls, body: dict[str, Any]) -> ServerError:
+    def from_dict(cls, body: dict[str, Any], http_status: int | None = None) -> ServerError:
         err = body.get("error", body)
-        return cls(str(err.get("message", "")), dict(err.get("details") or {}), code=str(err.get("code", cls.code)))
+        return cls(str(err.get("message", "")), dict(err.get("details") or {}), code=str(err.get("code", cls.code)),
+                   http_status=http_status)
 
 
 class ConfigError(ServerError):
@@ -138,6 +149,70 @@ class OutOfMemory(ServerError):
 class StageTimeout(ServerError):
     code = "STAGE_TIMEOUT"
     http_status = 504
+
+
+# --- HTTP requests the gateway refuses before the broker sees them -------------------------------
+
+
+class InvalidJson(ServerError):
+    """The body (or the multipart `request` part) is not JSON the server can carry."""
+
+    code = "INVALID_JSON"
+    http_status = 400
+
+
+class InvalidMultipart(ServerError):
+    code = "INVALID_MULTIPART"
+    http_status = 400
+
+
+class UnsupportedMediaType(ServerError):
+    """A body or an image of a type the API does not take; `details.allowed` lists those it does."""
+
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    http_status = 415
+
+
+class PayloadTooLarge(ServerError):
+    code = "PAYLOAD_TOO_LARGE"
+    http_status = 413
+
+
+class InvalidImage(InvalidRequest):
+    """The image is not valid base64, is empty, or does not decode completely."""
+
+    code = "INVALID_IMAGE"
+
+
+class ImageTooLarge(ServerError):
+    """More pixels than `[gateway] max_image_pixels` (read from the image's header)."""
+
+    code = "IMAGE_TOO_LARGE"
+    http_status = 413
+
+
+class ResultNotAvailable(ServerError):
+    """The job has no video (yet): not completed, or its file is gone."""
+
+    code = "RESULT_NOT_AVAILABLE"
+    http_status = 404
+
+
+class RouteNotFound(ServerError):
+    code = "NOT_FOUND"
+    http_status = 404
+
+
+class MethodNotAllowed(ServerError):
+    code = "METHOD_NOT_ALLOWED"
+    http_status = 405
+
+
+class HttpError(ServerError):
+    """Any other HTTP-level refusal from the web framework; its status is the framework's."""
+
+    code = "HTTP_ERROR"
+    http_status = 400
 
 
 # --- wire format --------------------------------------------------------------------------------

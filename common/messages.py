@@ -12,14 +12,18 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from common import wire
 from common.errors import FieldError, MalformedHeader, UnknownMessageType
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+else:
+
+    class Tensor:
+        """What a tensor field is annotated with, so the decoder can tell it without importing torch
+        (the gateway and the broker never load it); `_check` accepts a real torch.Tensor there."""
 
 
 @dataclass
@@ -333,7 +337,7 @@ def _check(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if hint is Tensor:
-        if not isinstance(value, torch.Tensor):
+        if not wire.is_tensor(value):
             raise _type_error(where, "tensor", value)
         return value
     if hint is float:

@@ -8,39 +8,35 @@ rebuilds each tensor over the received frame without copying.
 
 No pickle anywhere: the only things that can come out of `unpack_header` are msgpack scalars,
 lists, string-keyed maps and `TensorRef`s, and every limit is checked before memory is used.
+
+torch is imported only where a tensor is encoded or decoded: the gateway and the broker, whose
+messages carry no tensors (an image travels as msgpack binary), never load it (~200 MiB of RSS).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import torch
 
 from common.errors import BadDtype, BadShape, FrameMismatch, MalformedHeader, MessageTooLarge
 
 WIRE_VERSION = 1
 TENSOR_EXT = 1
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-for _name in ("float8_e4m3fn", "float8_e5m2"):
-    if hasattr(torch, _name):
-        DTYPES[_name] = getattr(torch, _name)
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# The dtype names a reference may carry; each is also the name of the torch dtype.
+DTYPES: tuple[str, ...] = (
+    "float64", "float32", "float16", "bfloat16", "uint8", "int8", "int16", "int32", "int64", "bool",
+    "float8_e4m3fn", "float8_e5m2",
+)
 
 MAX_DIMS = 8
 
@@ -62,6 +58,24 @@ class Limits:
         )
 
 
+@functools.cache
+def _dtype_table() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPES if hasattr(torch, name)}
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a reference names; None when this torch has no such dtype. Imports torch."""
+    return _dtype_table().get(name)
+
+
+def is_tensor(obj: Any) -> bool:
+    """Whether `obj` is a torch tensor, without importing torch: none can exist before it is loaded."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
 @dataclass(frozen=True)
 class TensorRef:
     dtype: str
@@ -71,6 +85,8 @@ class TensorRef:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat uint8 buffer; copies only when the tensor is not contiguous or not on CPU."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -83,10 +99,11 @@ def pack(fields: dict[str, Any]) -> list[Any]:
     buffers: list[memoryview] = []
 
     def default(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            if obj.dtype not in DTYPE_NAMES:
+        if is_tensor(obj):
+            name = str(obj.dtype).removeprefix("torch.")
+            if torch_dtype(name) != obj.dtype:
                 raise BadDtype(f"dtype {obj.dtype} cannot be sent", {"dtype": str(obj.dtype)})
-            ref = [DTYPE_NAMES[obj.dtype], list(obj.shape), len(buffers)]
+            ref = [name, list(obj.shape), len(buffers)]
             buffers.append(_tensor_bytes(obj))
             return msgpack.ExtType(TENSOR_EXT, msgpack.packb(ref))
         if isinstance(obj, tuple):
@@ -184,7 +201,11 @@ def unpack(parts: list[Any], limits: Limits) -> dict[str, Any]:
 
 
 def _tensor_from_frame(ref: TensorRef, buf: memoryview) -> torch.Tensor:
-    dtype = DTYPES[ref.dtype]
+    import torch
+
+    dtype = torch_dtype(ref.dtype)
+    if dtype is None:
+        raise BadDtype(f"dtype {ref.dtype} is not in this torch", {"dtype": ref.dtype})
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(ref.shape) * itemsize
     if buf.nbytes != expected:

@@ -1,7 +1,8 @@
 """The gateway: REST under /api/v1 and WebSocket /ws, in front of the broker (Starlette + uvicorn).
 
 Every error is `{"success": false, "error": {"code", "message", "details"}}` with its HTTP status;
-no stack trace ever reaches a client. Videos are served by job id only (the broker knows the
+no stack trace, library exception text, file path or key ever reaches a client (errors are built
+only from the types in common/errors.py). Videos are served by job id only (the broker knows the
 path); no path from the client reaches the file system.
 
     python -m gateway.app [--config PROFILE] [--host 127.0.0.1] [--port 8001]
@@ -16,11 +17,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
+from http import HTTPStatus
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +34,17 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import messages as m
 from common.config import Config
-from common.errors import ServerError
+from common.errors import (
+    HttpError,
+    InvalidJson,
+    JobNotFound,
+    MethodNotAllowed,
+    ResultNotAvailable,
+    RouteNotFound,
+    ServerError,
+    UnsupportedMediaType,
+    ValidationError,
+)
 from common.logs import setup_logging
 from common.sockets import use_curve
 from gateway.auth import AuthMiddleware, auth_required, principal_of
@@ -46,10 +58,10 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 JSON_TYPES = {"", "application/json", "text/json", "text/plain"}
 MULTIPART_OVERHEAD = 64 << 10  # part headers and boundaries around the request and the image
 STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error")
-
-
-class ApiError(ServerError):
-    pass
+ACTIVE = ("processing", "queued")
+SAFE_ID = re.compile(r"^[\w-]{1,80}$")  # what of a malformed job id may be echoed back (never a path)
+TOO_SLOW = "too slow: event queue full"
+HTTP_STATUSES = {s.value for s in HTTPStatus}
 
 
 def error_response(exc: ServerError) -> JSONResponse:
@@ -61,16 +73,10 @@ def error_response(exc: ServerError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
 
-def api_error(code: str, message: str, http_status: int, **details: Any) -> ApiError:
-    err = ApiError(message, details, code=code)
-    err.http_status = http_status
-    return err
-
-
 def job_id_of(request: Request) -> str:
-    job_id = request.path_params["job_id"]
+    job_id: str = request.path_params["job_id"]
     if not JOB_ID.match(job_id):
-        raise api_error("JOB_NOT_FOUND", "no such job", 404, job_id=job_id[:80])
+        raise JobNotFound("no such job", {"job_id": job_id} if SAFE_ID.match(job_id) else {})
     return job_id
 
 
@@ -96,10 +102,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_json(body: bytes) -> Any:
     try:
         value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise api_error("INVALID_JSON", f"request body is not valid JSON: {exc}", 400) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidJson("request body is not valid JSON", {"line": exc.lineno, "column": exc.colno}) from None
+    except UnicodeDecodeError:
+        raise InvalidJson("request body is not valid JSON: it is not UTF-8 text") from None
     except RecursionError:
-        raise api_error("INVALID_JSON", "request body is nested too deeply", 400) from None
+        raise InvalidJson("request body is nested too deeply") from None
     check_representable(value)
     return value
 
@@ -108,17 +116,17 @@ def check_representable(value: Any, depth: int = 0) -> None:
     """Refuse what JSON can spell but the broker's wire format cannot carry: lone surrogates
     ("\\ud800" escapes are not text), integers beyond 64 bits, absurd nesting."""
     if depth > 32:
-        raise api_error("INVALID_JSON", "request body is nested too deeply", 400, max_depth=32)
+        raise InvalidJson("request body is nested too deeply", {"max_depth": 32})
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise api_error("INVALID_JSON", "request body holds a string that is not valid Unicode", 400) from None
+            raise InvalidJson("request body holds a string that is not valid Unicode") from None
     elif isinstance(value, bool) or value is None or isinstance(value, float):
         return
     elif isinstance(value, int):
         if not -(2**63) <= value < 2**64:
-            raise api_error("VALIDATION_ERROR", "request body holds an integer beyond 64 bits", 422)
+            raise ValidationError("request body holds an integer beyond 64 bits")
     elif isinstance(value, dict):
         for key, item in value.items():
             check_representable(key, depth + 1)
@@ -137,8 +145,18 @@ class Gateway:
         self.uploads = UploadLimits.from_config(section)
         # Decoding an image holds up to max_image_pixels x 4 bytes: bound how many run at once.
         self.decode_slots = asyncio.Semaphore(int(section.get("max_concurrent_decodes", 2)))
+        # A WebSocket client whose queue of unsent events fills (it stopped reading) is dropped.
+        self.ws_queue_size = int(section.get("ws_queue_size", 10_000))
+        self.ws_close_timeout_s = float(section.get("ws_close_timeout_s", 10.0))
+        self.snapshot_page_size = int(section.get("snapshot_page_size", 100))  # jobs per broker `list` call
+        self.listener_restart_s = float(section.get("listener_restart_s", 0.5))
         self.broker: BrokerClient | None = None
         self.subscribers: set[Subscriber] = set()
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """One broker operation (the client exists once the app's lifespan has started)."""
+        assert self.broker is not None
+        return await self.broker.call(op, **args)
 
     # ---- REST ----
     async def generate(self, request: Request) -> Response:
@@ -150,9 +168,9 @@ class Gateway:
             data, declared = image
             async with self.decode_slots:
                 png, width, height = await asyncio.to_thread(check_image, data, declared, self.uploads)
-            args["image"] = torch.frombuffer(bytearray(png), dtype=torch.uint8)
+            args["image"] = png  # msgpack binary
             args["image_size"] = [width, height]
-        result = await self.broker.call("submit", **args)
+        result = await self.call("submit", **args)
         return JSONResponse(result, status_code=202)
 
     async def read_generate(self, request: Request) -> tuple[Any, tuple[bytes, str] | None]:
@@ -164,9 +182,9 @@ class Gateway:
             body, data, declared = await parse_multipart(request.headers, raw, self.max_body, self.uploads)
             return body, (data, declared)
         if ctype not in JSON_TYPES and not ctype.endswith("+json"):
-            raise api_error(
-                "UNSUPPORTED_MEDIA_TYPE", f"send application/json or multipart/form-data, not {ctype[:64]}", 415,
-                allowed=["application/json", "multipart/form-data"],
+            raise UnsupportedMediaType(
+                f"send application/json or multipart/form-data, not {ctype[:64]}",
+                {"allowed": ["application/json", "multipart/form-data"]},
             )
         raw = await read_body(request, self.max_body + self.uploads.max_base64_chars)
         body = parse_json(raw)
@@ -179,16 +197,16 @@ class Gateway:
         return body, None
 
     async def status(self, request: Request) -> Response:
-        body = await self.broker.call("status", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("status", job_id=job_id_of(request), owner=owner_of(request))
         return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
 
     async def result(self, request: Request) -> Response:
-        body = await self.broker.call("result", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("result", job_id=job_id_of(request), owner=owner_of(request))
         body.pop("output_path", None)
         return JSONResponse(body)
 
     async def cancel(self, request: Request) -> Response:
-        body = await self.broker.call("cancel", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("cancel", job_id=job_id_of(request), owner=owner_of(request))
         return JSONResponse({k: body[k] for k in STATUS_FIELDS if k in body})
 
     async def jobs(self, request: Request) -> Response:
@@ -197,32 +215,39 @@ class Gateway:
             limit = int(q.get("limit", "20"))
             offset = int(q.get("offset", "0"))
         except ValueError:
-            raise api_error("VALIDATION_ERROR", "limit and offset must be integers", 422) from None
+            raise ValidationError("limit and offset must be integers") from None
         if not (1 <= limit <= 100 and 0 <= offset <= 10**9):
-            raise api_error("VALIDATION_ERROR", "limit must be 1..100 and offset >= 0", 422)
+            raise ValidationError("limit must be 1..100 and offset >= 0")
         args: dict[str, Any] = {"limit": limit, "offset": offset, "owner": owner_of(request)}
         if "status" in q:
             args["status"] = q["status"]
-        return JSONResponse(await self.broker.call("list", **args))
+        return JSONResponse(await self.call("list", **args))
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse(await self.broker.call("models"))
+        return JSONResponse(await self.call("models"))
 
     async def presets(self, request: Request) -> Response:
-        return JSONResponse(await self.broker.call("presets"))
+        return JSONResponse(await self.call("presets"))
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        """ok while the broker listeners run; 503 "degraded" while one is down (it is being restarted),
+        since the gateway then answers requests but sends no job events (or no replies)."""
+        if self.broker is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        listeners = self.broker.listener_state()
+        if self.broker.healthy:
+            return JSONResponse({"status": "ok", "listeners": listeners})
+        return JSONResponse({"status": "degraded", "listeners": listeners}, status_code=503)
 
     async def ready(self, request: Request) -> Response:
-        body = await self.broker.call("ready")
+        body = await self.call("ready")
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def file(self, request: Request) -> Response:
-        body = await self.broker.call("result", job_id=job_id_of(request), owner=owner_of(request))
+        body = await self.call("result", job_id=job_id_of(request), owner=owner_of(request))
         found = self.result_file(body["job_id"], body.get("output_path")) if body["status"] == "completed" else None
         if found is None:
-            raise api_error("RESULT_NOT_AVAILABLE", "the job has no video (yet)", 404, status=body["status"])
+            raise ResultNotAvailable("the job has no video (yet)", {"status": body["status"]})
         path, stat = found
         return FileResponse(path, media_type="video/mp4", filename=f"{body['job_id']}.mp4", stat_result=stat)
 
@@ -253,62 +278,96 @@ class Gateway:
     async def ws(self, websocket: WebSocket) -> None:
         who = principal_of(websocket.scope)
         await websocket.accept(subprotocol=who.subprotocol)
-        sub = Subscriber(websocket, who.owner_filter)
+        sub = Subscriber(websocket, who.owner_filter, self.ws_queue_size)
         self.subscribers.add(sub)
-        sender = asyncio.create_task(sub.pump())
+        tasks = [asyncio.create_task(sub.pump()), asyncio.create_task(self.read_ws(sub)),
+                 asyncio.create_task(sub.too_slow.wait())]
         try:
+            # Ends when the client goes (the reader or the pump sees it) or when it is dropped.
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if sub.too_slow.is_set():
+                await self.drop(sub)
+        finally:
+            self.subscribers.discard(sub)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def read_ws(self, sub: Subscriber) -> None:
+        with contextlib.suppress(WebSocketDisconnect):
             while True:
                 try:
-                    data = await websocket.receive_json()
+                    data = await sub.websocket.receive_json()
                 except (json.JSONDecodeError, KeyError, ValueError):
-                    await sub.send({"event": "error", "error": {"code": "INVALID_JSON", "message": "send JSON objects"}})
+                    sub.offer({"event": "error", "error": InvalidJson("send JSON objects").to_dict()["error"]})
                     continue
+                if sub.too_slow.is_set():
+                    continue  # being closed: what it asks for now would not be sent anyway
                 try:
                     await self.on_ws_message(sub, data)
                 except ServerError as exc:  # e.g. the broker is restarting: say so, keep the socket
-                    sub.queue.put_nowait({"event": "error", "error": exc.to_dict()["error"]})
-        except WebSocketDisconnect:
-            pass
-        finally:
-            self.subscribers.discard(sub)
-            sender.cancel()
+                    sub.offer({"event": "error", "error": exc.to_dict()["error"]})
+                except Exception:  # a fault of ours on one message: logged, and the socket stays up
+                    log.exception("WebSocket message failed")
+                    sub.offer({"event": "error", "error": ServerError("internal error").to_dict()["error"]})
+
+    async def drop(self, sub: Subscriber) -> None:
+        """Close a client that stopped reading, with a reason, instead of holding its events without bound.
+
+        The close frame goes out after what the socket already holds; a client that never reads
+        again does not get it, and its connection is dropped after `ws_close_timeout_s`."""
+        self.subscribers.discard(sub)  # no more events are queued for it
+        log.warning("dropped a WebSocket client: %s (%d events queued)", TOO_SLOW, sub.queue.qsize())
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sub.websocket.close(code=1008, reason=TOO_SLOW), self.ws_close_timeout_s)
+
+    async def active_jobs(self, owner: str | None) -> list[dict[str, Any]]:
+        """Every queued and processing job `owner` may see, paged through the broker's `list` by status
+        (a page of the newest jobs of any status would miss older active ones behind finished ones)."""
+        jobs: dict[str, dict[str, Any]] = {}
+        for status in ACTIVE:
+            offset = 0
+            while True:
+                page = await self.call("list", status=status, limit=self.snapshot_page_size, offset=offset, owner=owner)
+                for job in page["jobs"]:
+                    jobs.setdefault(job["job_id"], job)  # a job that moved on while we paged is listed once
+                offset += len(page["jobs"])
+                if not page["jobs"] or offset >= page["total"]:
+                    break
+        return [job for job in jobs.values() if job["status"] in ACTIVE]
 
     async def on_ws_message(self, sub: Subscriber, data: Any) -> None:
         action = data.get("action") if isinstance(data, dict) else None
         if action == "subscribe" and data.get("all") is True:
             sub.all = True
-            listing = await self.broker.call("list", limit=100, offset=0, owner=sub.owner)
-            for job in listing["jobs"]:
-                if job["status"] in ("queued", "processing"):
-                    sub.queue.put_nowait({"event": "snapshot", **job})
+            for job in await self.active_jobs(sub.owner):
+                sub.offer({"event": "snapshot", **job})
         elif action == "subscribe" and isinstance(data.get("job_id"), str) and JOB_ID.match(data["job_id"]):
             job_id = data["job_id"]
             # Events that arrive while the snapshot is fetched are held, then sent after it, so
             # nothing falls between the two and nothing older than the snapshot follows it.
             sub.held[job_id] = []
             try:
-                job = await self.broker.call("status", job_id=job_id, owner=sub.owner)
+                job = await self.call("status", job_id=job_id, owner=sub.owner)
             except ServerError as exc:
                 sub.held.pop(job_id, None)
-                sub.queue.put_nowait({"event": "error", "job_id": job_id, "error": exc.to_dict()["error"]})
+                sub.offer({"event": "error", "job_id": job_id, "error": exc.to_dict()["error"]})
                 return
             snapshot = {"event": "snapshot", **{k: job[k] for k in STATUS_FIELDS if k in job}}
             if job["status"] == "completed":
                 snapshot["output_url"] = f"/api/v1/files/{job['job_id']}.mp4"
-            sub.queue.put_nowait(snapshot)
+            sub.offer(snapshot)
             for event in sub.held.pop(job_id, []):
                 if event["event"] != "progress" or event["progress"] >= job["progress"]:
-                    sub.queue.put_nowait(event)
+                    sub.offer(event)
             sub.jobs.add(job_id)
         elif action == "unsubscribe":
             if isinstance(data.get("job_id"), str):
                 sub.jobs.discard(data["job_id"])
             sub.all = sub.all and data.get("all") is not True
         else:
-            sub.queue.put_nowait({"event": "error", "error": {
-                "code": "VALIDATION_ERROR",
-                "message": 'send {"action": "subscribe", "job_id": "<id>"} or {"action": "subscribe", "all": true}',
-            }})
+            usage = 'send {"action": "subscribe", "job_id": "<id>"} or {"action": "subscribe", "all": true}'
+            sub.offer({"event": "error", "error": ValidationError(usage).to_dict()["error"]})
 
     def on_event(self, event: m.JobEvent) -> None:
         payload = {"event": event.event, "job_id": event.job_id, **event.data}
@@ -318,8 +377,7 @@ class Gateway:
             if event.job_id in sub.held:
                 sub.held[event.job_id].append(payload)
             elif sub.all or event.job_id in sub.jobs:
-                with contextlib.suppress(asyncio.QueueFull):  # a client that stopped reading
-                    sub.queue.put_nowait(payload)
+                sub.offer(payload)
 
     # ---- app ----
     def app(self) -> Starlette:
@@ -338,21 +396,29 @@ class Gateway:
             WebSocketRoute("/ws", self.ws),
         ]
 
-        async def server_error(request: Request, exc: ServerError) -> Response:
+        async def server_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, ServerError)
             return error_response(exc)
 
-        async def http_error(request: Request, exc: HTTPException) -> Response:
-            codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
-            err = api_error(codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail), exc.status_code)
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            err: ServerError
+            if exc.status_code == 404:
+                err = RouteNotFound("no such route")
+            elif exc.status_code == 405:
+                err = MethodNotAllowed("method not allowed on this route")
+            else:  # Starlette's detail is its status phrase unless a handler gave one; ours never do
+                err = HttpError(HTTPStatus(exc.status_code).phrase if exc.status_code in HTTP_STATUSES else "HTTP error",
+                                http_status=exc.status_code)
             return error_response(err)
 
         async def unexpected(request: Request, exc: Exception) -> Response:
             log.exception("unexpected error on %s", request.url.path)
-            return error_response(api_error("INTERNAL_ERROR", "internal error", 500))
+            return error_response(ServerError("internal error"))
 
         @contextlib.asynccontextmanager
-        async def lifespan(app):
-            self.broker = BrokerClient(self.config)
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            self.broker = BrokerClient(self.config, restart_s=self.listener_restart_s)
             self.broker.listeners.append(self.on_event)
             self.broker.start()
             try:
@@ -371,21 +437,28 @@ class Gateway:
 class Subscriber:
     """One WebSocket client: what it subscribed to, and its outgoing queue (bounded)."""
 
-    def __init__(self, websocket: WebSocket, owner: str | None = None):
+    def __init__(self, websocket: WebSocket, owner: str | None = None, queue_size: int = 10_000):
         self.websocket = websocket
         self.owner = owner  # whose jobs it may follow; None: everyone's
         self.jobs: set[str] = set()
         self.all = False
         self.held: dict[str, list[dict[str, Any]]] = {}  # job -> events waiting for its snapshot
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
+        self.too_slow = asyncio.Event()  # its queue filled: the handler closes it
 
-    async def send(self, payload: dict[str, Any]) -> None:
-        await self.websocket.send_json(payload)
+    def offer(self, payload: dict[str, Any]) -> None:
+        """Queue one event for the client, never waiting: a full queue marks the client too slow."""
+        if self.too_slow.is_set():
+            return
+        try:
+            self.queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.too_slow.set()
 
     async def pump(self) -> None:
-        with contextlib.suppress(Exception):
-            while True:
-                await self.send(await self.queue.get())
+        """Send queued events in order; ends when the client is gone (the send raises)."""
+        while True:
+            await self.websocket.send_json(await self.queue.get())
 
 
 def main(argv: list[str] | None = None) -> None:

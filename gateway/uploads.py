@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,22 +25,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from common.errors import ServerError
+from common.errors import ImageTooLarge, InvalidImage, InvalidJson, InvalidMultipart, PayloadTooLarge, UnsupportedMediaType
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
 UNTYPED = {"", "application/octet-stream"}  # a part with no useful declared type: the magic bytes decide
 MULTIPART_PARTS = ("request", "image")
-
-
-class UploadError(ServerError):
-    pass
-
-
-def upload_error(code: str, message: str, status: int, **details: Any) -> UploadError:
-    err = UploadError(message, details, code=code)
-    err.http_status = status
-    return err
 
 
 @dataclass(frozen=True)
@@ -60,8 +51,8 @@ class UploadLimits:
         return 4 * ((self.max_upload_bytes + 2) // 3)
 
 
-def too_large(limit: int) -> UploadError:
-    return upload_error("PAYLOAD_TOO_LARGE", f"request body over {limit} bytes", 413, limit=limit)
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body over {limit} bytes", {"limit": limit})
 
 
 # ---- multipart ----
@@ -70,30 +61,32 @@ def too_large(limit: int) -> UploadError:
 async def parse_multipart(headers: Headers, body: bytes, max_request_bytes: int, limits: UploadLimits) -> tuple[Any, bytes, str]:
     """(request object, image bytes, declared image type) from a multipart/form-data body read whole."""
 
-    async def stream():
+    async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
     parser = MultiPartParser(headers, stream(), max_files=1, max_fields=1, max_part_size=max_request_bytes)
     try:
         form = await parser.parse()
-    except MultiPartException as exc:
-        raise upload_error(
-            "INVALID_MULTIPART", f"multipart body refused: {exc.message}", 400, parts=list(MULTIPART_PARTS)
+    except MultiPartException:
+        # Starlette's own wording is not part of our API; the parts it must have are.
+        raise InvalidMultipart(
+            "the multipart body could not be parsed (bad boundary, part headers or sizes)",
+            {"parts": list(MULTIPART_PARTS)},
         ) from None
     try:
         items = form.multi_items()
         names = [name for name, _ in items]
         if len(items) > limits.max_parts or sorted(names) != sorted(MULTIPART_PARTS):
-            raise upload_error(
-                "INVALID_MULTIPART",
-                f"a multipart request has exactly the parts {list(MULTIPART_PARTS)}, got {names[:8]}",
-                400, parts=list(MULTIPART_PARTS), got=names[:8],
+            got = [name[:64] for name in names[:8]]
+            raise InvalidMultipart(
+                f"a multipart request has exactly the parts {list(MULTIPART_PARTS)}, got {got}",
+                {"parts": list(MULTIPART_PARTS), "got": got},
             )
         request_part, image_part = form["request"], form["image"]
         if not isinstance(image_part, UploadFile):
-            raise upload_error("INVALID_MULTIPART", "the image part must be a file part (with a filename)", 400)
+            raise InvalidMultipart("the image part must be a file part (with a filename)")
         if not isinstance(request_part, str):
-            raise upload_error("INVALID_MULTIPART", "the request part must be a JSON field, not a file", 400)
+            raise InvalidMultipart("the request part must be a JSON field, not a file")
         data = await image_part.read(limits.max_upload_bytes + 1)
         declared = (image_part.content_type or "").split(";")[0].strip().lower()
     finally:
@@ -103,7 +96,7 @@ async def parse_multipart(headers: Headers, body: bytes, max_request_bytes: int,
     try:
         request = json.loads(request_part)
     except json.JSONDecodeError as exc:
-        raise upload_error("INVALID_JSON", f"the request part is not valid JSON: {exc}", 400) from None
+        raise InvalidJson("the request part is not valid JSON", {"line": exc.lineno, "column": exc.colno}) from None
     return request, data, declared
 
 
@@ -113,28 +106,27 @@ async def parse_multipart(headers: Headers, body: bytes, max_request_bytes: int,
 def decode_base64_image(value: Any, limits: UploadLimits) -> tuple[bytes, str]:
     """(image bytes, declared type from a data: URL or '') from the JSON body's `image` field."""
     if not isinstance(value, str):
-        raise upload_error("INVALID_IMAGE", "image must be a base64 string", 422, field="image")
+        raise InvalidImage("image must be a base64 string", {"field": "image"})
     declared = ""
     if value.startswith("data:"):
         head, sep, value = value.partition(",")
         if not sep or not head.endswith(";base64"):
-            raise upload_error("INVALID_IMAGE", "an image data URL must be data:<type>;base64,<data>", 422, field="image")
+            raise InvalidImage("an image data URL must be data:<type>;base64,<data>", {"field": "image"})
         declared = head[5 : -len(";base64")].strip().lower()
     if len(value) > limits.max_base64_chars + 4:
         raise image_too_big(len(value) * 3 // 4, limits)
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise upload_error("INVALID_IMAGE", "image is not valid base64", 422, field="image") from None
+        raise InvalidImage("image is not valid base64", {"field": "image"}) from None
     if len(data) > limits.max_upload_bytes:
         raise image_too_big(len(data), limits)
     return data, declared
 
 
-def image_too_big(size: int, limits: UploadLimits) -> UploadError:
-    return upload_error(
-        "PAYLOAD_TOO_LARGE", f"the image is over {limits.max_upload_bytes} bytes", 413,
-        limit=limits.max_upload_bytes, field="image",
+def image_too_big(size: int, limits: UploadLimits) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the image is over {limits.max_upload_bytes} bytes", {"limit": limits.max_upload_bytes, "field": "image"}
     )
 
 
@@ -155,22 +147,22 @@ def sniff(data: bytes) -> str | None:
 def check_image(data: bytes, declared: str, limits: UploadLimits) -> tuple[bytes, int, int]:
     """Validate and fully decode an uploaded image; returns (RGB PNG bytes, width, height).
 
-    Runs in a worker thread (it decodes); raises UploadError with the 4xx to send.
+    Runs in a worker thread (it decodes); raises the ServerError with the 4xx to send. A decoder's
+    own complaint is logged by nobody and sent to nobody: Pillow's texts may name its internals.
     """
     allowed = sorted(FORMATS.values())
     if len(data) > limits.max_upload_bytes:
         raise image_too_big(len(data), limits)
     if not data:
-        raise upload_error("INVALID_IMAGE", "the image is empty", 422, field="image")
+        raise InvalidImage("the image is empty", {"field": "image"})
     fmt = sniff(data)
     if fmt is None:
-        raise upload_error("UNSUPPORTED_MEDIA_TYPE", "the image is not PNG, JPEG or WebP", 415,
-                           field="image", allowed=allowed)
+        raise UnsupportedMediaType("the image is not PNG, JPEG or WebP", {"field": "image", "allowed": allowed})
     declared = TYPE_ALIASES.get(declared, declared)
     if declared not in UNTYPED and declared != FORMATS[fmt]:
-        raise upload_error(
-            "UNSUPPORTED_MEDIA_TYPE", f"the image was sent as {declared[:64]} but its content is {FORMATS[fmt]}", 415,
-            field="image", declared=declared[:64], detected=FORMATS[fmt], allowed=allowed,
+        raise UnsupportedMediaType(
+            f"the image was sent as {declared[:64]} but its content is {FORMATS[fmt]}",
+            {"field": "image", "declared": declared[:64], "detected": FORMATS[fmt], "allowed": allowed},
         )
     # Pillow refuses images over 2x Image.MAX_IMAGE_PIXELS when it opens them; our own limit (far
     # below) is checked from the header before any pixel is decoded.
@@ -178,8 +170,8 @@ def check_image(data: bytes, declared: str, limits: UploadLimits) -> tuple[bytes
         img = Image.open(io.BytesIO(data), formats=[fmt])  # reads the header only
     except Image.DecompressionBombError:
         raise pixels_error(None, None, limits) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise upload_error("INVALID_IMAGE", f"the image does not decode: {exc}", 422, field="image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InvalidImage(f"the {FORMATS[fmt]} image's header does not decode", {"field": "image"}) from None
     with img:
         width, height = img.size
         if width < 1 or height < 1 or width * height > limits.max_image_pixels:
@@ -187,18 +179,18 @@ def check_image(data: bytes, declared: str, limits: UploadLimits) -> tuple[bytes
         try:
             img.load()  # a truncated or corrupt file fails here (LOAD_TRUNCATED_IMAGES stays off)
             rgb = ImageOps.exif_transpose(img).convert("RGB")
-        except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error ...
-            raise upload_error(
-                "INVALID_IMAGE", f"the image does not decode: {type(exc).__name__}: {exc}"[:300], 422, field="image"
+        except Exception:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error ...
+            raise InvalidImage(
+                f"the {FORMATS[fmt]} image does not decode completely (truncated or corrupt)", {"field": "image"}
             ) from None
     out = io.BytesIO()
     rgb.save(out, "PNG", compress_level=1)
     return out.getvalue(), rgb.width, rgb.height
 
 
-def pixels_error(width: int | None, height: int | None, limits: UploadLimits) -> UploadError:
+def pixels_error(width: int | None, height: int | None, limits: UploadLimits) -> ImageTooLarge:
     size = f"{width}x{height}" if width is not None else "too many"
-    return upload_error(
-        "IMAGE_TOO_LARGE", f"the image has {size} pixels; at most {limits.max_image_pixels} pixels are taken", 413,
-        field="image", width=width, height=height, max_pixels=limits.max_image_pixels,
+    return ImageTooLarge(
+        f"the image has {size} pixels; at most {limits.max_image_pixels} pixels are taken",
+        {"field": "image", "width": width, "height": height, "max_pixels": limits.max_image_pixels},
     )

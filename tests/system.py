@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.error_bodies import check_error_response, tokens_in
 from tests.stack import ROOT, stack_env
 
 PROGRAMS = ["text_encoder", "dit_high", "dit_low", "vae", "muxer", "broker", "gateway"]
@@ -32,6 +33,7 @@ class System:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = stack_env(state_dir, model_cache, WAN_SERVER__GATEWAY__PORT=str(self.port), **extra_env)
         self.headers: dict[str, str] = {}  # sent with every request (e.g. an API key), under per-call headers
+        self.key_tokens: list[str] = []  # every key token created: no error body may hold one
         self.conf = state_dir / "supervisord.conf"
         var = state_dir / "var"
         (var / "log").mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,8 @@ class System:
         """A new API key through the keys CLI (`python -m gateway.keys create`); returns its token."""
         out = subprocess.run([sys.executable, "-m", "gateway.keys", "create", name, "--json", *flags], cwd=ROOT,
                              env=self.env, capture_output=True, text=True, timeout=60, check=True).stdout
-        return json.loads(out)["token"]
+        self.key_tokens.append(json.loads(out)["token"])
+        return self.key_tokens[-1]
 
     def log(self, program: str) -> str:
         path = self.log_dir / f"{program}.log"
@@ -77,7 +80,11 @@ class System:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
+            content = exc.read()
+            # Every error body the API tests receive is checked for its shape and for leaks.
+            check_error_response(path, exc.code, dict(exc.headers), content,
+                                 forbidden=[str(self.state_dir), *self.key_tokens, *tokens_in(headers)])
+            return exc.code, dict(exc.headers), content
 
     def json(self, method: str, path: str, body: Any = None, **kw) -> tuple[int, Any]:
         status, _, content = self.request(method, path, body, **kw)

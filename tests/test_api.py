@@ -11,8 +11,10 @@ import av
 import pytest
 from websockets.sync.client import connect
 
+from common.config import Config
 from gateway.app import Gateway
 from gateway.openapi import openapi_document
+from tests.error_bodies import check_error_body
 from tests.stack import short_tmpdir
 from tests.system import System, kill9
 
@@ -173,7 +175,9 @@ def test_listing_models_presets_health_ready(system):
     presets = system.json("GET", "/api/v1/presets")[1]["presets"]
     assert set(presets["ti2v-5B"]) == {"draft", "standard", "pro", "cinema", "ultimate"}
     assert presets["t2v-A14B"]["draft"]["steps"] < presets["t2v-A14B"]["ultimate"]["steps"]
-    assert system.json("GET", "/health") == (200, {"status": "ok"})
+    status, health = system.json("GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert {name: state["running"] for name, state in health["listeners"].items()} == {"replies": True, "events": True}
     status, ready = system.json("GET", "/ready")
     assert status == 200 and ready["ready"] and all(ready["stages"].values())
 
@@ -230,6 +234,7 @@ def raw_post(system, body: bytes, chunked: bool = False) -> tuple[int, bytes]:
 def test_oversize_body_refused(system, chunked):
     status, content = raw_post(system, b'{"prompt": "' + b"a" * (4 << 20) + b'"}', chunked=chunked)
     body = json.loads(content)
+    check_error_body("/api/v1/generate", status, body, [str(system.state_dir)])
     assert status == 413 and body["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
@@ -311,9 +316,7 @@ def test_kill_gateway_clients_see_the_same_state(system):
 def test_openapi_document_matches_routes(system):
     status, doc = system.json("GET", "/api/v1/openapi.json")
     assert status == 200 and doc == json.loads(json.dumps(openapi_document(auth=False)))  # loopback: auth off
-    app = Gateway.__new__(Gateway)
-    app.config, app.max_body, app.broker, app.subscribers, app.auth = None, 0, None, set(), False
-    routes = {r.path for r in Gateway.app(app).routes if r.path != "/ws"}
+    routes = {r.path for r in Gateway(Config.load(environ=system.env)).app().routes if r.path != "/ws"}
     assert routes == set(doc["paths"])
 
 
@@ -337,14 +340,26 @@ def test_client_cli_generates_and_downloads(system, tmp_path):
     assert bad.returncode == 1 and "JOB_NOT_FOUND" in bad.stderr
 
 
-def kill_at(ws, system, stage: str, attempt: int, timeout_s: float = 180) -> None:
-    """kill -9 `stage` as soon as the broker reports it working on `attempt` of the subscribed job."""
+def stage_pid(system, stage: str, not_pid: int = 0, timeout_s: float = 60) -> int:
+    """The pid of `stage`'s process, other than `not_pid` (one just killed, which supervisord may not
+    have replaced yet)."""
+    deadline = time.monotonic() + timeout_s
+    while (pid := system.pid(stage)) in (0, not_pid):
+        assert time.monotonic() < deadline, f"{stage} did not come back"
+        time.sleep(0.1)
+    return pid
+
+
+def kill_at(ws, system, stage: str, attempt: int, pid: int, timeout_s: float = 180) -> None:
+    """kill -9 `pid` (the stage's process) as soon as the broker reports the stage working on
+    `attempt` of the subscribed job. The pid is looked up beforehand: a supervisorctl call after the
+    event takes longer than a tiny stage needs to finish its steps and hand the job on."""
     deadline = time.monotonic() + timeout_s
     while True:
         event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
         assert event["event"] not in ("complete", "error"), event
         if event["event"] == "progress" and (event.get("stage"), event.get("attempt")) == (stage, attempt):
-            kill9(system.pid(stage))
+            kill9(pid)
             return
 
 
@@ -354,10 +369,11 @@ def attempts_of(system, job_id: str) -> int:
 
 @pytest.mark.parametrize("stage", ["dit_high", "dit_low"])
 def test_stage_killed_while_holding_a_job_is_dispatched_again(system, stage):
+    pid = stage_pid(system, stage)
     job_id = system.submit(prompt=f"outlives {stage}", custom_options={"steps": 100, "resolution": "64x64"})
     with ws_connect(system) as ws:
         ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
-        kill_at(ws, system, stage, attempt=1)
+        kill_at(ws, system, stage, attempt=1, pid=pid)
     final = system.wait_final(job_id, timeout_s=240)
     assert final["status"] == "completed", final
     assert attempts_of(system, job_id) == 2
@@ -369,11 +385,13 @@ def test_stage_killed_while_holding_a_job_is_dispatched_again(system, stage):
 
 
 def test_job_that_keeps_killing_its_stage_fails_after_bounded_attempts(system):
+    pid = stage_pid(system, "dit_low")
     job_id = system.submit(prompt="poison", custom_options={"steps": 100, "resolution": "64x64"})
     with ws_connect(system) as ws:
         ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
         for attempt in (1, 2, 3):
-            kill_at(ws, system, "dit_low", attempt)
+            kill_at(ws, system, "dit_low", attempt, pid)
+            pid = stage_pid(system, "dit_low", not_pid=pid)
     final = system.wait_final(job_id, timeout_s=120)
     assert final["status"] == "failed" and final["error"]["code"] == "STAGE_CRASHED"
     assert final["error"]["details"] == {"stage": "dit_low", "attempts": 3}

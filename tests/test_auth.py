@@ -41,6 +41,7 @@ def system(model_cache):
                          ("busy", {"max_active_jobs": 2}), ("revoked", {})]:
         s.tokens[name] = store.create(name, **limits)[1]
     store.close()
+    s.key_tokens.extend(s.tokens.values())  # no error body may hold any of them
     s.headers = bearer(s.tokens["admin"])  # wait_ready / wait_final see every job
     s.start()
     try:
@@ -92,11 +93,12 @@ def test_gateway_on_all_interfaces_requires_keys_and_refuses_auth_off(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             probe = System.__new__(System)
-            probe.url, probe.headers = f"http://127.0.0.1:{port}", {}
+            probe.url, probe.headers, probe.state_dir, probe.key_tokens = f"http://127.0.0.1:{port}", {}, state, []
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    assert probe.json("GET", "/health") == (200, {"status": "ok"})
+                    status, health = probe.json("GET", "/health")
+                    assert status == 200 and health["status"] == "ok"
                     break
                 except OSError:
                     assert time.monotonic() < deadline

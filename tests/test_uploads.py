@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from gateway.client import Client
+from tests.error_bodies import check_error_body
 from tests.stack import short_tmpdir
 from tests.system import System
 
@@ -226,6 +227,7 @@ def test_oversize_upload_refused_before_it_is_read(system, kind, chunked):
         body = json.dumps({"prompt": "x", "model": "i2v", "image": base64.b64encode(big).decode()}).encode()
         ctype = "application/json"
     status, answer = raw_post(system, body, ctype, chunked)
+    check_error_body("/api/v1/generate", status, answer, [str(system.state_dir)])
     assert status == 413 and answer["error"]["code"] == "PAYLOAD_TOO_LARGE", answer
 
 
