@@ -100,7 +100,7 @@ def wait_event(ws, stage: str, attempt: int, timeout_s: float = 120) -> dict:
 
 
 def rest(ws, timeout_s: float = 180) -> list[dict]:
-    events = []
+    events: list[dict] = []
     deadline = time.monotonic() + timeout_s
     while not events or events[-1]["event"] not in ("complete", "error"):
         events.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))

@@ -60,7 +60,7 @@ def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     scale = max(width / image.width, height / image.height)
     sw, sh = max(width, round(image.width * scale)), max(height, round(image.height * scale))
     left, top = (sw - width) // 2, (sh - height) // 2
-    return image.resize((sw, sh), Image.LANCZOS).crop((left, top, left + width, top + height))
+    return image.resize((sw, sh), Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
 
 
 def expected_handoff(stack, model: str, steps: int, shift: float | None = None) -> int:
@@ -206,7 +206,7 @@ def test_the_image_decides_the_frames(stack, image_results):
     and TI2V-5B with an image differs from TI2V-5B without one."""
     p, job_id, _, png = image_results[0]
     with Image.open(png) as img:
-        flipped = cover_crop(img.convert("RGB"), p.width, p.height).transpose(Image.FLIP_LEFT_RIGHT)
+        flipped = cover_crop(img.convert("RGB"), p.width, p.height).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert not np.array_equal(vae_frames(stack, job_id), reference(model_dir(stack.config, p.model), p, flipped))
     p, job_id, _, _ = image_results[4]
     assert not np.array_equal(vae_frames(stack, job_id), reference(model_dir(stack.config, p.model), p))
