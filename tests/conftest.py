@@ -1,7 +1,11 @@
+"""Session fixtures: the tiny models, and the running processes that test modules with the same
+environment share (each started on first use and stopped when the session ends)."""
+
 from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from broker.driver import Driver  # noqa: E402
-from tests.stack import StageStack, short_tmpdir  # noqa: E402
+from tests.helpers import StageStack, System, running_stack, running_system, short_tmpdir  # noqa: E402
 
 # Stage processes run with one torch thread (the tiny profile's setting); in-process references
 # must use the same, or reductions may differ in the last bit.
@@ -20,7 +24,7 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def model_cache() -> Path:
+def model_cache() -> Iterator[Path]:
     """Tiny models for the whole session; the first stage process to start builds them."""
     path = short_tmpdir("wsm-")
     yield path
@@ -28,28 +32,39 @@ def model_cache() -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(model_cache):
-    """The five stage processes of the tiny profile, recording their wire traffic."""
-    state = short_tmpdir("wss-")
-    s = StageStack(
-        state,
+def stack(model_cache: Path) -> Iterator[StageStack]:
+    """The five stage processes of the tiny profile, recording their wire traffic, with a Driver in
+    place of the broker. Shared by every module that drives stages directly; none of them stops a
+    stage or changes its settings."""
+    with running_stack(
+        "wss-",
         model_cache,
-        WAN_SERVER__RUNTIME__RECORD_DIR=str(state / "record"),
+        WAN_SERVER__RUNTIME__RECORD_DIR="{state}/record",
         # Small limits, so the tests can send oversize messages cheaply; tiny jobs fit easily.
         WAN_SERVER__LIMITS__MAX_MESSAGE_BYTES=str(8 << 20),
         WAN_SERVER__LIMITS__MAX_HEADER_BYTES=str(64 << 10),
         WAN_SERVER__LIMITS__MAX_FRAMES="64",
-    ).start_all()
-    try:
-        with Driver(s.config) as driver:
-            driver.wait_ready(timeout_s=180)
-            s.driver = driver
-            yield s
-    finally:
-        s.stop()
-        shutil.rmtree(state, ignore_errors=True)
+    ) as s:
+        yield s
 
 
 @pytest.fixture
-def driver(stack) -> Driver:
+def driver(stack: StageStack) -> Driver:
     return stack.driver
+
+
+@pytest.fixture(scope="session")
+def default_system(model_cache: Path) -> Iterator[System]:
+    """The whole system under supervisord with the tiny profile's settings (no auth, default
+    limits), for every module that needs nothing else. Use it through `api_system`."""
+    with running_system("wsa-", model_cache) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api_system(default_system: System) -> System:
+    """`default_system`, handed to each module ready and with no job queued or running: a module
+    before it may have killed processes (supervisord restarts them) or left jobs in the queue."""
+    default_system.wait_ready()
+    default_system.wait_idle()
+    return default_system

@@ -24,9 +24,7 @@ from common.curve import CurveKeys
 from common.errors import ConfigError
 from common.sockets import SocketOptions, check_endpoint, make_socket, stop_authenticators
 from common.wire import Limits
-from tests.stack import ROOT, short_tmpdir, stack_env
-from tests.system import free_port
-from tests.test_stage_faults import bad_messages, wait_for
+from tests.helpers import ROOT, bad_messages, free_port, short_tmpdir, stack_env, wait_for
 
 LIMITS = Limits()
 SMALL_LIMITS = {
@@ -169,12 +167,13 @@ def test_curve_admits_only_authorized_peers(tmp_path):
                            options=SocketOptions(immediate=False, linger_ms=0))
         assert delivered(pull, good, b"hello over curve", timeout_ms=5000)
 
-        plain = make_socket(plain_ctx, zmq.PUSH, endpoint, bind=False, options=SocketOptions(immediate=False, linger_ms=0))
+        plain = make_socket(plain_ctx, zmq.PUSH, endpoint, bind=False,
+                            options=SocketOptions(immediate=False, linger_ms=0))
         assert not delivered(pull, plain, b"plaintext")
 
         # A peer that knows the server's public key but holds a keypair nobody authorized.
-        subprocess.run([sys.executable, "-c", "import zmq.auth, sys; zmq.auth.create_certificates(sys.argv[1], 'mallory')",
-                        str(tmp_path)], check=True, timeout=30)
+        make_mallory = "import zmq.auth, sys; zmq.auth.create_certificates(sys.argv[1], 'mallory')"
+        subprocess.run([sys.executable, "-c", make_mallory, str(tmp_path)], check=True, timeout=30)
         public, secret = zmq.auth.load_certificate(tmp_path / "mallory.key_secret")
         stranger = CurveKeys(keys.server_public, None, public, secret, keys.authorized_dir)
         rogue = make_socket(plain_ctx, zmq.PUSH, endpoint, bind=False, curve=stranger,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -23,8 +22,7 @@ from common.config import Config
 from common.errors import ModelLoadError
 from stages import official, official_keys, tiny_models
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
-from tests.stack import StageStack, short_tmpdir, stack_env
-from tests.test_pipeline_exact import vae_frames
+from tests.helpers import StageStack, short_tmpdir, stack_env, vae_frames
 
 SHAPES = ("t2v-A14B", "ti2v-5B", "i2v-A14B")
 
@@ -32,7 +30,8 @@ SHAPES = ("t2v-A14B", "ti2v-5B", "i2v-A14B")
 @pytest.fixture(scope="module")
 def folders(model_cache):
     """(diffusers folder, official folder) per tiny shape: the official one written from the other."""
-    return {s: (tiny_models.ensure(s, 0, model_cache), tiny_models.ensure(s, 0, model_cache, "official")) for s in SHAPES}
+    return {s: (tiny_models.ensure(s, 0, model_cache), tiny_models.ensure(s, 0, model_cache, "official"))
+            for s in SHAPES}
 
 
 def official_env(folders, **extra):
@@ -100,7 +99,8 @@ def test_key_maps_agree_with_diffusers_converters_at_release_sizes():
         vae21 = AutoencoderKLWan(base_dim=96, z_dim=16)
     for dit in dits:
         state = dit.state_dict()
-        back = convert_wan_transformer_to_diffusers({official_keys.transformer_key_to_official(k): v for k, v in state.items()})
+        back = convert_wan_transformer_to_diffusers(
+            {official_keys.transformer_key_to_official(k): v for k, v in state.items()})
         assert set(back) == set(state)
         shapes = {official_keys.transformer_key_to_official(k): tuple(v.shape) for k, v in state.items()}
         config = {"dim": dit.config.num_attention_heads * 128, "num_heads": dit.config.num_attention_heads,
@@ -291,8 +291,7 @@ def test_stage_process_with_a_broken_folder_fails_at_startup(broken):
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             pytest.fail("the vae stage did not exit on a broken checkpoint")
-        time.sleep(0.1)
-        log = s.log("vae")
+        log = s.log("vae")  # complete: the process wrote it and has exited
         assert proc.returncode == 3, log
         line = next(ln for ln in log.splitlines() if "could not start" in ln)
         body = json.loads(line.split("could not start: ", 1)[1])

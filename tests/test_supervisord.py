@@ -1,22 +1,25 @@
 """The README's run command, on a fresh copy of the tree, brings the whole system up under
 supervisord; the README's client command then produces an MP4; `supervisorctl restart <stage>`
-brings one back."""
+brings one back. What gets installed supports what the code uses."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
-import time
+import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import av
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
-from tests.stack import ROOT, short_tmpdir
-
-from tests.system import free_port
+from tests.helpers import ROOT, free_port, short_tmpdir, wait_for
 
 STAGES = ["text_encoder", "dit_high", "dit_low", "vae", "muxer", "broker", "gateway"]
 
@@ -27,9 +30,29 @@ def quick_start_blocks() -> list[str]:
     return [b.strip() for b in re.findall(r"```(?:sh|bash)?\n(.*?)```", section, re.S)]
 
 
+def steps(command: str) -> list[str]:
+    return [step.strip() for step in command.split("&&")]
+
+
 def test_ci_runs_the_readme_test_command():
+    """CI runs the README's test command, step by step, with ruff and mypy before pytest."""
     ci = (ROOT / ".ci" / "run").read_text()
-    assert quick_start_blocks()[1] in ci
+    (line,) = [ln for ln in ci.splitlines() if "pytest" in ln and not ln.startswith("#")]
+    ci_steps, readme_steps = steps(line), steps(quick_start_blocks()[1])
+    remaining = iter(ci_steps)
+    assert all(step in remaining for step in readme_steps), (readme_steps, ci_steps)  # in order
+    assert ci_steps[-1] == readme_steps[-1] == ".venv/bin/python -m pytest"
+    assert {".venv/bin/ruff check .", ".venv/bin/mypy"} <= set(ci_steps[:-1])
+
+
+def test_uvicorn_floor_has_the_websocket_implementation_the_gateway_runs():
+    """The gateway runs uvicorn with ws="websockets-sansio", which uvicorn added in 0.35.0: the
+    lowest uvicorn pyproject.toml allows must be that one or later."""
+    assert 'ws="websockets-sansio"' in (ROOT / "gateway" / "app.py").read_text()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (uvicorn,) = [Requirement(d) for d in deps if Requirement(d).name == "uvicorn"]
+    floors = [Version(s.version) for s in uvicorn.specifier if s.operator in (">=", "==", "~=")]
+    assert floors and min(floors) >= Version("0.35"), str(uvicorn.specifier)
 
 
 def fresh_copy(dest: Path) -> None:
@@ -66,29 +89,36 @@ def status(ctl) -> dict[str, str]:
     return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
 
 
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ready", timeout=10) as resp:
+            return bool(json.loads(resp.read())["ready"])
+    except (OSError, ValueError):  # refused while the gateway starts; 503 until the stages have loaded
+        return False
+
+
 def drive(clone: Path, env, prompt: str, out: Path) -> None:
     """The README's client command, with the prompt, output and port of this test."""
     readme_cmd = next(b for b in quick_start_blocks() if "gateway.client generate" in b).splitlines()[0]
     assert "--wait" in readme_cmd
-    cmd = [str(clone / ".venv/bin/python"), "-m", "gateway.client", "--url",
-           f"http://127.0.0.1:{env['WAN_SERVER__GATEWAY__PORT']}", "generate", "--prompt", prompt, "--wait", "-o", str(out)]
-    deadline = time.monotonic() + 180
-    while True:  # the gateway answers 503 until the stages have loaded their models
-        result = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=360)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    url = f"http://127.0.0.1:{env['WAN_SERVER__GATEWAY__PORT']}"
+    wait_for(lambda: ready(url), 180, "the deployed system to be ready", interval_s=0.5)
+    cmd = [str(clone / ".venv/bin/python"), "-m", "gateway.client", "--url", url,
+           "generate", "--prompt", prompt, "--wait", "-o", str(out)]
+    result = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=360)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(out)
 
 
 def wait_running(ctl, timeout_s: float = 120) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def running() -> dict[str, str] | None:
         st = status(ctl)
-        if all(st.get(s) == "RUNNING" for s in STAGES) or time.monotonic() > deadline:
-            return st
-        time.sleep(1)
+        return st if all(st.get(s) == "RUNNING" for s in STAGES) else None
+
+    try:
+        return wait_for(running, timeout_s, "every program RUNNING", interval_s=0.5)
+    except AssertionError:
+        return status(ctl)  # the caller's assert shows which is not
 
 
 def test_readme_run_command_serves_jobs(deployed):

@@ -1,0 +1,462 @@
+"""What the test modules share: the processes they start (the stage stack, the whole system under
+supervisord, each on a private state folder), waiting on conditions, facts from the job store,
+the malformed wire messages, and the frames a stack produced. Test modules import from here, never
+from one another."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgpack
+import numpy as np
+import torch
+
+from common import messages as m
+from common.config import Config
+from common.errors import (
+    BadDtype,
+    BadShape,
+    FieldError,
+    FrameMismatch,
+    MalformedHeader,
+    MessageTooLarge,
+    UnknownMessageType,
+    WireError,
+)
+from common.wire import TENSOR_EXT, Limits
+from tests.error_bodies import check_error_response, tokens_in
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from broker.driver import Driver
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = ["text_encoder", "dit_high", "dit_low", "vae", "muxer", "broker", "gateway"]
+FINAL = ("completed", "failed", "cancelled")
+
+T = TypeVar("T")
+
+
+# ---- waiting ----
+
+def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+# ---- private state folders and ports ----
+
+def short_tmpdir(prefix: str) -> Path:
+    """ipc:// paths must stay under ~100 bytes, so stacks live directly under /tmp."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def stack_env(state_dir: Path, model_cache: Path, **extra: str) -> dict[str, str]:
+    """Environment overrides that put every file and socket of a stack under `state_dir`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAN_SERVER")}
+    env.update(
+        {
+            "WAN_SERVER__RUNTIME__STATE_DIR": str(state_dir),
+            "WAN_SERVER__RUNTIME__SOCKET_DIR": str(state_dir / "sock"),
+            "WAN_SERVER__RUNTIME__MODEL_CACHE_DIR": str(model_cache),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def kill9(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+# ---- the five stage processes, without broker or gateway ----
+
+class StageStack:
+    """The five stage processes of the tiny profile, each `python -m stages.<kind> --name <name>`."""
+
+    driver: Driver  # set by `running_stack`: it owns the reports endpoint while the stack runs
+
+    def __init__(self, state_dir: Path, model_cache: Path, **extra_env: str):
+        self.state_dir = state_dir
+        self.env = stack_env(state_dir, model_cache, **extra_env)
+        self.config = Config.load(environ=self.env)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_dir = state_dir / "log"
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        spec = self.config.stage(name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"stages.{spec.kind}", "--name", name],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def start_all(self) -> StageStack:
+        for name in self.config.stage_names():
+            self.start(name)
+        return self
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def alive(self, name: str) -> bool:
+        return self.procs[name].poll() is None
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str, model_cache: Path, **extra_env: str) -> Iterator[StageStack]:
+    """A started StageStack with a Driver on its reports endpoint, every stage ready; removed after.
+    `{state}` in an environment value stands for the stack's state folder."""
+    from broker.driver import Driver
+
+    state = short_tmpdir(prefix)
+    stack = StageStack(state, model_cache, **in_state(state, extra_env)).start_all()
+    try:
+        with Driver(stack.config) as driver:
+            driver.wait_ready(timeout_s=180)
+            stack.driver = driver
+            yield stack
+    finally:
+        stack.stop()
+        _rmtree(state)
+
+
+# ---- the whole system under supervisord ----
+
+class System:
+    """supervisord running the repo's supervisord.conf programs (broker, gateway, stages) on a
+    private state folder and a free port, and an HTTP client for its API."""
+
+    def __init__(self, state_dir: Path, model_cache: Path, **extra_env: str):
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = stack_env(state_dir, model_cache, WAN_SERVER__GATEWAY__PORT=str(self.port), **extra_env)
+        self.config = Config.load(environ=self.env)
+        self.headers: dict[str, str] = {}  # sent with every request (e.g. an API key), under per-call headers
+        self.tokens: dict[str, str] = {}  # API keys a test made, by name
+        self.key_tokens: list[str] = []  # every key token created: no error body may hold one
+        self.conf = state_dir / "supervisord.conf"
+        var = state_dir / "var"
+        (var / "log").mkdir(parents=True, exist_ok=True)
+        text = (ROOT / "supervisord.conf").read_text()
+        text = text.replace("%(here)s/var", str(var)).replace("%(here)s/.venv/bin/python", sys.executable)
+        self.conf.write_text(text.replace("%(here)s", str(ROOT)))
+        self.ctl = [str(Path(sys.executable).with_name("supervisorctl")), "-c", str(self.conf)]
+        self.log_dir = var / "log"
+
+    def start(self) -> System:
+        supervisord = str(Path(sys.executable).with_name("supervisord"))
+        subprocess.run([supervisord, "-c", str(self.conf)], env=self.env, check=True, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run([*self.ctl, "shutdown"], capture_output=True, timeout=60)
+
+    def supervisorctl(self, *args: str) -> str:
+        return subprocess.run([*self.ctl, *args], capture_output=True, text=True, timeout=60).stdout
+
+    def pid(self, program: str) -> int:
+        return int(self.supervisorctl("pid", program).strip() or 0)
+
+    def create_key(self, name: str, *flags: str) -> str:
+        """A new API key through the keys CLI (`python -m gateway.keys create`); returns its token."""
+        out = subprocess.run([sys.executable, "-m", "gateway.keys", "create", name, "--json", *flags], cwd=ROOT,
+                             env=self.env, capture_output=True, text=True, timeout=60, check=True).stdout
+        token: str = json.loads(out)["token"]
+        self.key_tokens.append(token)
+        return token
+
+    def log(self, program: str) -> str:
+        path = self.log_dir / f"{program}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stored_job(self, job_id: str) -> dict[str, Any] | None:
+        return stored_job(self.state_dir, job_id)
+
+    # ---- HTTP ----
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        headers = {**self.headers, **(headers or {})}
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        if data is not None and not req.has_header("Content-type"):  # urllib stores header names capitalize()d
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            content = exc.read()
+            # Every error body the API tests receive is checked for its shape and for leaks.
+            check_error_response(path, exc.code, dict(exc.headers), content,
+                                 forbidden=[str(self.state_dir), *self.key_tokens, *tokens_in(headers)])
+            return exc.code, dict(exc.headers), content
+
+    def json(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        status, _, content = self.request(method, path, body, **kw)
+        return status, json.loads(content)
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        def ready() -> bool:
+            try:
+                status, body = self.json("GET", "/ready")
+                return status == 200 and bool(body["ready"])
+            except (OSError, ValueError):
+                return False
+
+        try:
+            wait_for(ready, timeout_s, "the system to be ready", interval_s=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.supervisorctl('status')}") from None
+
+    def wait_idle(self, timeout_s: float = 300) -> None:
+        """Until no job is queued or running."""
+        def idle() -> bool:
+            jobs = [self.json("GET", f"/api/v1/jobs?status={s}&limit=1")[1] for s in ("queued", "processing")]
+            return sum(j["total"] for j in jobs) == 0
+
+        wait_for(idle, timeout_s, "no job queued or running", interval_s=0.5)
+
+    def submit(self, **request: Any) -> str:
+        status, body = self.json("POST", "/api/v1/generate", {"model": "t2v", "quality_preset": "draft", **request})
+        assert status == 202, body
+        job_id: str = body["job_id"]
+        return job_id
+
+    def wait_final(self, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
+        def final() -> dict[str, Any] | None:
+            nonlocal last
+            try:
+                status, body = self.json("GET", f"/api/v1/status/{job_id}")
+            except OSError:
+                return None  # the gateway may be restarting
+            last = body
+            return body if status == 200 and body["status"] in FINAL else None
+
+        try:
+            return wait_for(final, timeout_s, f"job {job_id} to be final", interval_s=0.2)
+        except AssertionError:
+            raise AssertionError(f"job {job_id} not final after {timeout_s} s: {last}") from None
+
+
+@contextlib.contextmanager
+def running_system(prefix: str, model_cache: Path, setup: Callable[[System], None] | None = None,
+                   **extra_env: str) -> Iterator[System]:
+    """A System started under supervisord and ready; shut down and removed after. `setup` runs
+    before the start (to write keys, folders); `{state}` in an environment value stands for the
+    system's state folder."""
+    state = short_tmpdir(prefix)
+    system = System(state, model_cache, **in_state(state, extra_env))
+    try:
+        if setup is not None:
+            setup(system)
+        system.start()
+        system.wait_ready()
+        yield system
+    finally:
+        system.stop()
+        _rmtree(state)
+
+
+def in_state(state: Path, env: dict[str, str]) -> dict[str, str]:
+    return {k: v.replace("{state}", str(state)) for k, v in env.items()}
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the job store: what the broker recorded ----
+
+def stored_job(state_dir: Path, job_id: str) -> dict[str, Any] | None:
+    """The job's row in the broker's store (`<state_dir>/jobs.sqlite3`), read-only, JSON columns decoded."""
+    db = sqlite3.connect(f"file:{state_dir / 'jobs.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    finally:
+        db.close()
+    if row is None:
+        return None
+    job = dict(row)
+    for key in ("params", "route", "timings", "error"):
+        if job.get(key):
+            job[key] = json.loads(job[key])
+    return job
+
+
+# ---- malformed wire messages ----
+
+def good_parts() -> list[bytes]:
+    msg = m.DecodeJob(
+        job_id="j", attempt=1, route=["vae"], params=m.JobParams("m", "p", "", 0, 1, 16, 16, 1, 8, 1.0),
+        latents=torch.zeros(2, 3),
+    )
+    return [bytes(p) for p in m.encode(msg)]
+
+
+def header_of(parts: list[bytes]) -> dict[str, Any]:
+    header: dict[str, Any] = msgpack.unpackb(parts[0], raw=False, ext_hook=lambda c, d: msgpack.ExtType(c, d))
+    return header
+
+
+def with_header(parts: list[bytes], header: dict[str, Any]) -> list[bytes]:
+    return [msgpack.packb(header, use_bin_type=True), *parts[1:]]
+
+
+def tensor_ext(dtype: str, shape: list[Any], frame: int) -> msgpack.ExtType:
+    return msgpack.ExtType(TENSOR_EXT, msgpack.packb([dtype, shape, frame]))
+
+
+def _bad() -> dict[str, tuple[Any, type[WireError]]]:
+    h = header_of
+    return {
+        "empty message": ([], MalformedHeader),
+        "non-msgpack header": ([b"\xc1\xc1\xc1garbage"], MalformedHeader),
+        "truncated header": (lambda p: [p[0][: len(p[0]) // 2], *p[1:]], MalformedHeader),
+        "header not a map": ([msgpack.packb([1, 2, 3])], MalformedHeader),
+        "missing frame": (lambda p: p[:1], FrameMismatch),
+        "extra frame": (lambda p: [*p, b"\x00" * 8], FrameMismatch),
+        "frame length mismatch": (lambda p: [p[0], p[1][:-4]], FrameMismatch),
+        "oversize message": (lambda p: [p[0], b"\x00" * (2 << 20)], MessageTooLarge),
+        "too many frames": (lambda p: [p[0]] + [b""] * 9, MessageTooLarge),
+        "oversize header": ([msgpack.packb({"x": "y" * 5000})], MessageTooLarge),
+        "unknown type": (lambda p: with_header(p, {**h(p), "type": "Pickle"}), UnknownMessageType),
+        "missing type": (lambda p: with_header(p, {k: v for k, v in h(p).items() if k != "type"}), MalformedHeader),
+        "wrong version": (lambda p: with_header(p, {**h(p), "v": 99}), MalformedHeader),
+        "bad dtype string": (lambda p: with_header(p, {**h(p), "latents": tensor_ext("object", [2, 3], 0)}), BadDtype),
+        "negative shape": (lambda p: with_header(p, {**h(p), "latents": tensor_ext("float32", [-2, 3], 0)}), BadShape),
+        "float shape": (lambda p: with_header(p, {**h(p), "latents": tensor_ext("float32", [2.0, 3], 0)}), BadShape),
+        "frame index out of range": (
+            lambda p: with_header(p, {**h(p), "latents": tensor_ext("float32", [2, 3], 5)}), FrameMismatch),
+        "unknown ext type": (lambda p: with_header(p, {**h(p), "latents": msgpack.ExtType(9, b"x")}), MalformedHeader),
+        "field of wrong type": (lambda p: with_header(p, {**h(p), "attempt": "one"}), FieldError),
+        "missing field": (lambda p: with_header(p, {k: v for k, v in h(p).items() if k != "job_id"}), FieldError),
+        "unknown field": (lambda p: with_header(p, {**h(p), "extra": 1}), FieldError),
+        "tensor where a string belongs": (
+            lambda p: with_header(p, {**h(p), "job_id": tensor_ext("float32", [2, 3], 0), "latents": "x"}),
+            FieldError,
+        ),
+        "frame referenced twice": (
+            lambda p: with_header(p, {**h(p), "job_id": tensor_ext("float32", [2, 3], 0)}),
+            FrameMismatch,
+        ),
+    }
+
+
+# Malformed messages by name, each with the error decoding it must raise under the wire tests'
+# limits (1 MiB messages, 4 KiB headers, 8 frames; `bad_messages` scales the size cases).
+BAD: dict[str, tuple[Any, type[WireError]]] = _bad()
+SIZE_CASES = {"oversize message", "too many frames", "oversize header"}
+
+
+def make_bad(name: str) -> list[bytes]:
+    spec, _ = BAD[name]
+    parts: list[bytes] = spec(good_parts()) if callable(spec) else spec
+    return parts
+
+
+def bad_messages(limits: Limits) -> dict[str, list[bytes]]:
+    """Every malformed message of BAD, with the size cases scaled to `limits`."""
+    out = {name: make_bad(name) for name in BAD if name not in SIZE_CASES and name != "empty message"}
+    third = limits.max_message_bytes // 3 + 1024
+    out["oversize message (in frames under the frame limit)"] = [make_bad("missing frame")[0], *[b"\0" * third] * 3]
+    out["too many frames"] = [make_bad("missing frame")[0], *[b""] * (limits.max_frames + 1)]
+    out["oversize header"] = [msgpack.packb({"x": "y" * (limits.max_header_bytes + 1)})]
+    return out
+
+
+# ---- frames ----
+
+def vae_frames(stack: StageStack, job_id: str) -> np.ndarray:
+    """The uint8 frames the vae process sent to the muxer, read from its wire recording."""
+    (path,) = (stack.state_dir / "record" / "vae").glob(f"*-{job_id}.msgpack")
+    body = msgpack.unpackb(path.read_bytes(), raw=False)
+    msg = m.decode(body["out"][0], stack.config.limits)
+    assert isinstance(msg, m.MuxJob)
+    frames: np.ndarray = msg.frames.numpy()
+    return frames
+
+
+def reference(folder: Path, p: m.JobParams, image: Image.Image | None = None) -> np.ndarray:
+    """The frames diffusers' own pipeline makes for `p` (WanPipeline, or WanImageToVideoPipeline
+    given an image), as uint8 like the vae stage's."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    from stages.vae import to_uint8
+
+    pipe: Any
+    if image is None:
+        pipe, extra = WanPipeline.from_pretrained(folder), {}
+    else:
+        pipe, extra = WanImageToVideoPipeline.from_pretrained(folder), {"image": image}
+    pipe.set_progress_bar_config(disable=True)
+    if p.shift is not None:  # what a preset's shift means: the scheduler's flow_shift
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=p.shift)
+    out = pipe(
+        **extra,
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        height=p.height,
+        width=p.width,
+        num_frames=p.num_frames,
+        num_inference_steps=p.steps,
+        guidance_scale=p.guidance_scale,
+        guidance_scale_2=p.guidance_scale_2,
+        generator=torch.Generator().manual_seed(p.seed),
+        output_type="np",
+    ).frames
+    frames: np.ndarray = to_uint8(out)[0]
+    return frames
