@@ -55,7 +55,7 @@ def resolve_model(config: Config, value: Any) -> str:
 
 
 def preset_table(config: Config, model: str) -> dict[str, dict[str, Any]]:
-    table = config.section("presets").get(model, {})
+    table = config.presets.get(model, {})
     return {p: dict(table[p]) for p in PRESETS if p in table}
 
 
@@ -66,7 +66,7 @@ def check_presets(config: Config) -> None:
         raise ConfigError(f"[admission] max_steps {max_steps(config)} is outside 1..{catalog.MAX_STEPS}",
                           {"key": "max_steps"})
     for model in config.defined_model_names():
-        table = config.section("presets").get(model, {})
+        table = config.presets.get(model, {})
         missing = [p for p in PRESETS if p not in table]
         if missing:
             raise ConfigError(f"presets {missing} are missing for {model}", {"model": model, "missing": missing})
@@ -113,15 +113,15 @@ def _check_preset(where: str, row: dict[str, Any], model: str, resolutions: list
 
 
 def supported_resolutions(config: Config, model: str) -> list[str]:
-    return list(config.model(model).get("resolutions", []))
+    return list(config.model(model).resolutions)
 
 
 def max_frames(config: Config, model: str) -> int:
-    return int(config.model(model).get("max_frames", 121))
+    return config.model(model).max_frames
 
 
 def max_steps(config: Config) -> int:
-    return int(config.section("admission").get("max_steps", catalog.MAX_STEPS))
+    return config.admission.max_steps
 
 
 def check_image_input(model: str, image_sha256: str | None) -> None:

@@ -40,7 +40,7 @@ class Api:
         self.broker = broker
         self.config = broker.config
         self.store = broker.store
-        self.max_queued = int(self.config.section("admission").get("max_queued", 100))
+        self.max_queued = self.config.admission.max_queued
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "submit": self.submit,
             "status": self.status,
@@ -204,7 +204,7 @@ class Api:
         """The PNG the gateway validated and re-encoded, sent as msgpack binary; None without one."""
         if value is None:
             return None
-        limit = int(self.config.section("gateway").get("max_image_pixels", 4096 * 4096)) * 4 + (1 << 20)
+        limit = self.config.gateway.max_image_pixels * 4 + (1 << 20)
         if not isinstance(value, bytes) or len(value) > limit or not value.startswith(PNG_MAGIC):
             raise ValidationError("the image must reach the broker as PNG bytes", {"field": "image"})
         return value

@@ -50,7 +50,7 @@ from broker.progress import Progress
 from broker.store import Job, JobStore
 from common import messages as m
 from common import spool
-from common.config import PROJECT_ROOT, Config
+from common.config import PROJECT_ROOT, Config, load_or_exit
 from common.errors import ServerError, UnknownOperation, WireError
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
@@ -84,7 +84,7 @@ class Broker:
         self.config = config
         self.limits = config.limits
         admission.check_presets(config)  # a profile with a broken preset fails at start, not per job
-        self.max_attempts = int(config.section("admission").get("max_attempts", 3))
+        self.max_attempts = config.admission.max_attempts
         self.stage_names = frozenset(config.stage_names())
         self.store = JobStore(config.state_dir / "jobs.sqlite3")
         self.version = code_version()
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="run the broker process")
     parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
     args = parser.parse_args(argv)
-    config = Config.load(args.config)
+    config = load_or_exit(args.config)
     setup_logging(config.log_level)
     use_curve(config.curve_keys())
     broker = Broker(config)

@@ -42,7 +42,7 @@ class Dispatcher:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.store = broker.store
-        self.max_inflight = int(broker.config.section("admission").get("max_inflight_per_route", 4))
+        self.max_inflight = broker.config.admission.max_inflight_per_route
         self.last_served: dict[str, float] = {}  # owner -> when a job of theirs was last dispatched
         self._positions: tuple[int, dict[str, int]] = (-1, {})  # queue positions, valid while the store is unchanged
 

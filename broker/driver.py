@@ -23,7 +23,7 @@ import zmq
 
 from common import catalog
 from common import messages as m
-from common.config import Config
+from common.config import Config, load_or_exit
 from common.errors import JobFailedError, StageTimeout
 from common.sockets import SocketOptions, make_socket, use_curve
 
@@ -37,20 +37,20 @@ class JobOutcome:
 
 
 def default_params(config: Config, model: str, **overrides: Any) -> m.JobParams:
-    defaults = config.section("defaults")
+    defaults = config.defaults
     values: dict[str, Any] = {
         "model": model,
         "prompt": "",
         "negative_prompt": "",
         "seed": 0,
-        "steps": int(defaults.get("steps", 4)),
-        "height": int(defaults.get("height", 64)),
-        "width": int(defaults.get("width", 64)),
-        "num_frames": int(defaults.get("num_frames", 9)),
-        "fps": int(defaults.get("fps", 16)),
-        "guidance_scale": float(defaults.get("guidance_scale", 4.0)),
+        "steps": defaults.steps,
+        "height": defaults.height,
+        "width": defaults.width,
+        "num_frames": defaults.num_frames,
+        "fps": defaults.fps,
+        "guidance_scale": defaults.guidance_scale,
         "guidance_scale_2": None,
-        "max_sequence_length": int(defaults.get("max_sequence_length", 512)),
+        "max_sequence_length": defaults.max_sequence_length,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     params = m.JobParams(**values)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
 
-    config = Config.load(args.config)
+    config = load_or_exit(args.config)
     keys = ("prompt", "negative_prompt", "seed", "steps", "height", "width", "num_frames", "fps")
     overrides = {k: getattr(args, k) for k in keys + ("guidance_scale", "guidance_scale_2")}
     try:

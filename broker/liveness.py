@@ -46,11 +46,11 @@ class Liveness:
         self.broker = broker
         self.config = broker.config
         self.inflight = broker.inflight
-        watchdog = self.config.section("watchdog")
-        self.heartbeat_timeout = float(watchdog.get("heartbeat_timeout_s", 3 * self.config.heartbeat_interval + 2))
-        self.progress_timeout = float(watchdog.get("progress_timeout_s", 120))
-        self.progress_factor = float(watchdog.get("progress_factor", 3))
-        self.kills = bool(watchdog.get("kill", True))
+        watchdog = self.config.watchdog
+        self.heartbeat_timeout = watchdog.heartbeat_timeout_s
+        self.progress_timeout = watchdog.progress_timeout_s
+        self.progress_factor = watchdog.progress_factor
+        self.kills = watchdog.kill
 
     def alive(self, stage: str) -> bool:
         seen = self.inflight.stages.get(stage)

@@ -73,7 +73,7 @@ def dit_tokens(model: str, width: int, height: int, frames: int) -> int:
     return ((frames - 1) // 4 + 1) * (height // side) * (width // side)
 
 
-def activation_bytes(kind: str, options: dict[str, Any], dtype: str, p: m.JobParams) -> int:
+def activation_bytes(kind: str, dtype: str, p: m.JobParams, vae_tiling: bool = False) -> int:
     """Peak activation bytes of one stage of `kind` running job `p`."""
     family = FAMILIES.get(p.model)
     if family is None:
@@ -83,7 +83,7 @@ def activation_bytes(kind: str, options: dict[str, Any], dtype: str, p: m.JobPar
         return int(family.dit_bytes_per_token * dit_tokens(p.model, p.width, p.height, p.num_frames) * scale)
     if kind == "vae":
         pixels = p.width * p.height
-        if options.get("vae_tiling", options.get("tiling", False)) and pixels > TILE_PIXELS:
+        if vae_tiling and pixels > TILE_PIXELS:
             decode = family.vae_bytes_per_pixel_frame * p.num_frames * TILE_PIXELS * scale
             stitched = 3 * p.num_frames * pixels * (2 * DTYPE_BYTES.get(dtype, 4) + 4)
             return int(decode + stitched)
@@ -98,13 +98,13 @@ def nominal_weight_bytes(config: Config, stage: str) -> int:
     spec = config.stage(stage)
     per_param = DTYPE_BYTES[spec.storage_dtype or spec.dtype]
     total = 0.0
-    for model in spec.options.get("models", config.model_names()):
+    for model in config.stage_models(spec):
         family = FAMILIES.get(model)
         if family is None:
             continue
         if spec.kind == "dit":
             two = model.endswith("A14B")
-            experts = 2 if two and spec.options.get("part", "all") == "all" else 1
+            experts = 2 if two and spec.part == "all" else 1
             total += experts * family.expert_params
         elif spec.kind == "vae":
             total += family.vae_params
@@ -135,7 +135,7 @@ def estimate(config: Config, p: m.JobParams, weights: dict[str, int], route: lis
         need = needs.setdefault(device, DeviceNeed(device))
         need.stages[stage] = {
             "weights": int(weights.get(stage, 0)),
-            "activations": activation_bytes(spec.kind, spec.options, spec.dtype, p),
+            "activations": activation_bytes(spec.kind, spec.dtype, p, spec.vae_tiling),
         }
         if device.startswith("cuda"):
             need.context += CUDA_CONTEXT_BYTES
@@ -144,7 +144,7 @@ def estimate(config: Config, p: m.JobParams, weights: dict[str, int], route: lis
 
 def budgets(config: Config, reported_totals: dict[str, int]) -> dict[str, int]:
     """Bytes each device may use: the configured budget, else what its stages reported (CUDA only)."""
-    configured = config.section("admission").get("memory_budget_gib")
+    configured = config.admission.memory_budget_gib
     out = {d: t for d, t in reported_totals.items() if d.startswith("cuda")}
     if isinstance(configured, dict):
         out.update({str(d): int(float(g) * GIB) for d, g in configured.items()})
@@ -156,7 +156,7 @@ def budgets(config: Config, reported_totals: dict[str, int]) -> dict[str, int]:
 
 def check(config: Config, p: m.JobParams, route: list[str], heartbeats: dict[str, m.Heartbeat]) -> dict[str, Any]:
     """Raise INSUFFICIENT_GPU_MEMORY when the job cannot fit; returns the estimate otherwise."""
-    if not bool(config.section("admission").get("memory_check", True)):
+    if not config.admission.memory_check:
         return {}
     weights = {s: hb.weight_bytes for s, hb in heartbeats.items() if hb.device}
     totals: dict[str, int] = {}

@@ -91,6 +91,7 @@ class RuntimeSection:
     forward_timeout_s: float = 60.0
     hwm: int = 16
     report_hwm: int = 1000
+    shutdown_linger_s: float = 1.0  # how long queued reports and forwarded jobs get to leave at a stop
     log_level: str = "INFO"
 
 
@@ -144,6 +145,10 @@ class GatewaySection:
     allowed_origins: tuple[str, ...] = ()
     rate_limit_per_minute: int = 600
     max_active_jobs_per_key: int = 20
+    ws_queue_size: int = 10_000  # events queued for one WebSocket client; a client that lets it fill is dropped
+    ws_close_timeout_s: float = 10.0  # how long a dropped client gets to take its close frame
+    snapshot_page_size: int = 100  # jobs per broker `list` call when a subscriber's snapshot is built
+    listener_restart_s: float = 0.5  # first backoff before a dead broker listener is restarted (doubles, max 10 s)
 
 
 @dataclass(frozen=True)
@@ -427,10 +432,6 @@ class Config:
                                       {"file": self._file, "section": f"stages.{name}", "key": "models"})
 
     # ---- derived values ----
-    def section(self, name: str) -> dict[str, Any]:
-        """The raw table (transitional: read the typed section attributes instead)."""
-        return dict(self.data.get(name, {}))
-
     def path(self, value: str | os.PathLike[str]) -> Path:
         p = Path(os.path.expanduser(str(value)))
         return p if p.is_absolute() else PROJECT_ROOT / p

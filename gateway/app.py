@@ -33,7 +33,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import messages as m
-from common.config import Config
+from common.config import Config, load_or_exit
 from common.errors import (
     HttpError,
     InvalidJson,
@@ -139,17 +139,17 @@ def check_representable(value: Any, depth: int = 0) -> None:
 class Gateway:
     def __init__(self, config: Config, host: str = "127.0.0.1"):
         self.config = config
-        section = config.section("gateway")
+        section = config.gateway
         self.auth = auth_required(config, host)
-        self.max_body = int(section.get("max_body_bytes", 1 << 20))
+        self.max_body = section.max_body_bytes
         self.uploads = UploadLimits.from_config(section)
         # Decoding an image holds up to max_image_pixels x 4 bytes: bound how many run at once.
-        self.decode_slots = asyncio.Semaphore(int(section.get("max_concurrent_decodes", 2)))
+        self.decode_slots = asyncio.Semaphore(section.max_concurrent_decodes)
         # A WebSocket client whose queue of unsent events fills (it stopped reading) is dropped.
-        self.ws_queue_size = int(section.get("ws_queue_size", 10_000))
-        self.ws_close_timeout_s = float(section.get("ws_close_timeout_s", 10.0))
-        self.snapshot_page_size = int(section.get("snapshot_page_size", 100))  # jobs per broker `list` call
-        self.listener_restart_s = float(section.get("listener_restart_s", 0.5))
+        self.ws_queue_size = section.ws_queue_size
+        self.ws_close_timeout_s = section.ws_close_timeout_s
+        self.snapshot_page_size = section.snapshot_page_size  # jobs per broker `list` call
+        self.listener_restart_s = section.listener_restart_s
         self.broker: BrokerClient | None = None
         self.subscribers: set[Subscriber] = set()
 
@@ -467,12 +467,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
-    config = Config.load(args.config)
+    config = load_or_exit(args.config)
     setup_logging(config.log_level)
     use_curve(config.curve_keys())
-    section = config.section("gateway")
-    host = args.host or section.get("host", "127.0.0.1")
-    port = args.port or int(section.get("port", 8001))
+    host = args.host or config.gateway.host
+    port = args.port or config.gateway.port
     try:
         gateway = Gateway(config, host)
     except ServerError as exc:

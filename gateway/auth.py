@@ -70,7 +70,7 @@ def is_loopback(host: str) -> bool:
 
 def auth_required(config: Config, host: str) -> bool:
     """Whether the gateway on `host` requires keys; ConfigError for an unknown mode or `off` off loopback."""
-    mode = str(config.section("gateway").get("auth", "auto")).lower()
+    mode = config.gateway.auth
     if mode not in AUTH_MODES:
         raise ConfigError(f"[gateway] auth must be one of {', '.join(AUTH_MODES)}", {"auth": mode[:32]})
     if mode == "off" and not is_loopback(host):
@@ -106,10 +106,10 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, config: Config, required: bool):
         self.app = app
         self.required = required
-        section = config.section("gateway")
-        self.allowed_origins = {str(o).rstrip("/") for o in section.get("allowed_origins", [])}
-        self.default_rate = int(section.get("rate_limit_per_minute", 600))
-        self.default_max_active = int(section.get("max_active_jobs_per_key", 20))
+        section = config.gateway
+        self.allowed_origins = {o.rstrip("/") for o in section.allowed_origins}
+        self.default_rate = section.rate_limit_per_minute
+        self.default_max_active = section.max_active_jobs_per_key
         self.keys = KeyStore(keys_path(config)) if required else None
         self.limiter = RateLimiter()
 

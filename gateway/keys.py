@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.config import Config
+from common.config import Config, load_or_exit
 
 TOKEN = re.compile(r"^wan_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke = sub.add_parser("revoke", help="revoke a key by id, or every key with that name")
     revoke.add_argument("key")
     args = parser.parse_args(argv)
-    store = KeyStore(keys_path(Config.load(args.config)))
+    store = KeyStore(keys_path(load_or_exit(args.config)))
     try:
         if args.command == "create":
             try:

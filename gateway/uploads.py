@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from common.config import GatewaySection
 from common.errors import ImageTooLarge, InvalidImage, InvalidJson, InvalidMultipart, PayloadTooLarge, UnsupportedMediaType
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -40,10 +41,10 @@ class UploadLimits:
     max_parts: int = len(MULTIPART_PARTS)
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> UploadLimits:
+    def from_config(cls, section: GatewaySection) -> UploadLimits:
         return cls(
-            max_upload_bytes=int(section.get("max_upload_bytes", cls.max_upload_bytes)),
-            max_image_pixels=int(section.get("max_image_pixels", cls.max_image_pixels)),
+            max_upload_bytes=section.max_upload_bytes,
+            max_image_pixels=section.max_image_pixels,
         )
 
     @property

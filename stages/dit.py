@@ -47,11 +47,11 @@ class DitStage(Stage):
         placement = self.placement = Placement.from_spec(self.spec, attention=True)
         self.device = placement.device
         self.dtype = placement.dtype
-        self.part = self.spec.options.get("part", "all")
+        self.part = self.spec.part
         if self.part not in schedule.PARTS:
             raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
         self.models: dict[str, dict] = {}
-        for model in self.spec.options.get("models", self.config.model_names()):
+        for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
             info = PipelineInfo.read(folder)
             model_spec = self.config.model(model)
@@ -64,10 +64,10 @@ class DitStage(Stage):
                 )
                 for name in names
             }
-            self.add_model(model, info, experts, scheduler_config(folder, model_spec.get("flow_shift")),
+            self.add_model(model, info, experts, scheduler_config(folder, model_spec.flow_shift),
                            # The profile may set the expert boundary; else the checkpoint decides.
-                           boundary_ratio=model_spec.get("boundary_ratio", info.boundary_ratio),
-                           split_fraction=model_spec.get("split_fraction", 0.5))
+                           boundary_ratio=model_spec.boundary_ratio if model_spec.boundary_ratio is not None else info.boundary_ratio,
+                           split_fraction=model_spec.split_fraction)
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
 
     def add_model(self, model: str, info: PipelineInfo, experts: dict[str, torch.nn.Module],

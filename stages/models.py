@@ -45,19 +45,19 @@ def layout_of(folder: Path) -> str | None:
 
 def model_dir(config: Config, model: str) -> Path:
     spec = config.model(model)
-    layout = spec.get("layout")
+    layout = spec.layout
     if layout is not None and layout not in LAYOUTS:
         raise ModelLoadError(
             f"model {model!r} has layout {layout!r}; expected one of {LAYOUTS}", {"model": model, "allowed": LAYOUTS}
         )
-    if spec.get("tiny"):
+    if spec.tiny:
         from stages import tiny_models
 
-        shape = spec.get("tiny_shape", model)
-        return tiny_models.ensure(shape, int(spec.get("seed", 0)), config.model_cache_dir, layout or "diffusers")
-    if not spec.get("path"):
+        shape = spec.tiny_shape or model
+        return tiny_models.ensure(shape, spec.seed, config.model_cache_dir, layout or "diffusers")
+    if not spec.path:
         raise ModelLoadError(f"model {model!r} has no path in the config", {"model": model})
-    folder = config.path(spec["path"])
+    folder = config.path(spec.path)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} (model {model!r}) is not a folder", {"model": model, "path": str(folder)})
     found = layout_of(folder)

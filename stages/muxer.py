@@ -127,8 +127,8 @@ class MuxerStage(Stage):
             log.error("results folder is not usable: %s", exc.strerror)
         for name in remove_stale_temp_files(self.results_dir):
             log.warning("removed %s, left by a muxer that was killed while writing", name)
-        self.crf = int(self.spec.options.get("crf", 18))
-        self.preset = str(self.spec.options.get("preset", "medium"))
+        self.crf = self.spec.crf
+        self.preset = self.spec.preset
 
     def handle(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.MuxJob):

@@ -47,7 +47,7 @@ import zmq
 
 from common import messages as m
 from common import procs, spool
-from common.config import Config, StageSpec
+from common.config import Config, StageSpec, load_or_exit
 from common.errors import (
     CheckpointError,
     JobCancelled,
@@ -166,23 +166,23 @@ class StageRuntime:
         self.limits = config.limits
         # Our own context, terminated when the process stops (after its sockets are closed).
         self.ctx = zmq.Context()
-        runtime = config.section("runtime")
+        runtime = config.runtime
         self.options = SocketOptions(
-            hwm=int(runtime.get("hwm", 16)),
+            hwm=runtime.hwm,
             max_message_bytes=self.limits.max_message_bytes,
-            send_timeout_ms=int(float(runtime.get("forward_timeout_s", 60)) * 1000),
+            send_timeout_ms=int(runtime.forward_timeout_s * 1000),
         )
         # Reports queue (bounded) while the tracker is down or restarting, instead of being lost.
         self.report_options = SocketOptions(
-            hwm=int(runtime.get("report_hwm", 1000)), max_message_bytes=self.limits.max_message_bytes, immediate=False
+            hwm=runtime.report_hwm, max_message_bytes=self.limits.max_message_bytes, immediate=False
         )
-        self.shutdown_linger_ms = int(float(runtime.get("shutdown_linger_s", 1.0)) * 1000)
-        record_dir = runtime.get("record_dir")
+        self.shutdown_linger_ms = int(runtime.shutdown_linger_s * 1000)
+        record_dir = runtime.record_dir
         self.recorder = Recorder(config.path(record_dir) / self.name if record_dir else None, self.name)
-        self.checkpoint_kinds = set(runtime.get("checkpoint_kinds", ["dit", "vae"]))
+        self.checkpoint_kinds = set(runtime.checkpoint_kinds)
         self.start_ticks = procs.start_ticks(os.getpid())
         self.stop_event = threading.Event()
-        fault_dir = runtime.get("fault_dir")
+        fault_dir = runtime.fault_dir
         self.faults = FaultPoints(config.path(fault_dir) if fault_dir else None, self.name, self.stop_event)
         self.cancellations = Cancellations()
         # (job id, attempt) of the job messages taken, so a message delivered twice runs once.
@@ -430,7 +430,7 @@ class StageRuntime:
             self._in_setup = False
         if stage.placement is not None:
             log.info("%s", stage.placement.summary())
-        headroom = stage.spec.options.get("address_space_headroom_mib")
+        headroom = stage.spec.address_space_headroom_mib
         if headroom:
             limit_address_space(int(headroom))
         # What the imports and the loading created lives as long as the process: keep it out of
@@ -475,7 +475,7 @@ def stage_main(stage_cls: type[Stage], argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
     parser.add_argument("--name", default=stage_cls.kind, help="stage name in the config (default: %(default)s)")
     args = parser.parse_args(argv)
-    config = Config.load(args.config)
+    config = load_or_exit(args.config)
     setup_logging(config.log_level)
     spec = config.stage(args.name)
     if spec.kind != stage_cls.kind:

@@ -38,7 +38,7 @@ class TextEncoderStage(Stage):
         self.dtype = dtype = placement.dtype
         self.encoders: dict[str, tuple[object, UMT5EncoderModel]] = {}
         self.image_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}
-        for model in self.spec.options.get("models", self.config.model_names()):
+        for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
             tokenizer = load_component(AutoTokenizer, folder, "tokenizer")
             encoder = load_component(UMT5EncoderModel, folder, "text_encoder", dtype=dtype)
@@ -48,8 +48,8 @@ class TextEncoderStage(Stage):
             if info.image_conditioning:
                 # The VAE may sit on a GPU while the text encoder runs on the CPU (`vae_device`):
                 # encoding the I2V condition video (num_frames frames) is heavy.
-                vae_dtype = torch_dtype(self.spec.options.get("vae_dtype", "float32"))
-                self.vae_device = torch.device(self.spec.options.get("vae_device", self.spec.device))
+                vae_dtype = torch_dtype(self.spec.vae_dtype)
+                self.vae_device = torch.device(self.spec.vae_device or self.spec.device)
                 vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=vae_dtype)
                 self.image_models[model] = (info, vae.to(self.vae_device).eval())
                 log.info("loaded VAE of %s for image conditioning (%s)", model, info.image_conditioning)

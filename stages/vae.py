@@ -35,9 +35,9 @@ class VaeStage(Stage):
         placement = self.placement = Placement.from_spec(self.spec)
         self.device = placement.device
         dtype = placement.dtype
-        tiling = bool(self.spec.options.get("vae_tiling", self.spec.options.get("tiling", False)))
+        tiling = self.spec.vae_tiling
         self.vaes: dict[str, tuple[AutoencoderKLWan, VideoProcessor]] = {}
-        for model in self.spec.options.get("models", self.config.model_names()):
+        for model in self.config.stage_models(self.spec):
             vae = load_component(AutoencoderKLWan, model_dir(self.config, model), "vae", torch_dtype=dtype)
             self.add_vae(model, placement.place(vae, f"{model}/vae"), tiling)
             log.info("loaded VAE of %s on %s (%s, z%d, tiling %s)", model, self.device, dtype, vae.config.z_dim, tiling)

@@ -14,7 +14,7 @@ def test_tiny_profile_loads_with_defaults():
     cfg = Config.load(environ={})
     assert cfg.source == profile_path("tiny")
     assert cfg.stage_names() == ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
-    assert cfg.stage("dit_low").kind == "dit" and cfg.stage("dit_low").options["part"] == "low"
+    assert cfg.stage("dit_low").kind == "dit" and cfg.stage("dit_low").part == "low"
     assert cfg.route("t2v-A14B")[0] == "text_encoder"
     assert cfg.endpoint("vae").startswith("ipc://") and cfg.endpoint("vae").endswith("/vae.sock")
 
@@ -30,7 +30,7 @@ def test_environment_overrides_nested_keys(tmp_path):
     assert cfg.state_dir == tmp_path and cfg.results_dir == tmp_path / "results"
     assert cfg.limits.max_frames == 12
     assert cfg.stage("dit_high").device == "cuda:1"
-    assert cfg.model("ti2v-5B")["split_fraction"] == 0.25
+    assert cfg.model("ti2v-5B").split_fraction == 0.25
     assert cfg.endpoint("vae") == "tcp://127.0.0.1:5999"
 
 
@@ -42,7 +42,7 @@ def test_config_file_from_environment(tmp_path):
 
 
 @pytest.mark.parametrize("text,why", [
-    ("[stages.x]\nkind = 'gpu'\n", "unknown kind"),
+    ("[stages.x]\nkind = 'gpu'\n", r"kind = 'gpu' is not one of"),
     ("[stages.vae]\n[routes]\ndefault = ['vae', 'nope']\n", "unknown stage"),
     ("not toml [", "not valid TOML"),
 ])

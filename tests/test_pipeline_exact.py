@@ -70,7 +70,7 @@ def expected_handoff(stack, model: str, steps: int, shift: float | None = None) 
     sched = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler", **shifted)
     sched.set_timesteps(steps)
     boundary = schedule.boundary_timestep(info.boundary_ratio, 1000) if info.has_transformer_2 else None
-    return schedule.handoff_step(sched.timesteps, boundary, stack.config.model(model).get("split_fraction", 0.5))
+    return schedule.handoff_step(sched.timesteps, boundary, stack.config.model(model).split_fraction)
 
 
 @pytest.fixture(scope="module")

@@ -65,11 +65,11 @@ def test_gpu_profiles_describe_the_real_models(name):
     cfg = load(name)
     assert cfg.defined_model_names() == ["t2v-A14B", "i2v-A14B", "ti2v-5B"]
     for model in cfg.defined_model_names():
-        assert cfg.model(model)["path"].startswith("/") and not cfg.model(model).get("tiny")
+        assert cfg.model(model).path.startswith("/") and not cfg.model(model).tiny
     assert admission.supported_resolutions(cfg, "t2v-A14B") == ["832x480", "480x832", "1280x720", "720x1280"]
     assert admission.supported_resolutions(cfg, "ti2v-5B") == ["1280x704", "704x1280"]
-    assert cfg.model("t2v-A14B")["boundary_ratio"] == 0.875 and cfg.model("i2v-A14B")["boundary_ratio"] == 0.9
-    assert cfg.model("ti2v-5B")["split_fraction"] == 0.5
+    assert cfg.model("t2v-A14B").boundary_ratio == 0.875 and cfg.model("i2v-A14B").boundary_ratio == 0.9
+    assert cfg.model("ti2v-5B").split_fraction == 0.5
     # The models' own defaults (DESIGN.md) are the standard preset.
     t2v, i2v, ti2v = (admission.preset_table(cfg, x)["standard"] for x in ("t2v-A14B", "i2v-A14B", "ti2v-5B"))
     assert (t2v["steps"], t2v["shift"], t2v["guidance_scale"], t2v["guidance_scale_2"], t2v["num_frames"], t2v["fps"]) \
@@ -96,14 +96,14 @@ def test_gpu_profiles_place_stages_as_designed():
         spec = rtx.stage(stage)
         assert (spec.dtype, spec.storage_dtype, spec.attention) == ("bfloat16", "float8_e4m3fn", "auto")
         assert single.stage(stage).dtype == dual.stage(stage).dtype == "bfloat16"
-    assert rtx.stage("vae").options["vae_tiling"] is True
+    assert rtx.stage("vae").vae_tiling is True
     assert rtx.model_names() == ["t2v-A14B"]  # one A14B model fits 2 x 24 GB, not two
 
 
 @pytest.mark.parametrize("name", GPU_PROFILES)
 def test_gpu_presets_fit_the_cards_they_were_sized_for(name):
     cfg = load(name)
-    cards = {d: g * GIB for d, g in cfg.section("hardware")["device_memory_gib"].items()}
+    cards = {d: g * GIB for d, g in cfg.hardware.device_memory_gib.items()}
     weights = {s: memory.nominal_weight_bytes(cfg, s) for s in cfg.stage_names()}
     for model in cfg.model_names():
         for preset, row in admission.preset_table(cfg, model).items():
@@ -129,10 +129,10 @@ def test_memory_formula_reproduces_h200_measurements():
         ("vae", "ti2v-5B", "1280x704", 121, 1.31, 11.88),
     ]
     for kind, model, res, frames, weights, measured in cases:
-        est = weights + memory.activation_bytes(kind, {}, "bfloat16", params(model, res, frames)) / GIB
+        est = weights + memory.activation_bytes(kind, "bfloat16", params(model, res, frames)) / GIB
         assert measured <= est <= measured * 1.06, (kind, model, est, measured)
     # float32 doubles the activations, as measured (vae21 float32: 9.27 GiB peak, 0.47 GiB weights).
-    est = 0.47 + memory.activation_bytes("vae", {}, "float32", params("t2v-A14B", "832x480", 81)) / GIB
+    est = 0.47 + memory.activation_bytes("vae", "float32", params("t2v-A14B", "832x480", 81)) / GIB
     assert 9.27 <= est <= 9.27 * 1.06
 
 
@@ -141,14 +141,15 @@ def test_memory_formula_reproduces_h200_measurements():
     ("storage_dtype", "'int4'", "storage_dtype"),
     ("device", "'gpu0'", "device"),
     ("dtype", "'fp8'", "dtype"),
-    ("vae_tiling", "'yes'", "vae_tiling"),
+    ("vae_tiling", "true", "unknown key 'vae_tiling'"),  # a VAE setting on a DiT stage
+    ("part", "'middle'", "part"),
 ])
 def test_bad_stage_settings_are_config_errors(tmp_path, key, value, why):
     path = tmp_path / "p.toml"
     path.write_text(f"[stages.dit_high]\nkind = 'dit'\n{key} = {value}\n")
     with pytest.raises(ConfigError, match=why) as info:
         Config.load(path, environ={})
-    assert info.value.details["stage"] == "dit_high" and info.value.details["key"] == key
+    assert info.value.details["section"] == "stages.dit_high" and info.value.details["key"] == key
 
 
 def test_serving_must_name_defined_models(tmp_path):

@@ -74,7 +74,7 @@ def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: s
     )
     stage.add_model(sp["name"], info, {"transformer": stage.placement.place(model, f"{sp['name']}/transformer")},
                     dict(scheduler_config(sp)), boundary_ratio=info.boundary_ratio,
-                    split_fraction=config.model(sp["name"]).get("split_fraction", 0.5))
+                    split_fraction=config.model(sp["name"]).split_fraction)
     serve(stage, clock)
     return stage
 
