@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from common import catalog
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -349,11 +350,21 @@ class Config:
             kind = table.get("kind", name)
             _choice(kind, STAGE_KINDS, source, f"stages.{name}", "kind")
             self.stages[name] = self._stage(name, kind, {k: v for k, v in table.items() if k != "kind"})
-        # Preset fields are checked against the request catalog by admission when the broker starts.
-        self.presets: dict[str, dict[str, dict[str, Any]]] = {
-            model: {preset: dict(values) for preset, values in self._tables(f"presets.{model}", table).items()}
-            for model, table in self._tables("presets").items()
-        }
+        # Preset names and keys are checked here; their values against the catalog's bounds by admission.
+        self.presets: dict[str, dict[str, dict[str, Any]]] = {}
+        for model, table in self._tables("presets").items():
+            self.presets[model] = {}
+            for preset, values in self._tables(f"presets.{model}", table).items():
+                where = {"file": self._file, "section": f"presets.{model}"}
+                if preset not in catalog.PRESETS:
+                    raise ConfigError(f"{self._file}: [presets.{model}] has unknown preset {preset!r}; known: "
+                                      f"{', '.join(catalog.PRESETS)}", {**where, "key": preset})
+                for key in values:
+                    if key not in catalog.PRESET_FIELDS:
+                        raise ConfigError(f"{self._file}: [presets.{model}] {preset} has unknown key {key!r}; known "
+                                          f"keys: {', '.join(sorted(catalog.PRESET_FIELDS))}",
+                                          {**where, "key": f"{preset}.{key}"})
+                self.presets[model][preset] = dict(values)
         self.routes: dict[str, list[str]] = {}
         for model, route in self._tables("routes", allow_lists=True).items():
             ok, converted = _type_ok(route, tuple[str, ...])

@@ -61,6 +61,8 @@ def test_defaults_come_from_the_dataclasses(tmp_path):
     ({"WAN_SERVER__STAGES__DIT_HIGH__PART": '"middle"'}, "stages.dit_high", "part", "is not one of"),
     ({"WAN_SERVER__MODELS__T2V_A14B__RESOLUTION": '"32x32"'}, "models.t2v-A14B", "resolution", "unknown key"),
     ({"WAN_SERVER__MODELS__T2V_A14B__MAX_FRAMES": "1.5"}, "models.t2v-A14B", "max_frames", "is not an integer"),
+    ({"WAN_SERVER__PRESETS__T2V_A14B__DRAFT__STEPZ": "3"}, "presets.t2v-A14B", "draft.stepz", "unknown key"),
+    ({"WAN_SERVER__PRESETS__T2V_A14B__QUICK__STEPS": "3"}, "presets.t2v-A14B", "quick", "unknown preset"),
 ])
 def test_a_bad_key_or_value_names_file_section_and_key(env, section, key, words):
     with pytest.raises(ConfigError) as info:
