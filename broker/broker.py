@@ -113,10 +113,13 @@ class Broker:
     def route_stages(self) -> set[str]:
         return {s for model in self.config.model_names() for s in self.config.route(model)}
 
-    def finalize(self, job_id: str) -> None:
-        """The job is final: drop what the broker tracks for it, and its spool folder."""
+    def finalize(self, job_id: str, completed: bool = False) -> None:
+        """The job is final: drop what the broker tracks for it, and its spool folder; unless it
+        completed, also an MP4 an earlier attempt may have left."""
         self.inflight.forget(job_id)
         spool.remove_job(self.config, job_id)
+        if not completed and spool.remove_result(self.config, job_id):
+            log.info("removed the MP4 of job %s, which did not complete", job_id)
 
     def fail(self, job: Job, error: dict[str, Any], *, stage: str, attempt: int | None = None) -> bool:
         """Fail the job (only that attempt, when given) and tell the gateway; False if it had moved on."""

@@ -133,3 +133,10 @@ class Dispatcher:
 
         for job_id in spool.sweep(self.broker.config, job_final):
             log.info("removed the spool folder of job %s", job_id)
+
+        def job_status(job_id: str) -> str | None:
+            job = self.store.get(job_id)
+            return None if job is None else job.status
+
+        for job_id in spool.sweep_results(self.broker.config, job_status):
+            log.info("removed the MP4 of job %s, which did not complete", job_id)

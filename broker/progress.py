@@ -21,6 +21,7 @@ from broker.dispatch import entry_stage
 from broker.inflight import JobInFlight
 from broker.store import Job
 from common import messages as m
+from common import spool
 
 if TYPE_CHECKING:
     from broker.broker import Broker
@@ -58,6 +59,11 @@ class Progress:
 
     def on_report(self, msg: m.StageReport | m.JobDone | m.JobFailed) -> None:
         job = self.store.get(msg.job_id)
+        if job is not None and isinstance(msg, m.JobDone) and job.status in ("failed", "cancelled"):
+            # The muxer finished after the job was cancelled or failed: its MP4 must not stay behind.
+            if spool.remove_result(self.broker.config, job.id):
+                log.info("removed the MP4 of attempt %d, written after the job was %s", msg.attempt, job.status)
+            return
         if job is None or job.final or msg.attempt != job.attempt:
             return  # a stale attempt, a cancelled job, or a job we never had
         if isinstance(msg, m.StageReport):
@@ -133,7 +139,7 @@ class Progress:
             log.info("completed: %s", done.path)
             self.broker.events.job(job, "progress", {"progress": 1.0, "eta": 0.0, "stage": last})
             self.broker.events.job(job, "complete", {"output_url": f"/api/v1/files/{job.id}.mp4"})
-            self.broker.finalize(job.id)
+            self.broker.finalize(job.id, completed=True)
             self.broker.dispatcher.dispatch()
 
     def on_failed(self, job: Job, msg: m.JobFailed) -> None:

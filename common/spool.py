@@ -127,3 +127,37 @@ def sweep(config: Config, job_final: Callable[[str], bool | None], min_age_s: fl
             remove_job(config, entry.name)
             removed.append(entry.name)
     return removed
+
+
+def result_path(config: Config, job_id: str) -> Path:
+    """Where the muxer writes the job's MP4."""
+    return config.results_dir / f"{job_id}.mp4"
+
+
+def remove_result(config: Config, job_id: str) -> bool:
+    """Remove the MP4 of a job that did not complete (a muxer can finish a job just after it was
+    cancelled or failed). True if there was one."""
+    if not SAFE_JOB_ID.match(job_id):
+        return False
+    try:
+        result_path(config, job_id).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def sweep_results(config: Config, job_status: Callable[[str], str | None]) -> list[str]:
+    """Remove MP4s of jobs that are final but not completed (their JobDone came while the broker
+    was down, or was dropped). MP4s of unknown jobs are left alone. Returns the job ids."""
+    removed = []
+    try:
+        entries = list(config.results_dir.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        job_id = entry.name.removesuffix(".mp4")
+        if entry.suffix != ".mp4" or not SAFE_JOB_ID.match(job_id):
+            continue
+        if job_status(job_id) in ("failed", "cancelled") and remove_result(config, job_id):
+            removed.append(job_id)
+    return removed
