@@ -168,7 +168,7 @@ async def websockets_load(url: str, args, gateway_pid: int | None) -> dict:
             while not done.is_set():
                 try:
                     raw = await asyncio.wait_for(ws.recv(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 event = json.loads(raw)
                 if event.get("event") in ("progress", "complete", "status"):

@@ -15,9 +15,9 @@ import json
 import mimetypes
 import os
 import sys
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any

@@ -26,7 +26,14 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from common.config import GatewaySection
-from common.errors import ImageTooLarge, InvalidImage, InvalidJson, InvalidMultipart, PayloadTooLarge, UnsupportedMediaType
+from common.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidJson,
+    InvalidMultipart,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}

@@ -14,9 +14,9 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 import av
 import numpy as np

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers import AutoencoderKLWan
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages.image_condition import encode_condition, load_image
 from stages.base import Stage
+from stages.image_condition import encode_condition, load_image
 from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
 from stages.runtime import stage_main

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
