@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.launcher import (
+# After the sys.path line above, so that `python bench/chaos.py` finds the project's packages.
+from bench.launcher import (  # noqa: E402
     COMMANDS,
     PROGRAMS,
     Supervised,

@@ -62,19 +62,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch
+# After the sys.path line above, so that `python bench/gpu_stage_check.py` finds the project's packages.
+import torch  # noqa: E402
 
-from bench.gpu.clock import (  # the time budget counts from this import
+from bench.gpu.clock import (  # noqa: E402 - the time budget counts from this import
     START,
     Env,
     say,
     sub,
 )
-from bench.gpu.dit import dit_section
-from bench.gpu.probe import env_info, sdpa_probe, version
-from bench.gpu.report import table
-from bench.gpu.sizes import DTYPES, REAL, SMALL
-from bench.gpu.vae import vae_section
+from bench.gpu.dit import dit_section  # noqa: E402
+from bench.gpu.probe import env_info, sdpa_probe, version  # noqa: E402
+from bench.gpu.report import table  # noqa: E402
+from bench.gpu.sizes import DTYPES, REAL, SMALL  # noqa: E402
+from bench.gpu.vae import vae_section  # noqa: E402
 
 
 def comparisons(results: dict[str, Any]) -> dict[str, Any]:

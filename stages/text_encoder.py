@@ -69,7 +69,7 @@ class TextEncoderStage(Stage):
         seq_lens = mask.gt(0).sum(dim=1).long()
         embeds = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
         embeds = embeds.to(dtype=self.dtype)  # not encoder.dtype: fp8 storage would show
-        embeds = [u[:v] for u, v in zip(embeds, seq_lens)]
+        embeds = [u[:v] for u, v in zip(embeds, seq_lens, strict=True)]
         return torch.stack(
             [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in embeds], dim=0
         )
