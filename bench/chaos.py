@@ -676,7 +676,9 @@ class Soak:
 
         attempts = [a for s in self.plan for a in s.attempts]
         outcomes = collections.Counter(a["outcome"] for a in attempts)
-        lost_answers = [(s, a) for s in self.plan for a in s.attempts if a["outcome"] in ("answer_lost", "error_answer")]
+        lost_answers = [
+            (s, a) for s in self.plan for a in s.attempts if a["outcome"] in ("answer_lost", "error_answer")
+        ]
         duplicates = {s.index: s.job_ids for s in self.plan if len(s.job_ids) > 1}
         created_behind_error = [s.index for s in self.plan if s.found_by_listing]
         submitted = [s for s in self.plan if s.job_ids]

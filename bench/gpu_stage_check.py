@@ -160,7 +160,8 @@ def main() -> None:
         for key in ("ti2v", "a14b"):
             cfg = P[key]["config"]
             sp = P[key]
-            tokens = ((sp["frames"] - 1) // 4 + 1) * (sp["height"] // sp["spatial"] // 2) * (sp["width"] // sp["spatial"] // 2)
+            latent_frames = (sp["frames"] - 1) // 4 + 1
+            tokens = latent_frames * (sp["height"] // sp["spatial"] // 2) * (sp["width"] // sp["spatial"] // 2)
             sub(out, key, lambda cfg=cfg, tokens=tokens: sdpa_probe(env, dtype, cfg["num_attention_heads"], tokens,
                                                                      cfg["attention_head_dim"]))
         return out

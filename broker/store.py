@@ -131,7 +131,9 @@ class JobStore:
             args.append(owner)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset])
+        rows = self.db.execute(
+            f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
         return [Job.from_row(r) for r in rows.fetchall()], total
 
     # ---- transitions ----

@@ -169,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.url, api_key=args.api_key)
     try:
         if args.command == "generate":
-            options = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg_scale, "resolution": args.resolution,
-                                         "fps": args.fps, "duration": args.duration}.items() if v is not None}
-            extra = {k: v for k, v in {"negative_prompt": args.negative_prompt, "seed": args.seed}.items() if v is not None}
+            given = {"steps": args.steps, "cfg_scale": args.cfg_scale, "resolution": args.resolution,
+                     "fps": args.fps, "duration": args.duration}
+            options = {k: v for k, v in given.items() if v is not None}
+            extra = {
+                k: v for k, v in {"negative_prompt": args.negative_prompt, "seed": args.seed}.items() if v is not None
+            }
             if options:
                 extra["custom_options"] = options
             job = client.generate(args.prompt, args.model, args.quality, image=args.image, **extra)

@@ -66,7 +66,9 @@ def too_large(limit: int) -> PayloadTooLarge:
 # ---- multipart ----
 
 
-async def parse_multipart(headers: Headers, body: bytes, max_request_bytes: int, limits: UploadLimits) -> tuple[Any, bytes, str]:
+async def parse_multipart(
+    headers: Headers, body: bytes, max_request_bytes: int, limits: UploadLimits
+) -> tuple[Any, bytes, str]:
     """(request object, image bytes, declared image type) from a multipart/form-data body read whole."""
 
     async def stream() -> AsyncGenerator[bytes, None]:

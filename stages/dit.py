@@ -64,10 +64,10 @@ class DitStage(Stage):
                 )
                 for name in names
             }
+            # The profile may set the expert boundary; else the checkpoint decides.
+            boundary = model_spec.boundary_ratio if model_spec.boundary_ratio is not None else info.boundary_ratio
             self.add_model(model, info, experts, scheduler_config(folder, model_spec.flow_shift),
-                           # The profile may set the expert boundary; else the checkpoint decides.
-                           boundary_ratio=model_spec.boundary_ratio if model_spec.boundary_ratio is not None else info.boundary_ratio,
-                           split_fraction=model_spec.split_fraction)
+                           boundary_ratio=boundary, split_fraction=model_spec.split_fraction)
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
 
     def add_model(self, model: str, info: PipelineInfo, experts: dict[str, torch.nn.Module],

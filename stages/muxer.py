@@ -139,7 +139,8 @@ class MuxerStage(Stage):
         path = self.results_dir / f"{msg.job_id}.mp4"
         write_mp4(frames, msg.params.fps, path, self.crf, self.preset,
                   before_trailer=lambda: self.fault_point("write"), metadata=postprocess_metadata(msg.params))
-        log.info("wrote %s (%d frames %dx%d @ %d fps)", path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
+        log.info("wrote %s (%d frames %dx%d @ %d fps)",
+                 path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
         return [
             m.JobDone(
                 job_id=msg.job_id,
