@@ -80,7 +80,7 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: s
 
 def remove_stale_temp_files(folder: Path) -> list[str]:
     """Remove the temporary MP4s of muxer processes that no longer run (killed while writing)."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(folder.iterdir())
     except OSError:
