@@ -81,6 +81,9 @@ class JobMessage(Message):
     message replays to the same bytes; timings travel in StageReports instead.
     """
 
+    # Declared here, set by each subclass: not a field, and unset on the base (never sent itself).
+    stage_kind: ClassVar[str]
+
     job_id: str
     attempt: int
     route: list[str]

@@ -16,7 +16,7 @@ import logging
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from common import messages as m
 from common.errors import InvalidRequest
@@ -36,7 +36,7 @@ class TextEncoderStage(Stage):
         placement = self.placement = Placement.from_spec(self.spec)
         self.device = placement.device
         self.dtype = dtype = placement.dtype
-        self.encoders: dict[str, tuple[object, UMT5EncoderModel]] = {}
+        self.encoders: dict[str, tuple[PreTrainedTokenizerBase, UMT5EncoderModel]] = {}
         self.image_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}
         for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
