@@ -47,6 +47,7 @@ Results of earlier runs: bench/results/gpu_stage_check_h200.* and gpu_vae_after_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -162,8 +163,8 @@ def main() -> None:
             sp = P[key]
             latent_frames = (sp["frames"] - 1) // 4 + 1
             tokens = latent_frames * (sp["height"] // sp["spatial"] // 2) * (sp["width"] // sp["spatial"] // 2)
-            sub(out, key, lambda cfg=cfg, tokens=tokens: sdpa_probe(env, dtype, cfg["num_attention_heads"], tokens,
-                                                                     cfg["attention_head_dim"]))
+            sub(out, key, functools.partial(sdpa_probe, env, dtype, cfg["num_attention_heads"], tokens,
+                                            cfg["attention_head_dim"]))
         return out
 
     section("sdpa_probe", probes)
@@ -175,7 +176,7 @@ def main() -> None:
     for dt in P["vae_dtypes"][1:]:
         for key in ("vae22", "vae21"):
             prev = results.get(f"{key}_float32", {}).get("section_s", 30.0)
-            section(f"{key}_{dt}", lambda key=key, dt=dt: vae_section(env, P, key, dt), need_s=15 + prev)
+            section(f"{key}_{dt}", functools.partial(vae_section, env, P, key, dt), need_s=15 + prev)
 
     results["comparisons_max_abs_diff"] = comparisons(results)
     results["total_s"] = round(time.perf_counter() - START, 1)

@@ -41,11 +41,16 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def pct_ms(values: list[float], q: float) -> float | None:
+    p = pct(values, q)
+    return None if p is None else round(1000 * p, 2)
+
+
 def ms(values: list[float]) -> dict[str, float | None]:
     return {
         "n": len(values),
-        "p50_ms": None if not values else round(1000 * pct(values, 50), 2),
-        "p99_ms": None if not values else round(1000 * pct(values, 99), 2),
+        "p50_ms": pct_ms(values, 50),
+        "p99_ms": pct_ms(values, 99),
         "max_ms": None if not values else round(1000 * max(values), 2),
     }
 
