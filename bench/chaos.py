@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.launcher import (
+# After the sys.path line above, so that `python bench/chaos.py` finds the project's packages.
+from bench.launcher import (  # noqa: E402
     COMMANDS,
     PROGRAMS,
     Supervised,
@@ -675,7 +676,9 @@ class Soak:
 
         attempts = [a for s in self.plan for a in s.attempts]
         outcomes = collections.Counter(a["outcome"] for a in attempts)
-        lost_answers = [(s, a) for s in self.plan for a in s.attempts if a["outcome"] in ("answer_lost", "error_answer")]
+        lost_answers = [
+            (s, a) for s in self.plan for a in s.attempts if a["outcome"] in ("answer_lost", "error_answer")
+        ]
         duplicates = {s.index: s.job_ids for s in self.plan if len(s.job_ids) > 1}
         created_behind_error = [s.index for s in self.plan if s.found_by_listing]
         submitted = [s for s in self.plan if s.job_ids]

@@ -47,6 +47,7 @@ Results of earlier runs: bench/results/gpu_stage_check_h200.* and gpu_vae_after_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -62,19 +63,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch
+# After the sys.path line above, so that `python bench/gpu_stage_check.py` finds the project's packages.
+import torch  # noqa: E402
 
-from bench.gpu.clock import (  # the time budget counts from this import
+from bench.gpu.clock import (  # noqa: E402 - the time budget counts from this import
     START,
     Env,
     say,
     sub,
 )
-from bench.gpu.dit import dit_section
-from bench.gpu.probe import env_info, sdpa_probe, version
-from bench.gpu.report import table
-from bench.gpu.sizes import DTYPES, REAL, SMALL
-from bench.gpu.vae import vae_section
+from bench.gpu.dit import dit_section  # noqa: E402
+from bench.gpu.probe import env_info, sdpa_probe, version  # noqa: E402
+from bench.gpu.report import table  # noqa: E402
+from bench.gpu.sizes import DTYPES, REAL, SMALL  # noqa: E402
+from bench.gpu.vae import vae_section  # noqa: E402
 
 
 def comparisons(results: dict[str, Any]) -> dict[str, Any]:
@@ -159,9 +161,10 @@ def main() -> None:
         for key in ("ti2v", "a14b"):
             cfg = P[key]["config"]
             sp = P[key]
-            tokens = ((sp["frames"] - 1) // 4 + 1) * (sp["height"] // sp["spatial"] // 2) * (sp["width"] // sp["spatial"] // 2)
-            sub(out, key, lambda cfg=cfg, tokens=tokens: sdpa_probe(env, dtype, cfg["num_attention_heads"], tokens,
-                                                                     cfg["attention_head_dim"]))
+            latent_frames = (sp["frames"] - 1) // 4 + 1
+            tokens = latent_frames * (sp["height"] // sp["spatial"] // 2) * (sp["width"] // sp["spatial"] // 2)
+            sub(out, key, functools.partial(sdpa_probe, env, dtype, cfg["num_attention_heads"], tokens,
+                                            cfg["attention_head_dim"]))
         return out
 
     section("sdpa_probe", probes)
@@ -173,7 +176,7 @@ def main() -> None:
     for dt in P["vae_dtypes"][1:]:
         for key in ("vae22", "vae21"):
             prev = results.get(f"{key}_float32", {}).get("section_s", 30.0)
-            section(f"{key}_{dt}", lambda key=key, dt=dt: vae_section(env, P, key, dt), need_s=15 + prev)
+            section(f"{key}_{dt}", functools.partial(vae_section, env, P, key, dt), need_s=15 + prev)
 
     results["comparisons_max_abs_diff"] = comparisons(results)
     results["total_s"] = round(time.perf_counter() - START, 1)

@@ -41,11 +41,16 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def pct_ms(values: list[float], q: float) -> float | None:
+    p = pct(values, q)
+    return None if p is None else round(1000 * p, 2)
+
+
 def ms(values: list[float]) -> dict[str, float | None]:
     return {
         "n": len(values),
-        "p50_ms": None if not values else round(1000 * pct(values, 50), 2),
-        "p99_ms": None if not values else round(1000 * pct(values, 99), 2),
+        "p50_ms": pct_ms(values, 50),
+        "p99_ms": pct_ms(values, 99),
         "max_ms": None if not values else round(1000 * max(values), 2),
     }
 
@@ -168,7 +173,7 @@ async def websockets_load(url: str, args, gateway_pid: int | None) -> dict:
             while not done.is_set():
                 try:
                     raw = await asyncio.wait_for(ws.recv(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 event = json.loads(raw)
                 if event.get("event") in ("progress", "complete", "status"):

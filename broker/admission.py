@@ -129,7 +129,9 @@ def check_image_input(model: str, image_sha256: str | None) -> None:
     if image_sha256 is None and takes == "required":
         raise _bad("image", f"{model} needs an input image (multipart part `image`, or base64 in `image`)")
     if image_sha256 is not None and takes == "none":
-        raise _bad("image", f"{model} takes no input image", models_taking_images=sorted(catalog.models_taking("image")))
+        raise _bad(
+            "image", f"{model} takes no input image", models_taking_images=sorted(catalog.models_taking("image"))
+        )
 
 
 def oriented(resolution: str, image_size: tuple[int, int] | None, allowed: list[str]) -> str:
@@ -169,7 +171,8 @@ def resolve(
     table = preset_table(config, model)
     if preset not in table:
         raise ValidationError(
-            f"preset {preset} is not configured for {model} in this profile", {"field": "quality_preset", "model": model}
+            f"preset {preset} is not configured for {model} in this profile",
+            {"field": "quality_preset", "model": model},
         )
     base = table[preset]
     seed = catalog.check(fields["seed"], request.get("seed"))
@@ -199,8 +202,8 @@ def resolve(
         duration = _option(options, "duration", None)
         frames = round_frames(duration * fps)
         if frames > limit:
-            raise _bad("custom_options.duration", f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}",
-                       max_frames=limit)
+            raise _bad("custom_options.duration",
+                       f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}", max_frames=limit)
     else:
         frames = int(base["num_frames"])
     params = m.JobParams(
@@ -214,7 +217,8 @@ def resolve(
 def preset_markdown(config: Config) -> str:
     """The preset table of every model the profile describes, as the README shows it."""
     lines = [
-        "| model | preset | steps | guidance (high / low) | shift | resolution | frames @ fps | post-processing (not applied yet) |",
+        "| model | preset | steps | guidance (high / low) | shift | resolution | frames @ fps "
+        "| post-processing (not applied yet) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model in config.defined_model_names():

@@ -107,7 +107,9 @@ class Broker:
     def stage_socket(self, stage: str) -> zmq.Socket[bytes]:
         if stage not in self._send_to:
             opts = SocketOptions(send_timeout_ms=0, max_message_bytes=self.limits.max_message_bytes)
-            self._send_to[stage] = make_socket(self.ctx, zmq.PUSH, self.config.endpoint(stage), bind=False, options=opts)
+            self._send_to[stage] = make_socket(
+                self.ctx, zmq.PUSH, self.config.endpoint(stage), bind=False, options=opts
+            )
         return self._send_to[stage]
 
     def route_stages(self) -> set[str]:

@@ -107,7 +107,9 @@ class Driver:
     def _sender(self, stage: str) -> zmq.Socket[bytes]:
         if stage not in self._senders:
             opts = SocketOptions(send_timeout_ms=30_000, max_message_bytes=self.config.limits.max_message_bytes)
-            self._senders[stage] = make_socket(self.ctx, zmq.PUSH, self.config.endpoint(stage), bind=False, options=opts)
+            self._senders[stage] = make_socket(
+                self.ctx, zmq.PUSH, self.config.endpoint(stage), bind=False, options=opts
+            )
         return self._senders[stage]
 
     def _poll(self, timeout_s: float) -> m.Message | None:

@@ -163,7 +163,7 @@ class Progress:
         done = 0.0
         kinds = [self.config.stage(s).kind for s in job.route]
         dit_count = max(1, kinds.count("dit"))
-        for s, kind in zip(job.route, kinds):
+        for s, kind in zip(job.route, kinds, strict=True):
             weight = PROGRESS_WEIGHTS.get(kind, 0.0) / (dit_count if kind == "dit" else 1)
             if s == stage:
                 return done + weight * fraction

@@ -8,6 +8,7 @@ twice: a job completes once. `checkpoint` names the stage whose input the job's 
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import time
@@ -114,12 +115,15 @@ class JobStore:
         return [Job.from_row(r) for r in rows]
 
     def count(self, status: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+        count: int = self.db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+        return count
 
     def count_active(self, owner: str) -> int:
         """Jobs of `owner` not yet final (queued or processing)."""
-        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'processing')",
-                               (owner,)).fetchone()[0]
+        count: int = self.db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'processing')", (owner,)
+        ).fetchone()[0]
+        return count
 
     def list(self, status: str | None, limit: int, offset: int, owner: str | None = None) -> tuple[list[Job], int]:
         where, args = [], []
@@ -131,11 +135,17 @@ class JobStore:
             args.append(owner)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset])
+        rows = self.db.execute(
+            f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
         return [Job.from_row(r) for r in rows.fetchall()], total
 
     # ---- transitions ----
-    def add(self, job_id: str, owner: str, model: str, preset: str, params: dict, route: list[str], priority: int) -> Job:
+    # builtins.list: inside the class, `list` names the method above.
+    def add(
+        self, job_id: str, owner: str, model: str, preset: str, params: dict[str, Any], route: builtins.list[str],
+        priority: int,
+    ) -> Job:
         self.db.execute(
             "INSERT INTO jobs (id, owner, model, preset, params, route, priority, status, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
@@ -152,7 +162,8 @@ class JobStore:
         )
         if cur.rowcount != 1:
             return None
-        return self.db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        attempt: int = self.db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        return attempt
 
     def requeue(self, job_id: str, attempt: int, keep_attempt: bool = False) -> bool:
         """processing -> queued: a dispatch that did not go out, or a job the broker must send again.
@@ -175,7 +186,9 @@ class JobStore:
         )
         return cur.rowcount == 1
 
-    def progress(self, job_id: str, attempt: int, stage: str, progress: float, timings: dict | None = None) -> bool:
+    def progress(
+        self, job_id: str, attempt: int, stage: str, progress: float, timings: dict[str, Any] | None = None
+    ) -> bool:
         sets, args = ["stage = ?", "progress = MAX(progress, ?)"], [stage, progress]
         if timings is not None:
             sets.append("timings = ?")
@@ -192,9 +205,9 @@ class JobStore:
         status: str,
         *,
         attempt: int | None = None,
-        error: dict | None = None,
+        error: dict[str, Any] | None = None,
         output_path: str | None = None,
-        timings: dict | None = None,
+        timings: dict[str, Any] | None = None,
     ) -> bool:
         """Move a job to a final state, once. With `attempt`, only that attempt may finish it."""
         assert status in FINAL

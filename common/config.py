@@ -131,7 +131,8 @@ class AdmissionSection:
     max_steps: int = 100
     max_attempts: int = 3
     memory_check: bool = True
-    memory_budget_gib: float | dict[str, float] | None = None  # GiB a job may use per device (one for all, or by device)
+    # GiB a job may use per device (one for all, or by device).
+    memory_budget_gib: float | dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -549,7 +550,8 @@ class Config:
         path = self.socket_dir / f"{name}.sock"
         if len(str(path)) > MAX_IPC_PATH:
             raise ConfigError(
-                f"ipc socket path {path} is longer than {MAX_IPC_PATH} bytes; set runtime.socket_dir to a shorter folder",
+                f"ipc socket path {path} is longer than {MAX_IPC_PATH} bytes; "
+                "set runtime.socket_dir to a shorter folder",
                 {"path": str(path)},
             )
         return f"ipc://{path}"

@@ -46,8 +46,10 @@ class CurveKeys:
         def read(name: str) -> tuple[bytes, bytes | None]:
             path = keys_dir / name
             if not path.is_file():
-                raise ConfigError(f"CURVE key file {path} is missing",
-                                  {"file": str(path), "expected": "a certificate written by `python -m common.curve init`"})
+                raise ConfigError(
+                    f"CURVE key file {path} is missing",
+                    {"file": str(path), "expected": "a certificate written by `python -m common.curve init`"},
+                )
             try:
                 return zmq.auth.load_certificate(path)
             except (ValueError, OSError) as exc:
@@ -62,7 +64,9 @@ class CurveKeys:
             raise ConfigError("client.key_secret holds no secret key", {"file": "client.key_secret"})
         authorized = keys_dir / "authorized_clients"
         if not authorized.is_dir():
-            raise ConfigError(f"CURVE keys folder {keys_dir} has no authorized_clients/ folder", {"file": str(authorized)})
+            raise ConfigError(
+                f"CURVE keys folder {keys_dir} has no authorized_clients/ folder", {"file": str(authorized)}
+            )
         return cls(server_public, server_secret, client_public, client_secret, authorized)
 
 

@@ -11,6 +11,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TextIO
 
 _current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_job", default=None)
 
@@ -25,7 +26,7 @@ class _JobFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO", stream=None) -> None:
+def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Configure the root logger once per process (idempotent)."""
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -81,6 +81,9 @@ class JobMessage(Message):
     message replays to the same bytes; timings travel in StageReports instead.
     """
 
+    # Declared here, set by each subclass: not a field, and unset on the base (never sent itself).
+    stage_kind: ClassVar[str]
+
     job_id: str
     attempt: int
     route: list[str]
@@ -286,7 +289,8 @@ def decode(parts: list[Any], limits: wire.Limits) -> Message:
     cls = Message.registry.get(type_name)
     if cls is None or cls in (JobMessage,):
         raise UnknownMessageType(f"unknown message type {type_name[:64]!r}", {"type": type_name[:64]})
-    return _build(cls, fields, type_name)
+    msg: Message = _build(cls, fields, type_name)
+    return msg
 
 
 def _build(cls: type, fields: Any, where: str) -> Any:
@@ -334,7 +338,7 @@ def _check(hint: Any, value: Any, where: str) -> Any:
             raise _type_error(where, "map", value)
         _, arg = typing.get_args(hint) or (str, Any)
         return {k: _check(arg, v, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class, never an instance
         return _build(hint, value, where)
     if hint is Tensor:
         if not wire.is_tensor(value):

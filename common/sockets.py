@@ -15,6 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import zmq
@@ -22,10 +23,16 @@ import zmq
 from common.curve import CurveKeys
 from common.errors import ConfigError
 
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
+
+# A blocking or an asyncio socket: make_socket returns the kind its context makes.
+_S = TypeVar("_S", bound="zmq.Socket[Any]")
+
 # The deployment's CURVE keys, set once per process by `use_curve` from the config; None: no CURVE.
 _curve: CurveKeys | None = None
 # One ZAP authenticator per context that has a CURVE server socket.
-_authenticators: dict[int, object] = {}
+_authenticators: dict[int, ThreadAuthenticator] = {}
 
 
 def use_curve(keys: CurveKeys | None) -> None:
@@ -80,14 +87,14 @@ def _ipc_in_use(path: Path) -> bool:
 
 
 def make_socket(
-    ctx: zmq.Context,
+    ctx: zmq.Context[_S],
     kind: int,
     endpoint: str,
     *,
     bind: bool,
     options: SocketOptions | None = None,
     curve: CurveKeys | None = None,
-) -> zmq.Socket:
+) -> _S:
     """`curve` defaults to the process's keys (`use_curve`); it applies to tcp:// endpoints only."""
     options = options or SocketOptions()
     curve = curve or _curve
@@ -130,7 +137,7 @@ def stop_authenticators() -> None:
         auth.stop()
 
 
-def _set_curve(ctx: zmq.Context, sock: zmq.Socket, keys: CurveKeys, *, server: bool) -> None:
+def _set_curve(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: CurveKeys, *, server: bool) -> None:
     if server:
         if keys.server_secret is None:
             sock.close(0)
@@ -145,7 +152,7 @@ def _set_curve(ctx: zmq.Context, sock: zmq.Socket, keys: CurveKeys, *, server: b
         sock.curve_secretkey = keys.client_secret
 
 
-def _authenticator(ctx: zmq.Context, keys: CurveKeys) -> None:
+def _authenticator(ctx: zmq.Context[Any], keys: CurveKeys) -> None:
     """Start (once per context) the ZAP handler that admits only the authorized client keys."""
     if id(ctx) in _authenticators:
         return

@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -89,7 +90,8 @@ def read_checkpoint(config: Config, job_id: str, stage: str, limits: Limits) -> 
                            max_bin_len=limits.max_message_bytes)
     if not isinstance(body, dict) or body.get("stage") != stage or not isinstance(body.get("frames"), list):
         raise InvalidRequest("checkpoint file is not a checkpoint of this stage", {"stage": stage})
-    return body["frames"]
+    frames: list[bytes] = body["frames"]
+    return frames
 
 
 def remove_job(config: Config, job_id: str) -> None:
@@ -107,7 +109,7 @@ def sweep(config: Config, job_final: Callable[[str], bool | None], min_age_s: fl
     """Remove the spool folders of final jobs, and of unknown jobs (`job_final` returns None) left
     untouched for `min_age_s` (a folder may be written just before its job is submitted).
     Returns the job ids removed."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(config.spool_dir.iterdir())
     except FileNotFoundError:

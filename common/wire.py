@@ -91,7 +91,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    # numpy declares ndarray.__buffer__ only for Python >= 3.12; the buffer protocol is there on 3.11 too.
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def pack(fields: dict[str, Any]) -> list[Any]:
@@ -193,7 +194,7 @@ def unpack(parts: list[Any], limits: Limits) -> dict[str, Any]:
             return [resolve(v) for v in obj]
         return obj
 
-    fields = resolve(header)
+    fields: dict[str, Any] = resolve(header)  # a map: unpack_header checked it
     if len(used) != len(frames):
         extra = sorted(set(range(len(frames))) - used)
         raise FrameMismatch(f"{len(extra)} frame(s) not referenced by the header", {"frames": extra[:16]})

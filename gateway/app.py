@@ -408,8 +408,8 @@ class Gateway:
             elif exc.status_code == 405:
                 err = MethodNotAllowed("method not allowed on this route")
             else:  # Starlette's detail is its status phrase unless a handler gave one; ours never do
-                err = HttpError(HTTPStatus(exc.status_code).phrase if exc.status_code in HTTP_STATUSES else "HTTP error",
-                                http_status=exc.status_code)
+                phrase = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTP_STATUSES else "HTTP error"
+                err = HttpError(phrase, http_status=exc.status_code)
             return error_response(err)
 
         async def unexpected(request: Request, exc: Exception) -> Response:

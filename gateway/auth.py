@@ -56,7 +56,8 @@ LOCAL = Principal(key_id="", admin=True)
 
 
 def principal_of(scope: Scope) -> Principal:
-    return scope.get("state", {}).get("principal", LOCAL)
+    principal: Principal = scope.get("state", {}).get("principal", LOCAL)
+    return principal
 
 
 def is_loopback(host: str) -> bool:

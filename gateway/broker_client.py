@@ -15,7 +15,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -59,7 +59,7 @@ class BrokerClient:
         else:
             sock = make_socket(self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=self.opts)
             sock.setsockopt(zmq.SUBSCRIBE, b"job")
-        return cast(zmq.asyncio.Socket, sock)  # an asyncio context makes asyncio sockets
+        return sock  # make_socket's type follows the context: an asyncio socket
 
     def _reopen(self, name: str) -> None:
         """A fresh socket for a restarted listener: the old one may be closed or in an error state."""

@@ -15,9 +15,9 @@ import json
 import mimetypes
 import os
 import sys
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,8 @@ class Client:
         req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
+                answer: dict[str, Any] = json.loads(resp.read())  # the API answers with a JSON object
+                return answer
         except urllib.error.HTTPError as exc:
             try:
                 payload = json.loads(exc.read())
@@ -61,22 +62,22 @@ class Client:
             raise ApiError(exc.code, payload) from None
 
     def generate(self, prompt: str, model: str = "t2v-A14B", quality_preset: str = "standard",
-                 image: Path | str | None = None, **extra: Any) -> dict:
+                 image: Path | str | None = None, **extra: Any) -> dict[str, Any]:
         """Submit a job; with `image` (a PNG, JPEG or WebP file) it is uploaded as multipart/form-data."""
         return self._request("POST", "/api/v1/generate",
                              {"prompt": prompt, "model": model, "quality_preset": quality_preset, **extra},
                              image=None if image is None else Path(image))
 
-    def status(self, job_id: str) -> dict:
+    def status(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/status/{job_id}")
 
-    def result(self, job_id: str) -> dict:
+    def result(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/result/{job_id}")
 
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/api/v1/cancel/{job_id}")
 
-    def jobs(self, status: str | None = None, limit: int = 20, offset: int = 0) -> dict:
+    def jobs(self, status: str | None = None, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         query = {"limit": limit, "offset": offset, **({"status": status} if status else {})}
         return self._request("GET", f"/api/v1/jobs?{urlencode(query)}")
 
@@ -103,7 +104,9 @@ class Client:
             while True:
                 yield json.loads(ws.recv(timeout=timeout_s))
 
-    def wait(self, job_id: str, on_event: Callable[[dict], None] | None = None, timeout_s: float = 600.0) -> dict:
+    def wait(
+        self, job_id: str, on_event: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 600.0
+    ) -> dict[str, Any]:
         """Follow a job over the WebSocket until it ends; returns its final status."""
         for event in self.events(job_id, timeout_s):
             if on_event:
@@ -169,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.url, api_key=args.api_key)
     try:
         if args.command == "generate":
-            options = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg_scale, "resolution": args.resolution,
-                                         "fps": args.fps, "duration": args.duration}.items() if v is not None}
-            extra = {k: v for k, v in {"negative_prompt": args.negative_prompt, "seed": args.seed}.items() if v is not None}
+            given = {"steps": args.steps, "cfg_scale": args.cfg_scale, "resolution": args.resolution,
+                     "fps": args.fps, "duration": args.duration}
+            options = {k: v for k, v in given.items() if v is not None}
+            extra = {
+                k: v for k, v in {"negative_prompt": args.negative_prompt, "seed": args.seed}.items() if v is not None
+            }
             if options:
                 extra["custom_options"] = options
             job = client.generate(args.prompt, args.model, args.quality, image=args.image, **extra)

@@ -16,6 +16,7 @@ key stops working at once, without a restart.
 from __future__ import annotations
 
 import argparse
+import builtins
 import hashlib
 import hmac
 import json
@@ -115,7 +116,8 @@ class KeyStore:
     def list(self) -> list[ApiKey]:
         return [self._key(r) for r in self.db.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()]
 
-    def revoke(self, id_or_name: str) -> list[ApiKey]:
+    # builtins.list: inside the class, `list` names the method above.
+    def revoke(self, id_or_name: str) -> builtins.list[ApiKey]:
         """Revoke the key with this id, or every live key with this name; returns what was revoked."""
         rows = self.db.execute("SELECT id FROM api_keys WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
                                (id_or_name, id_or_name)).fetchall()

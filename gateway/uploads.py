@@ -26,7 +26,14 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from common.config import GatewaySection
-from common.errors import ImageTooLarge, InvalidImage, InvalidJson, InvalidMultipart, PayloadTooLarge, UnsupportedMediaType
+from common.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidJson,
+    InvalidMultipart,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
@@ -59,7 +66,9 @@ def too_large(limit: int) -> PayloadTooLarge:
 # ---- multipart ----
 
 
-async def parse_multipart(headers: Headers, body: bytes, max_request_bytes: int, limits: UploadLimits) -> tuple[Any, bytes, str]:
+async def parse_multipart(
+    headers: Headers, body: bytes, max_request_bytes: int, limits: UploadLimits
+) -> tuple[Any, bytes, str]:
     """(request object, image bytes, declared image type) from a multipart/form-data body read whole."""
 
     async def stream() -> AsyncGenerator[bytes, None]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
@@ -64,10 +65,10 @@ class DitStage(Stage):
                 )
                 for name in names
             }
+            # The profile may set the expert boundary; else the checkpoint decides.
+            boundary = model_spec.boundary_ratio if model_spec.boundary_ratio is not None else info.boundary_ratio
             self.add_model(model, info, experts, scheduler_config(folder, model_spec.flow_shift),
-                           # The profile may set the expert boundary; else the checkpoint decides.
-                           boundary_ratio=model_spec.boundary_ratio if model_spec.boundary_ratio is not None else info.boundary_ratio,
-                           split_fraction=model_spec.split_fraction)
+                           boundary_ratio=boundary, split_fraction=model_spec.split_fraction)
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
 
     def add_model(self, model: str, info: PipelineInfo, experts: dict[str, torch.nn.Module],
@@ -155,6 +156,7 @@ class DitStage(Stage):
                 model, scale = experts["transformer_2"], guidance_2
             cond = msg.prompt_embeds.to(self.device, model.dtype)
             if first_frame_mask is not None:
+                assert condition is not None  # check_condition gives a first-frame mask only with its condition
                 model_input = ((1 - mask) * condition + mask * latents).to(model.dtype)
             elif condition is not None:
                 model_input = torch.cat([latents, condition], dim=1).to(model.dtype)
@@ -170,6 +172,7 @@ class DitStage(Stage):
                     hidden_states=model_input, timestep=timestep, encoder_hidden_states=cond, return_dict=False
                 )[0]
             if do_cfg:
+                assert msg.negative_prompt_embeds is not None  # refused before the loop otherwise
                 uncond = msg.negative_prompt_embeds.to(self.device, model.dtype)
                 with model.cache_context("uncond", **cache_kwargs):
                     noise_uncond = model(
@@ -179,7 +182,7 @@ class DitStage(Stage):
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "step", i + 1, len(timesteps), time.time()))
 
-        common = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p)
+        common: dict[str, Any] = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p)
         if steps.stop < len(timesteps):
             return [
                 m.DenoiseJob(
@@ -194,6 +197,7 @@ class DitStage(Stage):
                 )
             ]
         if first_frame_mask is not None:
+            assert condition is not None  # as above
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return [m.DecodeJob(**common, latents=latents.cpu())]
 

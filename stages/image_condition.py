@@ -38,7 +38,7 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
         return image
     scale = max(width / iw, height / ih)
     sw, sh = max(width, round(iw * scale)), max(height, round(ih * scale))
-    image = image.resize((sw, sh), Image.LANCZOS)
+    image = image.resize((sw, sh), Image.Resampling.LANCZOS)
     x, y = (sw - width) // 2, (sh - height) // 2
     return image.crop((x, y, x + width, y + height))
 

@@ -14,9 +14,9 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 import av
 import numpy as np
@@ -80,7 +80,7 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: s
 
 def remove_stale_temp_files(folder: Path) -> list[str]:
     """Remove the temporary MP4s of muxer processes that no longer run (killed while writing)."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(folder.iterdir())
     except OSError:
@@ -139,7 +139,8 @@ class MuxerStage(Stage):
         path = self.results_dir / f"{msg.job_id}.mp4"
         write_mp4(frames, msg.params.fps, path, self.crf, self.preset,
                   before_trailer=lambda: self.fault_point("write"), metadata=postprocess_metadata(msg.params))
-        log.info("wrote %s (%d frames %dx%d @ %d fps)", path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
+        log.info("wrote %s (%d frames %dx%d @ %d fps)",
+                 path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
         return [
             m.JobDone(
                 job_id=msg.job_id,

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -99,7 +100,10 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
             f"{path} was refused: it is not a plain tensor state dict (loaded with weights_only=True): {why}",
             {"path": str(path), "reason": "weights_only", "error": why},
         ) from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    tensors_by_name = isinstance(data, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    )
+    if not tensors_by_name:
         raise ModelLoadError(
             f"{path} does not hold a state dict of named tensors", {"path": str(path), "found": type(data).__name__}
         )
@@ -133,7 +137,8 @@ class SafetensorsSet:
             path = folder / name
             if not path.is_file():
                 raise ModelLoadError(
-                    f"{path} is missing (listed in {INDEX_NAME})", {"path": str(path), "index": str(folder / INDEX_NAME)}
+                    f"{path} is missing (listed in {INDEX_NAME})",
+                    {"path": str(path), "index": str(folder / INDEX_NAME)},
                 )
             try:
                 with safe_open(path, framework="pt") as f:
@@ -249,7 +254,9 @@ def expert_dir(folder: Path, name: str) -> Path:
     return folder
 
 
-def transformer_config(folder: Path, name: str = "transformer") -> tuple[dict[str, Any], dict[str, Any], SafetensorsSet]:
+def transformer_config(
+    folder: Path, name: str = "transformer"
+) -> tuple[dict[str, Any], dict[str, Any], SafetensorsSet]:
     """(official config.json, diffusers config, the files) of one DiT."""
     where = expert_dir(folder, name)
     official = read_config(where / "config.json", keys.OFFICIAL_TRANSFORMER_FIELDS)
@@ -336,7 +343,8 @@ def load_text_encoder(folder: Path, dtype: torch.dtype | None) -> Any:
         config = UMT5Config(**keys.t5_config_from_official(shapes))
     except KeyError as exc:
         raise ModelLoadError(
-            f"{path} is not a umt5 encoder state dict: expected {exc.args[0]}", {"path": str(path), "missing": [exc.args[0]]}
+            f"{path} is not a umt5 encoder state dict: expected {exc.args[0]}",
+            {"path": str(path), "missing": [exc.args[0]]},
         ) from None
     with torch.device("meta"):
         model = UMT5EncoderModel(config)

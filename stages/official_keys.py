@@ -110,7 +110,8 @@ def transformer_config_to_official(config: dict[str, Any], model_type: str) -> d
 _T5_RULES = [
     (r"^(shared|encoder\.embed_tokens)\.weight$", "token_embedding.weight"),
     (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.", r"blocks.\1.attn.\2."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.", r"blocks.\1.pos_embedding.embedding."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.",
+     r"blocks.\1.pos_embedding.embedding."),
     (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.norm1."),
     (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.", r"blocks.\1.ffn.gate.0."),
     (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.", r"blocks.\1.ffn.fc1."),
@@ -217,7 +218,10 @@ def vae_key_to_official(key: str, num_res_blocks: int, residual: bool) -> str:
         m = re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)
         if m:
             i, j = int(m[1]), int(m[2])
-            prefix = f"decoder.upsamples.{i}.upsamples.{j}" if residual else f"decoder.upsamples.{i * (num_res_blocks + 2) + j}"
+            if residual:
+                prefix = f"decoder.upsamples.{i}.upsamples.{j}"
+            else:
+                prefix = f"decoder.upsamples.{i * (num_res_blocks + 2) + j}"
             return _resnet(prefix, m[3])
         m = re.match(r"up_blocks\.(\d+)\.(upsampler|upsamplers\.0)\.(.+)$", rest)
         if m:

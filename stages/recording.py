@@ -58,7 +58,9 @@ class Recorder:
             tmp.unlink(missing_ok=True)
 
 
-def replay_file(path: str | os.PathLike[str], stage: Stage, limits: Limits) -> tuple[list[list[bytes]], list[list[bytes]]]:
+def replay_file(
+    path: str | os.PathLike[str], stage: Stage, limits: Limits
+) -> tuple[list[list[bytes]], list[list[bytes]]]:
     """Feed a recorded message to `stage.handle` in-process; returns (recorded outputs, replayed outputs)."""
     body = msgpack.unpackb(Path(path).read_bytes(), raw=False)
     msg = m.decode(body["in"], limits)

@@ -250,7 +250,8 @@ class StageRuntime:
             started = time.monotonic()
             path = spool.write_checkpoint(self.config, msg.job_id, dest, frames)
         except (OSError, ServerError) as exc:
-            log.warning("attempt %d: no checkpoint for %s: %s", msg.attempt, dest, getattr(exc, "strerror", None) or exc)
+            log.warning("attempt %d: no checkpoint for %s: %s",
+                        msg.attempt, dest, getattr(exc, "strerror", None) or exc)
             return
         self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest))
         log.info("attempt %d: checkpoint for %s written (%d bytes, %.3f s)", msg.attempt, dest, path.stat().st_size,
@@ -301,7 +302,9 @@ class StageRuntime:
 
     def _cancel_loop(self) -> None:
         """Listen to the broker's `cancel` events; the main loop checks the set between steps."""
-        sub = make_socket(self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=SocketOptions(hwm=1000))
+        sub = make_socket(
+            self.ctx, zmq.SUB, self.config.endpoint("events"), bind=False, options=SocketOptions(hwm=1000)
+        )
         sub.setsockopt(zmq.SUBSCRIBE, b"cancel")
         try:
             while not self.stop_event.is_set():
@@ -387,7 +390,10 @@ class StageRuntime:
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                     log.error("job failed in %s: out of memory on %s: %s", self.name, device, first)
                 else:
-                    what = f"{exc.code} {exc.message}" if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+                    if isinstance(exc, ServerError):
+                        what = f"{exc.code} {exc.message}"
+                    else:
+                        what = f"{type(exc).__name__}: {exc}"
                     log.error("job failed in %s: %s\n%s", self.name, what, traceback.format_exc())
                 if job_id is not None:
                     self.send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc, self.name)))
@@ -438,7 +444,8 @@ class StageRuntime:
         # otherwise take seconds over torch's, diffusers' and transformers' objects.
         gc.freeze()
         stage.ready = True
-        log.info("%s ready in %.1f s, listening on %s", self.name, time.monotonic() - started, self.config.endpoint(self.name))
+        log.info("%s ready in %.1f s, listening on %s",
+                 self.name, time.monotonic() - started, self.config.endpoint(self.name))
 
     def _serve(self, pull: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers import AutoencoderKLWan
-from transformers import AutoTokenizer, UMT5EncoderModel
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages.image_condition import encode_condition, load_image
 from stages.base import Stage
+from stages.image_condition import encode_condition, load_image
 from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
 from stages.runtime import stage_main
@@ -36,7 +36,7 @@ class TextEncoderStage(Stage):
         placement = self.placement = Placement.from_spec(self.spec)
         self.device = placement.device
         self.dtype = dtype = placement.dtype
-        self.encoders: dict[str, tuple[object, UMT5EncoderModel]] = {}
+        self.encoders: dict[str, tuple[PreTrainedTokenizerBase, UMT5EncoderModel]] = {}
         self.image_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}
         for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
@@ -69,7 +69,7 @@ class TextEncoderStage(Stage):
         seq_lens = mask.gt(0).sum(dim=1).long()
         embeds = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
         embeds = embeds.to(dtype=self.dtype)  # not encoder.dtype: fp8 storage would show
-        embeds = [u[:v] for u, v in zip(embeds, seq_lens)]
+        embeds = [u[:v] for u, v in zip(embeds, seq_lens, strict=True)]
         return torch.stack(
             [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in embeds], dim=0
         )

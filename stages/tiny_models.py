@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -248,7 +248,8 @@ def write_official(src: Path, out: Path, model_type: str, shards: int = 2) -> Pa
     index = json.loads((src / "model_index.json").read_text())
     two = bool(index.get("transformer_2", [None])[0])
     scheduler = UniPCMultistepScheduler.load_config(src, subfolder="scheduler")
-    if float(scheduler["flow_shift"]) != facts["flow_shift"] or (two and index.get("boundary_ratio") != facts["boundary_ratio"]):
+    boundary_differs = two and index.get("boundary_ratio") != facts["boundary_ratio"]
+    if float(scheduler["flow_shift"]) != facts["flow_shift"] or boundary_differs:
         raise ValueError(f"{src}: flow_shift/boundary_ratio differ from the official {model_type} model's {facts}")
     if bool(index.get("expand_timesteps", False)) != facts["expand_timesteps"]:
         raise ValueError(f"{src}: expand_timesteps differs from the official {model_type} model's")

@@ -102,6 +102,7 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     x, y = a.detach().cpu().double(), b.detach().cpu().double()
     d = (x - y).abs()
     finite = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
-    return {"max_abs_diff": float(d.max()) if d.numel() else 0.0, "mean_abs_diff": float(d.mean()) if d.numel() else 0.0,
+    return {"max_abs_diff": float(d.max()) if d.numel() else 0.0,
+            "mean_abs_diff": float(d.mean()) if d.numel() else 0.0,
             "max_abs_ref": float(y.abs().max()) if y.numel() else 0.0, "identical": bool(torch.equal(x, y)),
             "all_finite": finite, "shape": list(a.shape)}

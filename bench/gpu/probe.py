@@ -98,9 +98,8 @@ def top_kernels(env: Env, fn: Callable[[], Any], n: int) -> list[dict[str, Any]]
         if env.cuda:
             if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
                 continue
-            t = getattr(e, "self_device_time_total", None)
-            if t is None:
-                t = getattr(e, "self_cuda_time_total", 0)
+            device_t = getattr(e, "self_device_time_total", None)  # older torch: self_cuda_time_total
+            t = getattr(e, "self_cuda_time_total", 0) if device_t is None else device_t
         else:
             t = e.self_cpu_time_total
         rows.append({"name": e.key[:120], "self_ms": round(t / 1000.0, 2), "calls": e.count})

@@ -21,7 +21,8 @@ def diff_note(d: Any) -> str:
         return f"not compared: {d['error']}"
     if d.get("identical"):
         return "stage output identical"
-    return f"max |diff| vs stage {d['max_abs_diff']:.3g} (mean {d['mean_abs_diff']:.3g}, max |ref| {d['max_abs_ref']:.3g})"
+    return (f"max |diff| vs stage {d['max_abs_diff']:.3g} "
+            f"(mean {d['mean_abs_diff']:.3g}, max |ref| {d['max_abs_ref']:.3g})")
 
 
 def table(results: dict[str, Any]) -> str:

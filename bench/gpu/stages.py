@@ -61,6 +61,7 @@ def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: s
                                attention=attention)
     stage = DitStage(config, spec)
     stage.setup()
+    assert stage.placement is not None  # setup() places the stage on its device
     info = PipelineInfo(
         folder=Path("in-memory"),
         boundary_ratio=sp.get("boundary"),
@@ -85,6 +86,7 @@ def vae_stage(env: Env, dtype_name: str, sp: dict[str, Any], vae: torch.nn.Modul
     config, spec = make_config("vae_bench", "vae", str(env.device), dtype_name, [sp["name"]])
     stage = VaeStage(config, spec)
     stage.setup()
+    assert stage.placement is not None  # setup() places the stage on its device
     stage.add_vae(sp["name"], stage.placement.place(vae, f"{sp['name']}/vae"))
     serve(stage)
     return stage
