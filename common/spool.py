@@ -151,7 +151,7 @@ def remove_result(config: Config, job_id: str) -> bool:
 def sweep_results(config: Config, job_status: Callable[[str], str | None]) -> list[str]:
     """Remove MP4s of jobs that are final but not completed (their JobDone came while the broker
     was down, or was dropped). MP4s of unknown jobs are left alone. Returns the job ids."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(config.results_dir.iterdir())
     except FileNotFoundError:
