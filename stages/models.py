@@ -34,7 +34,6 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ModelLoadError(f"unsupported dtype {name!r}", {"dtype": name, "allowed": sorted(TORCH_DTYPES)}) from None
 
 
-LAYOUTS = ("diffusers", "official")
 
 
 def layout_of(folder: Path) -> str | None:
@@ -45,11 +44,7 @@ def layout_of(folder: Path) -> str | None:
 
 def model_dir(config: Config, model: str) -> Path:
     spec = config.model(model)
-    layout = spec.layout
-    if layout is not None and layout not in LAYOUTS:
-        raise ModelLoadError(
-            f"model {model!r} has layout {layout!r}; expected one of {LAYOUTS}", {"model": model, "allowed": LAYOUTS}
-        )
+    layout = spec.layout  # one of MODEL_LAYOUTS or None: the config checked it when the profile was read
     if spec.tiny:
         from stages import tiny_models
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from broker.driver import Driver, default_params
 from common.config import Config
-from common.errors import ModelLoadError
+from common.errors import ConfigError, ModelLoadError
 from stages import official, official_keys, tiny_models
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from tests.helpers import StageStack, short_tmpdir, stack_env, vae_frames
@@ -238,8 +238,8 @@ def test_layout_must_match_the_folder(folders):
         with pytest.raises(ModelLoadError) as err:
             model_dir(config_for(folder, layout=wrong), "t2v-A14B")
         assert err.value.details["found"] != wrong
-    with pytest.raises(ModelLoadError, match="one of"):
-        model_dir(config_for(off, layout="comfy"), "t2v-A14B")
+    with pytest.raises(ConfigError, match=r"layout = 'comfy' is not one of"):  # refused when the profile is read
+        config_for(off, layout="comfy")
 
 
 # ---- through the stage processes -----------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_official_env_overrides_reach_the_config(folders, tmp_path):
     config = Config.load(environ=stack_env(tmp_path, folders["t2v-A14B"][1].parent, **official_env(folders)))
     for shape, (_, off) in folders.items():
         spec = config.model(shape)
-        assert spec["layout"] == "official" and not spec["tiny"] and model_dir(config, shape) == off
+        assert spec.layout == "official" and not spec.tiny and model_dir(config, shape) == off
 
 
 def test_tiny_model_in_the_official_layout(folders, tmp_path):
