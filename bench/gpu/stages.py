@@ -4,7 +4,7 @@ A stage is configured (an in-memory profile naming the device, dtype and part), 
 an empty model list (placement, attention backend, part: everything but loading from disk), and
 the built models go in through `Placement.place` and `DitStage.add_model` / `VaeStage.add_vae`,
 as `setup()` does with loaded ones. This module is the only one in bench/ that knows the stage
-runtime's hooks (`emit`, `ready`): when the runtime changes, change it here.
+runtime: the context a stage is handed (`StepClock`) and `ready`: when the runtime changes, change it here.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from bench.gpu.clock import Env
 from common import messages as m
 from common.config import Config, StageSpec
+from stages.base import StageContext
 
 
 def make_config(stage_name: str, kind: str, device: str, dtype: str, models: list[str],
@@ -30,22 +31,21 @@ def make_config(stage_name: str, kind: str, device: str, dtype: str, models: lis
     return config, config.stage(stage_name)
 
 
-class StepClock:
-    """Takes the stage's side reports: synchronises the device and stamps each step report."""
+class StepClock(StageContext):
+    """The stage's context here: takes its side reports, synchronises the device and stamps each
+    step report."""
 
     def __init__(self, env: Env):
         self.env = env
         self.stamps: list[tuple[int, float]] = []
 
-    def __call__(self, msg: m.Message) -> None:
-        if isinstance(msg, m.StageReport) and msg.event == "step":
-            self.stamps.append((msg.step, self.env.now()))
+    def emit(self, report: m.Message) -> None:
+        if isinstance(report, m.StageReport) and report.event == "step":
+            self.stamps.append((report.step, self.env.now()))
 
 
-def serve(stage: Any, clock: StepClock | None = None) -> None:
-    """What the runtime does between setup() and the first message: route side reports, mark ready."""
-    if clock is not None:
-        stage.emit = clock
+def serve(stage: Any) -> None:
+    """What the runtime does between setup() and the first message: mark the stage ready."""
     stage.ready = True
 
 
@@ -59,7 +59,7 @@ def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: s
 
     config, spec = make_config("dit_bench", "dit", str(env.device), dtype_name, [sp["name"]], part=part,
                                attention=attention)
-    stage = DitStage(config, spec)
+    stage = DitStage(config, spec, clock)
     stage.setup()
     assert stage.placement is not None  # setup() places the stage on its device
     info = PipelineInfo(
@@ -76,7 +76,7 @@ def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: s
     stage.add_model(sp["name"], info, {"transformer": stage.placement.place(model, f"{sp['name']}/transformer")},
                     dict(scheduler_config(sp)), boundary_ratio=info.boundary_ratio,
                     split_fraction=config.model(sp["name"]).split_fraction)
-    serve(stage, clock)
+    serve(stage)
     return stage
 
 
