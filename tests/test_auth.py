@@ -29,9 +29,10 @@ def make_keys(s: System) -> None:
     s.tokens = {"admin": s.create_key("admin", "--admin")}  # through the CLI; the rest straight in the store
     store = KeyStore(s.state_dir / "keys.sqlite3")
     try:
-        for name, limits in [("alice", {}), ("bob", {}), ("slow", {"rate_per_minute": 3}),
-                             ("busy", {"max_active_jobs": 2}), ("revoked", {})]:
-            s.tokens[name] = store.create(name, **limits)[1]
+        # name, rate_per_minute, max_active_jobs
+        for name, rate, active in [("alice", None, None), ("bob", None, None), ("slow", 3, None),
+                                   ("busy", None, 2), ("revoked", None, None)]:
+            s.tokens[name] = store.create(name, rate_per_minute=rate, max_active_jobs=active)[1]
     finally:
         store.close()
     s.key_tokens.extend(s.tokens.values())  # no error body may hold any of them

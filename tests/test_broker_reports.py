@@ -24,7 +24,7 @@ from broker.broker import Broker
 from common import messages as m
 from common.config import Config
 from common.sockets import SocketOptions, make_socket
-from tests.stack import ROOT, short_tmpdir, stack_env
+from tests.helpers import ROOT, short_tmpdir, stack_env
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -29,8 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 from common.config import Config
 from gateway.app import TOO_SLOW, Gateway
 from tests.error_bodies import check_error_body
-from tests.stack import ROOT, short_tmpdir, stack_env
-from tests.system import free_port
+from tests.helpers import ROOT, free_port, short_tmpdir, stack_env
 
 QUEUE_SIZE = 8  # events a WebSocket client may have unsent before it is dropped
 PAGE_SIZE = 2  # jobs per broker `list` call of the subscribe-all snapshot
@@ -71,7 +70,8 @@ class Http:
             return None
 
     def submit(self) -> str:
-        status, body = self.json("POST", "/api/v1/generate", {"model": "t2v", "prompt": "a cat", "quality_preset": "draft"})
+        status, body = self.json("POST", "/api/v1/generate",
+                                 {"model": "t2v", "prompt": "a cat", "quality_preset": "draft"})
         assert status == 202, body
         return body["job_id"]
 
@@ -174,7 +174,7 @@ def test_slow_websocket_client_is_dropped_with_a_reason(gateway):
     assert proc.poll() is None and http.json("GET", "/health")[0] == 200
 
 
-def test_subscribe_all_snapshots_every_active_job(gateway):
+def test_subscribe_all_snapshots_every_active_job(gateway: tuple[Http, subprocess.Popen[bytes]]) -> None:
     """Active jobs older than 100 newer finished ones are in the snapshot (it used to list the
     newest 100 jobs of any status); with PAGE_SIZE 2 the snapshot also takes several pages."""
     http, _ = gateway
