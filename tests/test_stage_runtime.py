@@ -35,17 +35,9 @@ from stages.dit import DitStage
 from stages.failures import as_out_of_memory, error_body
 from stages.image_condition import load_image
 from stages.muxer import write_mp4
-from tests.helpers import ROOT, short_tmpdir, stack_env
+from tests.helpers import ROOT, short_tmpdir, stack_env, wait_for
 
 EXIT_BOUND_S = 10  # a stop must end the process in this long, on a loaded 2-core machine
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class StageProcess:
