@@ -1,10 +1,12 @@
-"""The REST and WebSocket API against the running system (supervisord, broker, gateway, stages)."""
+"""The REST and WebSocket API against the running system (supervisord, broker, gateway, stages).
+
+A stage killed while it holds a job is test_faults.py's: catching a fast tiny stage at work takes
+its injected faults."""
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 
 import av
@@ -13,22 +15,13 @@ from websockets.sync.client import connect
 
 from common.config import Config
 from gateway.app import Gateway
-from gateway.openapi import openapi_document
 from tests.error_bodies import check_error_body
-from tests.stack import short_tmpdir
-from tests.system import System, kill9
+from tests.helpers import System, kill9, wait_for
 
 
 @pytest.fixture(scope="module")
-def system(model_cache):
-    state = short_tmpdir("wsa-")
-    s = System(state, model_cache).start()
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
-        shutil.rmtree(state, ignore_errors=True)
+def system(api_system: System) -> System:
+    return api_system
 
 
 def ws_connect(system):
@@ -71,7 +64,8 @@ def test_submit_progress_complete_download(system):
     meta = result["metadata"]
     assert meta["model"] == "t2v-A14B" and meta["quality_preset"] == "standard" and meta["seed"] == 7
     params = meta["params"]
-    assert (params["steps"], params["width"], params["height"], params["num_frames"], params["fps"]) == (40, 48, 32, 9, 16)
+    shape = (params["steps"], params["width"], params["height"], params["num_frames"], params["fps"])
+    assert shape == (40, 48, 32, 9, 16)
     assert params["guidance_scale"] == 4.0 and params["guidance_scale_2"] == 3.0
     assert meta["code_version"].startswith("0.1.0") and meta["timings"]["dit_high"]["seconds"] > 0
 
@@ -85,26 +79,11 @@ def test_submit_progress_complete_download(system):
     assert headers["content-range"] == f"bytes 10-109/{len(video)}"
 
     # ETA is measured: a second job of the same shape gets one from the first job's stage timings.
-    status, body = system.json("POST", "/api/v1/generate", {"model": "t2v-A14B", "prompt": "again", "quality": "standard",
-                                                            "seed": 8, "custom_options": {"steps": 40}})
+    status, body = system.json("POST", "/api/v1/generate", {"model": "t2v-A14B", "prompt": "again",
+                                                            "quality": "standard", "seed": 8,
+                                                            "custom_options": {"steps": 40}})
     assert status == 202 and isinstance(body["eta_seconds"], float) and body["eta_seconds"] > 0
     system.wait_final(body["job_id"])
-
-
-def test_four_jobs_complete_with_both_dits_busy_at_once(system):
-    ids = [system.submit(prompt=f"job {i}", seed=i, custom_options={"steps": 12, "resolution": "64x64"})
-           for i in range(4)]
-    for job_id in ids:
-        assert system.wait_final(job_id)["status"] == "completed"
-    spans = {}
-    for job_id in ids:
-        timings = system.json("GET", f"/api/v1/result/{job_id}")[1]["metadata"]["timings"]
-        spans[job_id] = {s: (timings[s]["start"], timings[s]["end"]) for s in ("dit_high", "dit_low")}
-    overlaps = [
-        (a, b) for a in ids for b in ids if a != b
-        and spans[a]["dit_high"][0] < spans[b]["dit_low"][1] and spans[b]["dit_low"][0] < spans[a]["dit_high"][1]
-    ]
-    assert overlaps, spans
 
 
 def test_cancel_while_denoising_then_next_job_runs(system):
@@ -121,10 +100,8 @@ def test_cancel_while_denoising_then_next_job_runs(system):
         events = follow(ws, until=("status",), timeout_s=10)
     assert events[-1]["status"] == "cancelled"
     # The DiT holding the job stops at its next step.
-    deadline = time.time() + 10
-    while "stopped: the job was cancelled" not in system.log("dit_high") + system.log("dit_low"):
-        assert time.time() < deadline, "the DiT did not stop the cancelled job"
-        time.sleep(0.1)
+    wait_for(lambda: "stopped: the job was cancelled" in system.log("dit_high") + system.log("dit_low"), 10,
+             "the DiT to stop the cancelled job")
     stop_delay = time.time() - t0
     timings_step = 5.0  # generous bound for one tiny step plus log flush on a loaded 2-core machine
     assert stop_delay < timings_step
@@ -192,7 +169,8 @@ BAD_REQUESTS = [
     ("empty prompt", {"body": {"prompt": "  ", "model": "t2v"}}, 422, "VALIDATION_ERROR"),
     ("10,000-character prompt", {"body": {"prompt": "a" * 10_000, "model": "t2v"}}, 422, "VALIDATION_ERROR"),
     ("steps 0", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"steps": 0}}}, 422, "VALIDATION_ERROR"),
-    ("steps 10^6", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"steps": 10**6}}}, 422, "VALIDATION_ERROR"),
+    ("steps 10^6", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"steps": 10**6}}},
+     422, "VALIDATION_ERROR"),
     ("unsupported resolution", {"body": {"prompt": "x", "model": "ti2v", "custom_options": {"resolution": "48x32"}}},
      422, "VALIDATION_ERROR"),
     ("frames not 4n+1", {"body": {"prompt": "x", "model": "t2v", "custom_options": {"num_frames": 10}}},
@@ -269,25 +247,26 @@ def test_still_serving_after_bad_requests(system):
 
 
 def test_kill_broker_with_jobs_queued_and_running(system):
-    ids = [system.submit(prompt=f"survivor {i}", custom_options={"steps": 60, "resolution": "64x64"}) for i in range(6)]
-    deadline = time.monotonic() + 60
-    while system.json("GET", f"/api/v1/status/{ids[0]}")[1]["progress"] < 0.2:  # running, the rest queued
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    options = {"steps": 60, "resolution": "64x64"}
+    ids = [system.submit(prompt=f"survivor {i}", custom_options=options) for i in range(6)]
+    wait_for(lambda: system.json("GET", f"/api/v1/status/{ids[0]}")[1]["progress"] >= 0.2, 60,
+             "the first job to be well under way", interval_s=0.05)  # running, the rest queued
     assert system.json("GET", f"/api/v1/status/{ids[-1]}")[1]["status"] == "queued"
     old = system.pid("broker")
     kill9(old)
-    deadline = time.monotonic() + 60
-    while system.pid("broker") in (0, old):
-        assert time.monotonic() < deadline, system.supervisorctl("status")
-        time.sleep(0.2)
+    try:
+        wait_for(lambda: system.pid("broker") not in (0, old), 60, "supervisord to start the broker again",
+                 interval_s=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{system.supervisorctl('status')}") from None
     finals = [system.wait_final(job_id, timeout_s=240) for job_id in ids]
     assert [f["status"] for f in finals] == ["completed"] * 6
     log = system.log("broker")
     for job_id in ids:
         assert log.count(f"job={job_id} completed:") == 1
-    # The jobs that were running are taken up again by the new broker (their own results, queued
-    # in the stages while it was down, may finish them first; either way each completes once).
+    # The job that was running is taken up again by the new broker. Not always as a new attempt:
+    # its attempt-1 results, queued in the stages while the broker was down, may complete it
+    # before the new dispatch goes out (seen: attempts 1). Either way it completes once.
     assert f"job={ids[0]} was processing at attempt 1 when the broker stopped" in log
 
 
@@ -295,16 +274,15 @@ def test_kill_gateway_clients_see_the_same_state(system):
     _, before = system.json("GET", "/api/v1/jobs?limit=50")
     old = system.pid("gateway")
     kill9(old)
-    deadline = time.monotonic() + 60
-    while True:
+
+    def listing() -> dict | None:
         try:
-            status, after = system.json("GET", "/api/v1/jobs?limit=50")
-            if status == 200:
-                break
+            status, body = system.json("GET", "/api/v1/jobs?limit=50")
         except OSError:
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+            return None  # not listening again yet
+        return body if status == 200 else None
+
+    after = wait_for(listing, 60, "the gateway to answer again", interval_s=0.3)
     assert system.pid("gateway") != old
     assert [(j["job_id"], j["status"]) for j in after["jobs"]] == [(j["job_id"], j["status"]) for j in before["jobs"]]
     job_id = system.submit(prompt="after the gateway came back")
@@ -315,7 +293,10 @@ def test_kill_gateway_clients_see_the_same_state(system):
 
 def test_openapi_document_matches_routes(system):
     status, doc = system.json("GET", "/api/v1/openapi.json")
-    assert status == 200 and doc == json.loads(json.dumps(openapi_document(auth=False)))  # loopback: auth off
+    # Loopback: auth off, so no operation asks for credentials (the content is checked in
+    # test_catalog.py; served equals generated in test_fuzz.py).
+    assert status == 200 and "security" not in doc and doc["paths"]["/health"]["get"]["security"] == []
+    assert not [op for ops in doc["paths"].values() for op in ops.values() if op.get("security")]
     routes = {r.path for r in Gateway(Config.load(environ=system.env)).app().routes if r.path != "/ws"}
     assert routes == set(doc["paths"])
 
@@ -339,61 +320,3 @@ def test_client_cli_generates_and_downloads(system, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "JOB_NOT_FOUND" in bad.stderr
 
-
-def stage_pid(system, stage: str, not_pid: int = 0, timeout_s: float = 60) -> int:
-    """The pid of `stage`'s process, other than `not_pid` (one just killed, which supervisord may not
-    have replaced yet)."""
-    deadline = time.monotonic() + timeout_s
-    while (pid := system.pid(stage)) in (0, not_pid):
-        assert time.monotonic() < deadline, f"{stage} did not come back"
-        time.sleep(0.1)
-    return pid
-
-
-def kill_at(ws, system, stage: str, attempt: int, pid: int, timeout_s: float = 180) -> None:
-    """kill -9 `pid` (the stage's process) as soon as the broker reports the stage working on
-    `attempt` of the subscribed job. The pid is looked up beforehand: a supervisorctl call after the
-    event takes longer than a tiny stage needs to finish its steps and hand the job on."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
-        assert event["event"] not in ("complete", "error"), event
-        if event["event"] == "progress" and (event.get("stage"), event.get("attempt")) == (stage, attempt):
-            kill9(pid)
-            return
-
-
-def attempts_of(system, job_id: str) -> int:
-    return system.json("GET", f"/api/v1/result/{job_id}")[1]["metadata"]["attempts"]
-
-
-@pytest.mark.parametrize("stage", ["dit_high", "dit_low"])
-def test_stage_killed_while_holding_a_job_is_dispatched_again(system, stage):
-    pid = stage_pid(system, stage)
-    job_id = system.submit(prompt=f"outlives {stage}", custom_options={"steps": 100, "resolution": "64x64"})
-    with ws_connect(system) as ws:
-        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
-        kill_at(ws, system, stage, attempt=1, pid=pid)
-    final = system.wait_final(job_id, timeout_s=240)
-    assert final["status"] == "completed", final
-    assert attempts_of(system, job_id) == 2
-    log = system.log("broker")
-    assert f"job={job_id} lost in {stage} at attempt 1; dispatching again" in log
-    assert log.count(f"job={job_id} completed:") == 1
-    status, _, video = system.request("GET", f"/api/v1/files/{job_id}.mp4")
-    assert status == 200 and len(video) > 0
-
-
-def test_job_that_keeps_killing_its_stage_fails_after_bounded_attempts(system):
-    pid = stage_pid(system, "dit_low")
-    job_id = system.submit(prompt="poison", custom_options={"steps": 100, "resolution": "64x64"})
-    with ws_connect(system) as ws:
-        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
-        for attempt in (1, 2, 3):
-            kill_at(ws, system, "dit_low", attempt, pid)
-            pid = stage_pid(system, "dit_low", not_pid=pid)
-    final = system.wait_final(job_id, timeout_s=120)
-    assert final["status"] == "failed" and final["error"]["code"] == "STAGE_CRASHED"
-    assert final["error"]["details"] == {"stage": "dit_low", "attempts": 3}
-    # The stage and the other jobs are unaffected.
-    assert system.wait_final(system.submit(prompt="next one"), timeout_s=180)["status"] == "completed"

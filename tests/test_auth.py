@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 from websockets.exceptions import InvalidStatus
@@ -17,8 +16,7 @@ from common.config import Config
 from common.errors import ConfigError
 from gateway.auth import auth_required
 from gateway.keys import KeyStore
-from tests.stack import ROOT, short_tmpdir, stack_env
-from tests.system import System, free_port
+from tests.helpers import ROOT, System, free_port, running_system, short_tmpdir, stack_env, wait_for
 
 ORIGIN = "https://studio.example"
 
@@ -27,29 +25,32 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture(scope="module")
-def system(model_cache):
-    state = short_tmpdir("wsk-")
-    s = System(state, model_cache,
-               WAN_SERVER__GATEWAY__AUTH="required",
-               WAN_SERVER__GATEWAY__ALLOWED_ORIGINS=f'["{ORIGIN}"]',
-               # One job in the pipeline at a time, so the order jobs are dispatched in shows.
-               WAN_SERVER__ADMISSION__MAX_INFLIGHT_PER_ROUTE="1")
+def make_keys(s: System) -> None:
     s.tokens = {"admin": s.create_key("admin", "--admin")}  # through the CLI; the rest straight in the store
-    store = KeyStore(state / "keys.sqlite3")
-    for name, limits in [("alice", {}), ("bob", {}), ("slow", {"rate_per_minute": 3}),
-                         ("busy", {"max_active_jobs": 2}), ("revoked", {})]:
-        s.tokens[name] = store.create(name, **limits)[1]
-    store.close()
+    store = KeyStore(s.state_dir / "keys.sqlite3")
+    try:
+        # name, rate_per_minute, max_active_jobs
+        for name, rate, active in [("alice", None, None), ("bob", None, None), ("slow", 3, None),
+                                   ("busy", None, 2), ("revoked", None, None)]:
+            s.tokens[name] = store.create(name, rate_per_minute=rate, max_active_jobs=active)[1]
+    finally:
+        store.close()
     s.key_tokens.extend(s.tokens.values())  # no error body may hold any of them
     s.headers = bearer(s.tokens["admin"])  # wait_ready / wait_final see every job
-    s.start()
-    try:
-        s.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def system(model_cache):
+    with running_system(
+        "wsk-",
+        model_cache,
+        setup=make_keys,
+        WAN_SERVER__GATEWAY__AUTH="required",
+        WAN_SERVER__GATEWAY__ALLOWED_ORIGINS=f'["{ORIGIN}"]',
+        # One job in the pipeline at a time, so the order jobs are dispatched in shows.
+        WAN_SERVER__ADMISSION__MAX_INFLIGHT_PER_ROUTE="1",
+    ) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def as_user(system, name, method, path, body=None, headers=None, **kw):
@@ -94,15 +95,14 @@ def test_gateway_on_all_interfaces_requires_keys_and_refuses_auth_off(tmp_path):
         try:
             probe = System.__new__(System)
             probe.url, probe.headers, probe.state_dir, probe.key_tokens = f"http://127.0.0.1:{port}", {}, state, []
-            deadline = time.monotonic() + 60
-            while True:
+
+            def health() -> dict | None:
                 try:
-                    status, health = probe.json("GET", "/health")
-                    assert status == 200 and health["status"] == "ok"
-                    break
+                    return probe.json("GET", "/health")[1]
                 except OSError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
+                    return None  # not listening yet
+
+            assert wait_for(health, 60, "the gateway to listen", interval_s=0.2)["status"] == "ok"
             status, headers, content = probe.request("GET", "/api/v1/models")
             assert status == 401 and json.loads(content)["error"]["code"] == "UNAUTHORIZED"
             assert headers["www-authenticate"].startswith("Bearer")
@@ -181,11 +181,24 @@ def without_id(content: bytes, job_id: str, other: str) -> dict:
     return json.loads(content.decode().replace(job_id, other))
 
 
+def subscribe_all(ws) -> None:
+    """Subscribe `ws` to every job its key may see, and return once the gateway has taken that in:
+    it handles a connection's messages in order, so its answer to a probe sent next (an unknown job)
+    comes after. Snapshots of jobs already active, sent before that answer, are dropped."""
+    probe = "d" * 32
+    ws.send(json.dumps({"action": "subscribe", "all": True}))
+    ws.send(json.dumps({"action": "subscribe", "job_id": probe}))
+    while True:
+        event = json.loads(ws.recv(timeout=30))
+        if event.get("event") == "error" and event.get("job_id") == probe:
+            assert event["error"]["code"] == "JOB_NOT_FOUND", event
+            return
+
+
 def test_users_see_only_their_own_jobs_on_every_route(system):
     with ws_as(system, system.tokens["bob"]) as bob_ws, ws_as(system, system.tokens["admin"]) as admin_ws:
-        bob_ws.send(json.dumps({"action": "subscribe", "all": True}))
-        admin_ws.send(json.dumps({"action": "subscribe", "all": True}))
-        time.sleep(0.5)  # both subscriptions are in place before the jobs are submitted
+        subscribe_all(bob_ws)  # both subscriptions are in place before the jobs are submitted
+        subscribe_all(admin_ws)
         job = submit_as(system, "alice", seed=1)
         bobs = submit_as(system, "bob", seed=2)
         assert system.wait_final(job)["status"] == "completed"
@@ -222,7 +235,8 @@ def test_users_see_only_their_own_jobs_on_every_route(system):
     status, headers, video = as_user(system, "admin", "GET", f"/api/v1/files/{job}.mp4")
     assert status == 200 and headers["content-type"] == "video/mp4" and len(video) > 0
     assert as_user(system, "alice", "GET", f"/api/v1/files/{job}.mp4")[2] == video
-    admin_listed = {j["job_id"] for j in json.loads(as_user(system, "admin", "GET", "/api/v1/jobs?limit=100")[2])["jobs"]}
+    admin_page = json.loads(as_user(system, "admin", "GET", "/api/v1/jobs?limit=100")[2])
+    admin_listed = {j["job_id"] for j in admin_page["jobs"]}
     assert {job, bobs} <= admin_listed
     # A user cannot cancel another's job; the owner can (it is already final: 409, not 404).
     assert as_user(system, "alice", "POST", f"/api/v1/cancel/{job}")[0] == 409

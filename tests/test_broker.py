@@ -9,7 +9,7 @@ import pytest
 from broker.broker import Broker
 from common.config import Config
 from common.errors import JobNotFound, ModelNotServed, NotCancellable, QueueFull, ValidationError
-from tests.stack import short_tmpdir
+from tests.helpers import short_tmpdir
 
 
 @pytest.fixture
@@ -33,7 +33,8 @@ def test_queue_bound_priority_order_and_cancel(config):
         high = submit(broker, priority=5)
         mid = submit(broker, priority=1)
         assert low["status"] == "queued"  # no stage is up: nothing is dispatched
-        positions = {j["job_id"]: broker.api.status({"job_id": j["job_id"]})["queue_position"] for j in (low, high, mid)}
+        positions = {j["job_id"]: broker.api.status({"job_id": j["job_id"]})["queue_position"]
+                     for j in (low, high, mid)}
         assert [positions[high["job_id"]], positions[mid["job_id"]], positions[low["job_id"]]] == [1, 2, 3]
         with pytest.raises(QueueFull) as info:
             submit(broker)
@@ -80,7 +81,7 @@ def test_eta_comes_from_measured_timings(config):
         assert job["eta_seconds"] is None  # nothing measured yet for this shape
         stored = broker.store.get(job["job_id"])
         from broker.progress import timing_key
-        for stage, seconds in zip(stored.route, (0.5, 2.0, 1.0, 0.7, 0.3)):
+        for stage, seconds in zip(stored.route, (0.5, 2.0, 1.0, 0.7, 0.3), strict=True):
             broker.store.record_timing(timing_key(stored.params), stage, seconds)
         eta = broker.api.status({"job_id": job["job_id"]})["eta"]
         assert eta == pytest.approx(4.5, abs=0.01)  # its own stages; nothing ahead of it

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,7 @@ from broker.broker import Broker
 from common import messages as m
 from common.config import Config
 from common.sockets import SocketOptions, make_socket
-from tests.stack import ROOT, short_tmpdir, stack_env
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from tests.helpers import ROOT, short_tmpdir, stack_env, wait_for
 
 
 class Clock:

@@ -17,7 +17,7 @@ from common.config import (
     profile_path,
 )
 from common.errors import ConfigError
-from tests.stack import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("name", ["tiny", "single-gpu", "dual-gpu", "dual-3090"])
@@ -29,7 +29,7 @@ def test_every_shipped_profile_loads(name):
         assert cfg.stage(stage).name == stage
 
 
-def test_sections_are_frozen_and_typed():
+def test_sections_are_frozen_and_typed() -> None:
     cfg = Config.load(environ={})
     assert isinstance(cfg.watchdog, WatchdogSection) and isinstance(cfg.gateway, GatewaySection)
     assert cfg.watchdog.heartbeat_timeout_s == 5.0  # the tiny profile's value, an int in the file, is a float

@@ -210,6 +210,47 @@ def test_stage_killed_while_holding_a_job(system, stage, point, resume_at):
     print(f"{stage} kill -9 -> job complete: {finished_s:.1f} s")
 
 
+def test_job_that_keeps_killing_its_stage_fails_after_bounded_attempts(system):
+    trigger = inject(system, "dit_low", "handle", "delay", "60")  # holds each attempt there until it is killed
+    job_id = system.submit(prompt="poison", seed=6, custom_options={"steps": 10, "resolution": "64x64"})
+    for attempt in (1, 2, 3):
+        wait_at(system, job_id, "dit_low", attempt)
+        wait_fired(trigger)
+        old = system.pid("dit_low")
+        kill9(old)
+        if attempt < 3:
+            trigger.write_text("60")  # for the next attempt, in the process supervisord starts next
+        wait_restarted(system, "dit_low", old)
+    final = system.wait_final(job_id, timeout_s=120)
+    assert final["status"] == "failed" and final["error"]["code"] == "STAGE_CRASHED", final
+    assert final["error"]["details"] == {"stage": "dit_low", "attempts": 3}
+    assert not (system.state_dir / "spool" / job_id).exists()
+    # The stage and the other jobs are unaffected.
+    nxt = system.submit(prompt="next one", seed=6)
+    assert system.wait_final(nxt, timeout_s=180)["status"] == "completed"
+    assert_clean(system, nxt)
+
+
+def test_four_jobs_complete_with_both_dits_busy_at_once(system):
+    # dit_low holds the first job a while: the broker must not wait for it to hand the next job to
+    # dit_high. (Without the hold, whether two tiny jobs meet in the DiTs would depend on the box.)
+    trigger = inject(system, "dit_low", "handle", "delay", "10")
+    ids = [system.submit(prompt=f"job {i}", seed=i, custom_options={"steps": 12, "resolution": "64x64"})
+           for i in range(4)]
+    wait_fired(trigger)
+    for job_id in ids:
+        assert system.wait_final(job_id)["status"] == "completed"
+    spans = {}
+    for job_id in ids:
+        timings = result(system, job_id)["metadata"]["timings"]
+        spans[job_id] = {s: (timings[s]["start"], timings[s]["end"]) for s in ("dit_high", "dit_low")}
+    overlaps = [
+        (a, b) for a in ids for b in ids if a != b
+        and spans[a]["dit_high"][0] < spans[b]["dit_low"][1] and spans[b]["dit_low"][0] < spans[a]["dit_high"][1]
+    ]
+    assert overlaps, spans
+
+
 def test_stopped_stage_is_killed_and_restarted(system):
     """SIGSTOP: no heartbeats. The watchdog kills that very process; supervisord starts a new one."""
     trigger = inject(system, "dit_high", "handle", "delay", "60")  # holds the job there while it is stopped

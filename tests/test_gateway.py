@@ -29,21 +29,10 @@ from websockets.sync.client import ClientConnection, connect
 from common.config import Config
 from gateway.app import TOO_SLOW, Gateway
 from tests.error_bodies import check_error_body
-from tests.stack import ROOT, short_tmpdir, stack_env
-from tests.system import free_port
+from tests.helpers import ROOT, free_port, short_tmpdir, stack_env, wait_for
 
 QUEUE_SIZE = 8  # events a WebSocket client may have unsent before it is dropped
 PAGE_SIZE = 2  # jobs per broker `list` call of the subscribe-all snapshot
-
-
-def wait_for(condition, timeout_s: float = 30.0, every_s: float = 0.05, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class Http:
@@ -71,7 +60,8 @@ class Http:
             return None
 
     def submit(self) -> str:
-        status, body = self.json("POST", "/api/v1/generate", {"model": "t2v", "prompt": "a cat", "quality_preset": "draft"})
+        status, body = self.json("POST", "/api/v1/generate",
+                                 {"model": "t2v", "prompt": "a cat", "quality_preset": "draft"})
         assert status == 202, body
         return body["job_id"]
 
@@ -126,9 +116,9 @@ def gateway(env, broker) -> Iterator[tuple[Http, subprocess.Popen[bytes]]]:
     proc = spawn({**env, "WAN_SERVER__GATEWAY__PORT": str(port)}, "gateway.app", state / "log" / "gateway.log")
     http = Http(port, state)
     try:
-        wait_for(lambda: (http.health() or (0,))[0] == 200, 60, what="the gateway's /health")
+        wait_for(lambda: (http.health() or (0,))[0] == 200, 60, "the gateway's /health", interval_s=0.05)
         # The broker is up once it answers a list.
-        wait_for(lambda: http.json("GET", "/api/v1/jobs")[0] == 200, 60, 0.2, what="the broker")
+        wait_for(lambda: http.json("GET", "/api/v1/jobs")[0] == 200, 60, "the broker", interval_s=0.2)
         yield http, proc
     finally:
         stop(proc)
@@ -174,7 +164,7 @@ def test_slow_websocket_client_is_dropped_with_a_reason(gateway):
     assert proc.poll() is None and http.json("GET", "/health")[0] == 200
 
 
-def test_subscribe_all_snapshots_every_active_job(gateway):
+def test_subscribe_all_snapshots_every_active_job(gateway: tuple[Http, subprocess.Popen[bytes]]) -> None:
     """Active jobs older than 100 newer finished ones are in the snapshot (it used to list the
     newest 100 jobs of any status); with PAGE_SIZE 2 the snapshot also takes several pages."""
     http, _ = gateway
@@ -231,16 +221,16 @@ def test_dead_broker_listeners_are_reported_and_restarted(env, broker):
     inproc = InProcessGateway(env).start()
     http = Http(inproc.port, Path(env["WAN_SERVER__RUNTIME__STATE_DIR"]))
     try:
-        status, body = wait_for(http.health, 30, what="/health")
+        status, body = wait_for(http.health, 30, "/health", interval_s=0.05)
         assert status == 200 and body["status"] == "ok"
         assert body["listeners"] == {"replies": {"running": True, "restarts": 0},
                                      "events": {"running": True, "restarts": 0}}
         inproc.close_socket("events")
         inproc.close_socket("replies")
-        status, body = wait_for(lambda: (h := http.health()) and h[0] == 503 and h, 10, what="/health degraded")
+        status, body = wait_for(lambda: (h := http.health()) and h[0] == 503 and h, 10, "/health degraded")
         assert body["status"] == "degraded"
         assert body["listeners"]["events"]["running"] is False and body["listeners"]["replies"]["running"] is False
-        status, body = wait_for(lambda: (h := http.health()) and h[0] == 200 and h, 30, what="/health ok again")
+        status, body = wait_for(lambda: (h := http.health()) and h[0] == 200 and h, 30, "/health ok again")
         assert body["listeners"]["events"]["restarts"] == 1 and body["listeners"]["replies"]["restarts"] == 1
         # Replies flow (the submit is answered) and events flow (its queued event reaches a subscriber).
         with http.ws() as ws:

@@ -17,7 +17,7 @@ from common.config import PROFILES_DIR, PROJECT_ROOT, Config, profile_path
 from common.errors import ConfigError, InsufficientMemory
 from stages.models import torch_dtype
 from stages.placement import STORAGE_DTYPES
-from tests.stack import short_tmpdir
+from tests.helpers import short_tmpdir
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 GPU_PROFILES = ["single-gpu", "dual-gpu", "dual-3090"]

@@ -7,13 +7,14 @@ import msgpack
 import pytest
 
 from broker.driver import default_params
-from stages.recording import replay_file
 from stages.dit import DitStage
 from stages.muxer import MuxerStage
+from stages.recording import replay_file
 from stages.text_encoder import TextEncoderStage
 from stages.vae import VaeStage
 
-STAGES = {"text_encoder": TextEncoderStage, "dit_high": DitStage, "dit_low": DitStage, "vae": VaeStage, "muxer": MuxerStage}
+STAGES = {"text_encoder": TextEncoderStage, "dit_high": DitStage, "dit_low": DitStage, "vae": VaeStage,
+          "muxer": MuxerStage}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_replay_gives_recorded_output(stack, recorded_job, name):
     stage.setup()
     recorded, replayed = replay_file(path, stage, stack.config.limits)
     assert len(replayed) == len(recorded)
-    for rec_parts, new_parts in zip(recorded, replayed):
+    for rec_parts, new_parts in zip(recorded, replayed, strict=True):
         assert len(rec_parts) == len(new_parts)
-        for i, (a, b) in enumerate(zip(rec_parts, new_parts)):
+        for i, (a, b) in enumerate(zip(rec_parts, new_parts, strict=True)):
             assert a == b, f"frame {i} of {name}'s output differs on replay"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-import msgpack
 import pytest
 import torch
 import zmq
@@ -13,27 +10,7 @@ from broker.driver import default_params
 from common import messages as m
 from common.errors import JobFailedError
 from common.sockets import SocketOptions, make_socket
-from tests.test_wire import BAD, make_bad
-
-SIZE_CASES = {"oversize message", "too many frames", "oversize header"}
-
-
-def bad_messages(limits) -> dict[str, list[bytes]]:
-    """Every malformed message of the wire tests, with the size cases scaled to the stack's limits."""
-    out = {name: make_bad(name) for name in BAD if name not in SIZE_CASES and name != "empty message"}
-    third = limits.max_message_bytes // 3 + 1024
-    out["oversize message (in frames under the frame limit)"] = [make_bad("missing frame")[0], *[b"\0" * third] * 3]
-    out["too many frames"] = [make_bad("missing frame")[0], *[b""] * (limits.max_frames + 1)]
-    out["oversize header"] = [msgpack.packb({"x": "y" * (limits.max_header_bytes + 1)})]
-    return out
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from tests.helpers import bad_messages, wait_for
 
 
 def test_stages_drop_malformed_messages_and_keep_serving(stack, driver):
@@ -41,13 +18,14 @@ def test_stages_drop_malformed_messages_and_keep_serving(stack, driver):
     cases = bad_messages(stack.config.limits)
     before = {name: stack.log(name).count("dropped a bad message") for name in stack.config.stage_names()}
     for name in stack.config.stage_names():
-        sock = make_socket(ctx, zmq.PUSH, stack.config.endpoint(name), bind=False, options=SocketOptions(send_timeout_ms=5000))
+        sock = make_socket(ctx, zmq.PUSH, stack.config.endpoint(name), bind=False,
+                           options=SocketOptions(send_timeout_ms=5000))
         for parts in cases.values():
             sock.send_multipart(parts)
         sock.close(linger=5000)
     for name in stack.config.stage_names():
         wait_for(
-            lambda: stack.log(name).count("dropped a bad message") - before[name] >= len(cases),
+            lambda name=name: stack.log(name).count("dropped a bad message") - before[name] >= len(cases),
             30,
             f"{name} to log {len(cases)} bad messages",
         )

@@ -11,11 +11,9 @@
 from __future__ import annotations
 
 import re
-import shutil
 import time
 
 import av
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -23,43 +21,28 @@ import zmq
 from diffusers import WanTransformer3DModel
 
 from broker.broker import Broker
-from broker.driver import Driver, default_params
+from broker.driver import default_params
 from common import messages as m
 from common.config import Config
 from common.errors import InsufficientMemory, JobFailedError, ModelLoadError
 from stages.models import model_dir
 from stages.placement import module_bytes, resolve_attention
-from tests.stack import StageStack, short_tmpdir
-from tests.test_pipeline_exact import reference
+from tests.helpers import reference, running_stack, vae_frames
 
 HEADROOM_MIB = 256  # dit_high may grow this much past its size after loading its models
 
 
 @pytest.fixture(scope="module")
 def fp8_stack(model_cache):
-    state = short_tmpdir("wsf-")
-    s = StageStack(
-        state,
+    with running_stack(
+        "wsf8-",
         model_cache,
-        WAN_SERVER__RUNTIME__RECORD_DIR=str(state / "record"),
+        WAN_SERVER__RUNTIME__RECORD_DIR="{state}/record",
         WAN_SERVER__STAGES__DIT_HIGH__STORAGE_DTYPE="float8_e4m3fn",
         WAN_SERVER__STAGES__DIT_LOW__STORAGE_DTYPE="float8_e4m3fn",
         WAN_SERVER__STAGES__DIT_HIGH__ADDRESS_SPACE_HEADROOM_MIB=str(HEADROOM_MIB),
-    ).start_all()
-    try:
-        with Driver(s.config) as driver:
-            driver.wait_ready(timeout_s=180)
-            s.driver = driver
-            yield s
-    finally:
-        s.stop()
-        shutil.rmtree(state, ignore_errors=True)
-
-
-def vae_frames(stack, job_id: str) -> np.ndarray:
-    (path,) = (stack.state_dir / "record" / "vae").glob(f"*-{job_id}.msgpack")
-    msg = m.decode(msgpack.unpackb(path.read_bytes(), raw=False)["out"][0], stack.config.limits)
-    return msg.frames.numpy()
+    ) as s:
+        yield s
 
 
 def test_fp8_experts_give_a_video_close_to_float32(fp8_stack):
@@ -121,7 +104,8 @@ def test_flash_attention_refused_at_startup_when_not_importable():
         resolve_attention("flash", torch.device("cuda:0"), "dit_high")
     with pytest.raises(ModelLoadError, match="needs a CUDA device"):
         resolve_attention("flash", torch.device("cpu"), "dit_high")
-    assert resolve_attention("auto", torch.device("cuda:0"), "dit_high") == ("sdpa", "auto: flash-attn is not importable")
+    auto = resolve_attention("auto", torch.device("cuda:0"), "dit_high")
+    assert auto == ("sdpa", "auto: flash-attn is not importable")
     assert resolve_attention("sdpa", torch.device("cpu"), "dit_high") == ("sdpa", "configured")
 
 
@@ -169,7 +153,8 @@ def test_memory_budget_refuses_big_job_at_submit_and_admits_small(fp8_stack):
     broker = Broker(config)
     try:
         stages = ("text_encoder", "dit_high", "dit_low", "vae")
-        pump(broker, lambda: all(s in broker.inflight.stages and broker.inflight.stages[s].beat.weight_bytes for s in stages), 60)
+        beats = broker.inflight.stages
+        pump(broker, lambda: all(s in beats and beats[s].beat.weight_bytes for s in stages), 60)
         big = {"prompt": "a cat", "model": "t2v", "custom_options": {"resolution": "64x64", "num_frames": 33}}
         with pytest.raises(InsufficientMemory) as info:
             broker.api.submit({"request": big})

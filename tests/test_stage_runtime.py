@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +35,9 @@ from stages.dit import DitStage
 from stages.failures import as_out_of_memory, error_body
 from stages.image_condition import load_image
 from stages.muxer import write_mp4
-from tests.stack import ROOT, short_tmpdir, stack_env
+from tests.helpers import ROOT, short_tmpdir, stack_env, wait_for
 
 EXIT_BOUND_S = 10  # a stop must end the process in this long, on a loaded 2-core machine
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class StageProcess:
@@ -91,7 +84,7 @@ class StageProcess:
 
 
 @pytest.fixture
-def processes():
+def processes() -> Iterator[list[StageProcess]]:
     started: list[StageProcess] = []
     yield started
     for p in started:
@@ -138,7 +131,8 @@ def test_failed_model_load_exits_non_zero_with_one_structured_line(processes, mo
     assert "dit_high stopped\n" in log  # cleanup ran before the process gave up
 
 
-def test_reports_queued_at_stop_are_delivered_within_the_linger(processes, model_cache):
+def test_reports_queued_at_stop_are_delivered_within_the_linger(processes: list[StageProcess],
+                                                                 model_cache: Path) -> None:
     p = StageProcess("muxer", "muxer", model_cache, WAN_SERVER__RUNTIME__SHUTDOWN_LINGER_S="20")
     processes.append(p)
     p.wait_log("ready in")
@@ -211,7 +205,7 @@ def test_input_image_errors_name_no_path_and_no_decoder_text(tmp_path, case, cap
     assert str(path) in caplog.text  # the stage's log keeps the path, for the operator
 
 
-def test_mp4_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+def test_mp4_is_fsynced_before_the_rename_and_its_folder_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
 

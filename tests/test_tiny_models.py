@@ -49,8 +49,11 @@ def test_diffusers_layout_and_shapes(model_cache):
         for sub in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer"):
             assert (folder / sub).is_dir()
     a, b = PipelineInfo.read(t2v), PipelineInfo.read(ti2v)
-    assert (a.has_transformer_2, a.boundary_ratio, a.z_dim, a.vae_scale_spatial, a.expand_timesteps) == (True, 0.875, 16, 8, False)
-    assert (b.has_transformer_2, b.boundary_ratio, b.z_dim, b.vae_scale_spatial, b.expand_timesteps) == (False, None, 48, 16, True)
+    def facts(info: PipelineInfo) -> tuple:
+        return info.has_transformer_2, info.boundary_ratio, info.z_dim, info.vae_scale_spatial, info.expand_timesteps
+
+    assert facts(a) == (True, 0.875, 16, 8, False)
+    assert facts(b) == (False, None, 48, 16, True)
     sched = json.loads((t2v / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "UniPCMultistepScheduler" and sched["prediction_type"] == "flow_prediction"
     pipe = WanPipeline.from_pretrained(t2v)

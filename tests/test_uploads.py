@@ -12,7 +12,6 @@ import subprocess
 import sys
 import uuid
 import zlib
-from pathlib import Path
 
 import av
 import pytest
@@ -20,26 +19,14 @@ from PIL import Image
 
 from gateway.client import Client
 from tests.error_bodies import check_error_body
-from tests.stack import short_tmpdir
-from tests.system import System
+from tests.helpers import System
 
 MAX_UPLOAD = 2 << 20  # the tiny profile's [gateway] max_upload_bytes
 
 
 @pytest.fixture(scope="module")
-def system(model_cache):
-    state = short_tmpdir("wsu-")
-    s = System(state, model_cache).start()
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
-        shutil.rmtree(state, ignore_errors=True)
-
-
-def state_dir(system) -> Path:
-    return Path(system.env["WAN_SERVER__RUNTIME__STATE_DIR"])
+def system(api_system: System) -> System:
+    return api_system
 
 
 def picture(w: int, h: int, fmt: str, **save) -> bytes:
@@ -105,7 +92,7 @@ def raw_post(system, body: bytes, ctype: str, chunked: bool) -> tuple[int, dict]
 def video(system, job_id: str) -> list:
     status, _, data = system.request("GET", f"/api/v1/files/{job_id}.mp4")
     assert status == 200
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
 
 
@@ -137,7 +124,7 @@ def test_image_jobs_multipart_png_via_cli_and_base64_jpeg(system, tmp_path):
         meta = system.json("GET", f"/api/v1/result/{job_id}")[1]["metadata"]
         assert meta["model"] == model and len(meta["params"]["image_sha256"]) == 64
         # The job's spool folder (where the broker kept the image) is gone once the job is final.
-        assert not (state_dir(system) / "spool" / job_id).exists()
+        assert not (system.state_dir / "spool" / job_id).exists()
     assert out.read_bytes() == system.request("GET", f"/api/v1/files/{first}.mp4")[2]
 
     # The same image through the Python client's multipart upload and as a data: URL give the same
@@ -237,7 +224,7 @@ def test_upload_just_over_the_limit_refused_and_a_good_job_still_completes(syste
     status, _, content = post_multipart(system, [("request", None, None, I2V), ("image", "o.png", "image/png", over)])
     assert (status, json.loads(content)["error"]["code"]) == (413, "PAYLOAD_TOO_LARGE")
     # Nothing refused left a spool folder behind; the system serves on.
-    spool = state_dir(system) / "spool"
+    spool = system.state_dir / "spool"
     png = tmp_path / "ok.webp"
     png.write_bytes(picture(48, 32, "WEBP"))
     job = Client(system.url).generate("after the refusals", "i2v", "draft", image=png)

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 import torch
 
 from common import messages as m
 from common import wire
-from common.errors import (
-    BadDtype,
-    BadShape,
-    FieldError,
-    FrameMismatch,
-    MalformedHeader,
-    MessageTooLarge,
-    UnknownMessageType,
-    WireError,
-)
+from common.errors import WireError
+from tests.helpers import BAD, good_parts, make_bad
 
 LIMITS = wire.Limits(max_message_bytes=1 << 20, max_header_bytes=4096, max_frames=8)
 
 
-def roundtrip(fields, limits=wire.Limits()):
+def roundtrip(fields, limits=None):
     parts = wire.pack(fields)
     # what a socket delivers: bytes per frame
-    return wire.unpack([bytes(p) for p in parts], limits)
+    return wire.unpack([bytes(p) for p in parts], limits if limits is not None else wire.Limits())
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.float64, torch.bool]
@@ -90,64 +81,6 @@ def test_message_roundtrip():
 
 
 # --- malformed input -------------------------------------------------------------------------------
-
-
-def good_parts():
-    msg = m.DecodeJob(
-        job_id="j", attempt=1, route=["vae"], params=m.JobParams("m", "p", "", 0, 1, 16, 16, 1, 8, 1.0),
-        latents=torch.zeros(2, 3),
-    )
-    return [bytes(p) for p in m.encode(msg)]
-
-
-def header_of(parts):
-    return msgpack.unpackb(parts[0], raw=False, ext_hook=lambda c, d: msgpack.ExtType(c, d))
-
-
-def with_header(parts, header):
-    return [msgpack.packb(header, use_bin_type=True), *parts[1:]]
-
-
-def tensor_ext(dtype, shape, frame):
-    return msgpack.ExtType(wire.TENSOR_EXT, msgpack.packb([dtype, shape, frame]))
-
-
-BAD = {
-    "empty message": ([], MalformedHeader),
-    "non-msgpack header": ([b"\xc1\xc1\xc1garbage"], MalformedHeader),
-    "truncated header": (lambda p: [p[0][: len(p[0]) // 2], *p[1:]], MalformedHeader),
-    "header not a map": ([msgpack.packb([1, 2, 3])], MalformedHeader),
-    "missing frame": (lambda p: p[:1], FrameMismatch),
-    "extra frame": (lambda p: [*p, b"\x00" * 8], FrameMismatch),
-    "frame length mismatch": (lambda p: [p[0], p[1][:-4]], FrameMismatch),
-    "oversize message": (lambda p: [p[0], b"\x00" * (2 << 20)], MessageTooLarge),
-    "too many frames": (lambda p: [p[0]] + [b""] * 9, MessageTooLarge),
-    "oversize header": ([msgpack.packb({"x": "y" * 5000})], MessageTooLarge),
-    "unknown type": (lambda p: with_header(p, {**header_of(p), "type": "Pickle"}), UnknownMessageType),
-    "missing type": (lambda p: with_header(p, {k: v for k, v in header_of(p).items() if k != "type"}), MalformedHeader),
-    "wrong version": (lambda p: with_header(p, {**header_of(p), "v": 99}), MalformedHeader),
-    "bad dtype string": (lambda p: with_header(p, {**header_of(p), "latents": tensor_ext("object", [2, 3], 0)}), BadDtype),
-    "negative shape": (lambda p: with_header(p, {**header_of(p), "latents": tensor_ext("float32", [-2, 3], 0)}), BadShape),
-    "float shape": (lambda p: with_header(p, {**header_of(p), "latents": tensor_ext("float32", [2.0, 3], 0)}), BadShape),
-    "frame index out of range": (lambda p: with_header(p, {**header_of(p), "latents": tensor_ext("float32", [2, 3], 5)}), FrameMismatch),
-    "unknown ext type": (lambda p: with_header(p, {**header_of(p), "latents": msgpack.ExtType(9, b"x")}), MalformedHeader),
-    "field of wrong type": (lambda p: with_header(p, {**header_of(p), "attempt": "one"}), FieldError),
-    "missing field": (lambda p: with_header(p, {k: v for k, v in header_of(p).items() if k != "job_id"}), FieldError),
-    "unknown field": (lambda p: with_header(p, {**header_of(p), "extra": 1}), FieldError),
-    "tensor where a string belongs": (
-        lambda p: with_header(p, {**header_of(p), "job_id": tensor_ext("float32", [2, 3], 0), "latents": "x"}),
-        FieldError,
-    ),
-    "frame referenced twice": (
-        lambda p: with_header(p, {**header_of(p), "job_id": tensor_ext("float32", [2, 3], 0)}),
-        FrameMismatch,
-    ),
-}
-
-
-def make_bad(name):
-    spec, _ = BAD[name]
-    return spec(good_parts()) if callable(spec) else spec
 
 
 @pytest.mark.parametrize("name", list(BAD))
