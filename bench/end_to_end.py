@@ -25,7 +25,7 @@ from diffusers import WanPipeline  # noqa: E402
 
 from broker.driver import Driver, default_params  # noqa: E402
 from stages.models import model_dir  # noqa: E402
-from tests.stack import StageStack, short_tmpdir  # noqa: E402
+from tests.helpers import StageStack, short_tmpdir  # noqa: E402
 
 
 def main() -> None:

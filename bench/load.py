@@ -238,8 +238,7 @@ def main() -> None:
     if args.url:
         url, gateway_pid = args.url.rstrip("/"), args.gateway_pid
     else:
-        from tests.stack import short_tmpdir
-        from tests.system import System
+        from tests.helpers import System, short_tmpdir
 
         state = short_tmpdir("wsl-")
         system = System(state, args.model_cache)

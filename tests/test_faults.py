@@ -306,7 +306,8 @@ def records(system, stage: str, job_id: str) -> list[Path]:
 
 def push(system, endpoint: str, *messages: list[bytes]) -> None:
     """Send `messages` in order over one connection (so they are read in that order)."""
-    sock = make_socket(zmq.Context.instance(), zmq.PUSH, system.config.endpoint(endpoint), bind=False)
+    address = system.config.endpoint(endpoint)
+    sock: zmq.Socket[bytes] = make_socket(zmq.Context.instance(), zmq.PUSH, address, bind=False)
     for frames in messages:
         sock.send_multipart(frames)
     sock.close(linger=5000)
