@@ -47,7 +47,7 @@ from common.errors import (
 )
 from common.logs import setup_logging
 from common.sockets import use_curve
-from gateway.auth import AuthMiddleware, auth_required, principal_of
+from gateway.auth import AuthMiddleware, CorsMiddleware, auth_required, principal_of
 from gateway.broker_client import BrokerClient
 from gateway.openapi import openapi_document
 from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
@@ -426,11 +426,16 @@ class Gateway:
             finally:
                 await self.broker.close()
 
+        # The methods a browser app may use across origins: those of the routes (HEAD comes with GET).
+        methods = tuple(sorted({method for r in routes if isinstance(r, Route) for method in r.methods or ()}))
         return Starlette(
             routes=routes,
             lifespan=lifespan,
             exception_handlers={ServerError: server_error, HTTPException: http_error, Exception: unexpected},
-            middleware=[Middleware(AuthMiddleware, config=self.config, required=self.auth)],
+            # CORS outermost: it answers preflights before auth asks for a key, and adds its headers to
+            # auth's refusals too. (Starlette's own outermost layer renders unexpected 500s, without them.)
+            middleware=[Middleware(CorsMiddleware, config=self.config, methods=methods),
+                        Middleware(AuthMiddleware, config=self.config, required=self.auth)],
         )
 
 

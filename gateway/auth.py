@@ -10,6 +10,12 @@ handshake gets the HTTP error (401, 403 or 429) with the structured body.
 A request that carries an `Origin` header (every browser request, HTTP or WebSocket) must come
 from the gateway's own origin or one in `[gateway] allowed_origins` ("*" allows any): so a web
 page elsewhere can neither drive a loopback server with auth off nor open its WebSocket.
+
+An origin in `allowed_origins` also gets CORS headers (`CorsMiddleware`, outside `AuthMiddleware`), so a
+browser app served from it can read the responses: its preflights are answered without a key (browsers
+never send one on a preflight), and the errors auth answers with (401, 429) carry the headers too, so
+the app can read the structured body. A refused origin gets no CORS header at all: its preflight and
+its requests get the 403.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import Config
 from common.errors import ConfigError, OriginNotAllowed, RateLimited, ServerError, Unauthorized
@@ -34,6 +42,9 @@ log = logging.getLogger(__name__)
 AUTH_MODES = ("auto", "required", "off")
 OPEN_PATHS = frozenset({"/health"})
 WS_SUBPROTOCOL = "wan.bearer"
+# What a browser app may send and read across origins, beyond the CORS-safelisted headers.
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
+CORS_EXPOSED_HEADERS = ("Retry-After", "Content-Range")
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,11 @@ class RateLimiter:
         return (1.0 - tokens) * 60.0 / per_minute
 
 
+def allowed_origins(config: Config) -> frozenset[str]:
+    """`[gateway] allowed_origins` as compared with a request's Origin (which never ends in "/")."""
+    return frozenset(o.rstrip("/") for o in config.gateway.allowed_origins)
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
@@ -108,7 +124,7 @@ class AuthMiddleware:
         self.app = app
         self.required = required
         section = config.gateway
-        self.allowed_origins = {o.rstrip("/") for o in section.allowed_origins}
+        self.allowed_origins = allowed_origins(config)
         self.default_rate = section.rate_limit_per_minute
         self.default_max_active = section.max_active_jobs_per_key
         self.keys = KeyStore(keys_path(config)) if required else None
@@ -172,3 +188,37 @@ class AuthMiddleware:
             response_headers["Retry-After"] = str(exc.details.get("retry_after", 10))
         response = JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=response_headers)
         await response(scope, receive, send)
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware for `[gateway] allowed_origins`; it goes outside `AuthMiddleware`.
+
+    Starlette answers a preflight from any other origin itself (400, listing the allowed methods and
+    headers) and sends `Access-Control-Expose-Headers` to every origin; here another origin gets no
+    CORS header: its preflight goes on to `AuthMiddleware`, which refuses the origin with the
+    structured 403 (the gateway's own origin never sends one)."""
+
+    def __init__(self, app: ASGIApp, config: Config, methods: tuple[str, ...]):
+        super().__init__(app, allow_origins=sorted(allowed_origins(config)), allow_methods=methods,
+                         allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS)
+
+    def is_allowed_origin(self, origin: str) -> bool:
+        return super().is_allowed_origin(origin.rstrip("/"))  # as AuthMiddleware.check_origin compares it
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and "access-control-request-method" in headers and not self.is_allowed_origin(origin):
+                await self.simple_response(scope, receive, send, request_headers=headers)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def send(self, message: Message, send: Send, request_headers: Headers) -> None:
+        origin = request_headers.get("origin")
+        if message["type"] != "http.response.start" or origin is None or self.is_allowed_origin(origin):
+            await super().send(message, send, request_headers)
+            return
+        # Still `Vary: Origin`: a cache must not hand this answer to an allowed origin, nor its answer here.
+        MutableHeaders(scope=message).add_vary_header("Origin")
+        await send(message)
