@@ -7,6 +7,7 @@ ApiReply result, or raising a ServerError that becomes the reply's structured er
 - status / result / list: what the store knows, with queue position and ETA.
 - cancel: final in the store first, then CancelJob to the stages.
 - models / presets / ready: what is served, and whether every stage of a route is alive.
+- metrics: the Prometheus text of broker/metrics.py.
 
 `owner` (the API key's id, set by the gateway) scopes jobs: another owner's job is not found.
 """
@@ -50,6 +51,7 @@ class Api:
             "models": self.models,
             "presets": self.presets,
             "ready": self.ready,
+            "metrics": self.metrics,
         }
 
     # ---- operations ----
@@ -150,6 +152,9 @@ class Api:
         alive = self.broker.liveness.alive
         stages = {s: alive(s) for s in sorted(self.broker.route_stages())}
         return {"ready": all(stages.values()), "stages": stages}
+
+    def metrics(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"text": self.broker.metrics.render()}
 
     # ---- bodies ----
     def find(self, args: dict[str, Any]) -> Job:

@@ -9,6 +9,7 @@ handler for its kind and goes on. The concepts live in their own modules:
 - broker/progress.py   StageReport / JobDone / JobFailed -> the job's stage, progress, timings, ETA
 - broker/inflight.py   the in-memory record of each job in flight and of each stage's heartbeat
 - broker/events.py     what the broker publishes (JobEvent to the gateway, CancelJob to the stages)
+- broker/metrics.py    the numbers behind GET /metrics (counters, histograms, gauges read at render)
 - broker/store.py      the job store (SQLite): every transition is written there before it is acted on
 - broker/admission.py, broker/memory.py, broker/fairness.py: request resolution, memory fit, fair order
 
@@ -46,6 +47,7 @@ from broker.dispatch import Dispatcher
 from broker.events import Events
 from broker.inflight import InFlight
 from broker.liveness import Liveness
+from broker.metrics import BrokerMetrics
 from broker.progress import Progress
 from broker.store import Job, JobStore
 from common import messages as m
@@ -100,6 +102,7 @@ class Broker:
         self.dispatcher = Dispatcher(self)
         self.progress = Progress(self)
         self.api = Api(self)
+        self.metrics = BrokerMetrics(self)
         self._ignored: dict[str, float] = {}  # what was ignored -> when it was last logged
         self.running = True
 
@@ -118,6 +121,9 @@ class Broker:
     def finalize(self, job_id: str, completed: bool = False) -> None:
         """The job is final: drop what the broker tracks for it, and its spool folder; unless it
         completed, also an MP4 an earlier attempt may have left."""
+        job = self.store.get(job_id)
+        if job is not None and job.final:
+            self.metrics.job_final(job)
         self.inflight.forget(job_id)
         spool.remove_job(self.config, job_id)
         if not completed and spool.remove_result(self.config, job_id):
@@ -175,9 +181,11 @@ class Broker:
             if isinstance(exc, WireError):
                 log.error("dropped a bad request: %s %s", exc.code, exc.message)
             error = exc.to_dict()["error"]
+            self.metrics.api_error(exc.code)
             frames = m.encode(m.ApiReply(request_id=request_id, ok=False, error=error, http_status=exc.http_status))
         except Exception as exc:  # never let one request take the broker down
             log.exception("request failed")
+            self.metrics.api_error("INTERNAL_ERROR")
             frames = m.encode(m.ApiReply(request_id=request_id, ok=False, http_status=500, error={
                 "code": "INTERNAL_ERROR", "message": "internal error", "details": {"type": type(exc).__name__}}))
         self.recv_from_gateway.send_multipart([identity, *frames])

@@ -94,10 +94,12 @@ class Progress:
             if record.move_to(r.stage, r.pid or pid_of(r.stage)):
                 record.progressed(r.stage, tick)
             record.started[r.stage] = now
+            self.broker.metrics.accepted(job.id, r.stage, r.at or now)
             progress = self.progress_at(job, r.stage, 0.0)
         elif r.event == "step":
             if not_behind:
                 record.progressed(r.stage, tick)
+            self.broker.metrics.step(job.id, r.stage, r.at or now)
             dits = [s for s in job.route if self.config.stage(s).kind == "dit"]
             base = self.progress_at(job, dits[0], 0.0) if dits else 0.0
             progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
@@ -116,6 +118,7 @@ class Progress:
             if started is not None:
                 timings[r.stage] = {"start": started, "end": now, "seconds": round(now - started, 4)}
                 self.store.record_timing(timing_key(job.params), r.stage, now - started)
+                self.broker.metrics.busy(r.stage, now - started)
             progress = self.progress_at(job, r.stage, 1.0)
         else:
             return
@@ -133,6 +136,7 @@ class Progress:
         if started is not None:
             timings[last] = {"start": started, "end": now, "seconds": round(now - started, 4)}
             self.store.record_timing(timing_key(job.params), last, now - started)
+            self.broker.metrics.busy(last, now - started)
         if job.started_at:
             timings["total_seconds"] = round(now - job.started_at, 4)
         if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings):

@@ -115,6 +115,13 @@ class OriginNotAllowed(ServerError):
     http_status = 403
 
 
+class Forbidden(ServerError):
+    """A valid key that may not use this route (an admin-only route, such as /metrics)."""
+
+    code = "FORBIDDEN"
+    http_status = 403
+
+
 class RateLimited(ServerError):
     """The key sent more requests in the last minute than its limit."""
 

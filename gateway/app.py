@@ -49,6 +49,7 @@ from common.logs import setup_logging
 from common.sockets import use_curve
 from gateway.auth import AuthMiddleware, CorsMiddleware, auth_required, principal_of
 from gateway.broker_client import BrokerClient
+from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
 
@@ -393,6 +394,7 @@ class Gateway:
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
+            Route("/metrics", GatewayMetrics(self.call, self.subscribers).route, methods=["GET"]),
             WebSocketRoute("/ws", self.ws),
         ]
 

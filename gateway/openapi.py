@@ -148,7 +148,8 @@ AUTH_DESCRIPTION = (
     "API keys (`python -m gateway.keys create NAME`) are sent as `Authorization: Bearer <token>`; the WebSocket "
     "also takes the subprotocol pair [\"wan.bearer\", \"<token>\"]. Keys are required unless the gateway listens on "
     "loopback with [gateway] auth = auto (the default) or off. Errors of this layer: 401 UNAUTHORIZED (with "
-    "WWW-Authenticate: Bearer), 403 ORIGIN_NOT_ALLOWED, 429 RATE_LIMITED (with Retry-After); POST /generate also "
+    "WWW-Authenticate: Bearer), 403 ORIGIN_NOT_ALLOWED (or FORBIDDEN: /metrics without an admin key), "
+    "429 RATE_LIMITED (with Retry-After); POST /generate also "
     "gives 429 TOO_MANY_ACTIVE_JOBS (the key's queued + running jobs at its limit) or QUEUE_FULL. A job of another "
     "user is 404 JOB_NOT_FOUND on every route, as if it did not exist; an admin key sees every job."
 )
@@ -225,6 +226,13 @@ def _document() -> dict[str, Any]:
             "/health": {"get": {"summary": "The gateway process is alive", "responses": {"200": _json(OBJECT)}}},
             "/ready": {"get": {"summary": "Every stage on every route is up with its models loaded",
                                "responses": {"200": _json(OBJECT), "503": _json(OBJECT, "not ready")}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (text format 0.0.4): jobs, queue, latencies, stages, device memory",
+                "description": "With auth on, an admin key is needed: another key gets 403 FORBIDDEN.",
+                "responses": {"200": {"description": "the Prometheus text exposition",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                              **_errors(503)},
+            }},
         },
         "x-websocket": {
             "/ws": "send {action: subscribe, job_id} or {action: subscribe, all: true}; receive snapshot, then "

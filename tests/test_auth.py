@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -135,7 +136,7 @@ ROUTES = [
     ("POST", "/api/v1/generate"), ("GET", "/api/v1/status/" + "a" * 32), ("GET", "/api/v1/result/" + "a" * 32),
     ("POST", "/api/v1/cancel/" + "a" * 32), ("GET", "/api/v1/files/" + "a" * 32 + ".mp4"), ("GET", "/api/v1/jobs"),
     ("GET", "/api/v1/models"), ("GET", "/api/v1/presets"), ("GET", "/api/v1/openapi.json"), ("GET", "/ready"),
-    ("GET", "/api/v1/files/../../etc/passwd"),
+    ("GET", "/api/v1/files/../../etc/passwd"), ("GET", "/metrics"),
 ]
 
 
@@ -175,6 +176,21 @@ def test_every_route_but_health_needs_a_valid_key(system):
     # Plain HTTP from a foreign page is refused too (with auth off this is what stops it).
     status, _, content = as_user(system, "alice", "GET", "/api/v1/jobs", headers={"Origin": "https://evil.example"})
     assert status == 403 and json.loads(content)["error"]["code"] == "ORIGIN_NOT_ALLOWED"
+
+
+def test_metrics_need_an_admin_key(system):
+    """The numbers cover every user's jobs: a user's key is refused with the structured 403, an
+    admin's gets the Prometheus text (without a key it is the 401 of every route, tested above)."""
+    status, _, content = as_user(system, "alice", "GET", "/metrics")
+    body = json.loads(content)
+    assert status == 403 and body["success"] is False and body["error"]["code"] == "FORBIDDEN", body
+    status, headers, content = as_user(system, "admin", "GET", "/metrics")
+    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    names = {f.name for f in text_string_to_metric_families(content.decode())}
+    assert {"wan_jobs", "wan_stage_up", "wan_queue_depth", "wan_websocket_subscribers"} <= names
+    assert not any(t in content.decode() for t in system.tokens.values())
+    status, _, content = system.request("GET", "/metrics", headers={"Authorization": ""})
+    assert status == 401 and json.loads(content)["error"]["code"] == "UNAUTHORIZED"
 
 
 def without_id(content: bytes, job_id: str, other: str) -> dict:
