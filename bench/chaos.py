@@ -67,8 +67,8 @@ from bench.launcher import (  # noqa: E402
     cmdline,
     rss_kib,
     short_tmpdir,
-    start_ticks,
 )
+from common.procs import start_ticks  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled")
 # (model, how the image is sent): every served model, ti2v-5B with and without an image.

@@ -58,20 +58,6 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); 0 if gone.
-    With the pid it names one process: a later process that reuses the pid has another value."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return 0
-    fields = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces and parens
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return 0
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from broker.broker import Broker  # noqa: E402
 from broker.driver import Driver  # noqa: E402
+from common.config import Config  # noqa: E402
 from tests.helpers import StageStack, System, running_stack, running_system, short_tmpdir  # noqa: E402
 
 # Stage processes run with one torch thread (the tiny profile's setting); in-process references
@@ -68,3 +70,16 @@ def api_system(default_system: System) -> System:
     default_system.wait_ready()
     default_system.wait_idle()
     return default_system
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    """A Broker in this process, on its own state folder (real store, real files, its sockets bound
+    but no stage running): tests drive it through its handlers."""
+    state = short_tmpdir("wsb-")
+    b = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(state)}))
+    try:
+        yield b
+    finally:
+        b.close()
+        shutil.rmtree(state, ignore_errors=True)

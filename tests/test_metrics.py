@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,8 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.broker import Broker
 from common import messages as m
-from common.config import Config
-from tests.helpers import System, short_tmpdir, wait_for
+from tests.helpers import System, wait_for
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 ALLOWED_LABELS = {"model", "status", "stage", "code", "device", "le"}
@@ -45,17 +42,6 @@ def check_labels(text: str, forbidden: list[str]) -> None:
 
 
 # ---- the broker, in process ----
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    state = short_tmpdir("wsm-")
-    b = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(state)}))
-    try:
-        yield b
-    finally:
-        b.close()
-        shutil.rmtree(state, ignore_errors=True)
-
 
 def submit(broker: Broker, prompt: str = "a heron in the reeds") -> str:
     return str(broker.api.submit({"request": {"prompt": prompt, "model": "t2v", "quality": "draft"}})["job_id"])

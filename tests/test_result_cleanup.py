@@ -7,27 +7,10 @@ files, through the reports a muxer sends.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from broker.broker import Broker
 from common import messages as m
-from common.config import Config
-from tests.helpers import short_tmpdir
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    state = short_tmpdir("wsc-")
-    b = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(state)}))
-    try:
-        yield b
-    finally:
-        b.close()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def submit(broker: Broker) -> str:
