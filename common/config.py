@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from common import catalog
 from common.errors import ConfigError
+from common.wire import Limits  # msgpack only: the wire module imports torch where tensors are coded
 
 if TYPE_CHECKING:
     from common.curve import CurveKeys
-    from common.wire import Limits
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -102,13 +102,6 @@ class WatchdogSection:
     progress_timeout_s: float = 120.0  # a stage holding a job with no report for this long is wedged
     progress_factor: float = 3.0  # ... or for this many times its measured time per report, if longer
     kill: bool = True  # SIGKILL a wedged stage (supervisord restarts it)
-
-
-@dataclass(frozen=True)
-class LimitsSection:
-    max_message_bytes: int = 2 << 30
-    max_header_bytes: int = 1 << 20
-    max_frames: int = 256
 
 
 @dataclass(frozen=True)
@@ -330,7 +323,8 @@ class Config:
                                   {"file": self._file, "section": key})
         self.runtime = build_section(RuntimeSection, data.get("runtime", {}), source, "runtime")
         self.watchdog = build_section(WatchdogSection, data.get("watchdog", {}), source, "watchdog")
-        self.limits_section = build_section(LimitsSection, data.get("limits", {}), source, "limits")
+        # [limits] is the wire decoder's own Limits: one dataclass, one set of defaults.
+        self.limits = build_section(Limits, data.get("limits", {}), source, "limits")
         self.defaults = build_section(DefaultsSection, data.get("defaults", {}), source, "defaults")
         self.admission = build_section(AdmissionSection, data.get("admission", {}), source, "admission")
         self.gateway = build_section(GatewaySection, data.get("gateway", {}), source, "gateway")
@@ -475,14 +469,6 @@ class Config:
     @property
     def model_cache_dir(self) -> Path:
         return self._dir(self.runtime.model_cache_dir, "models")
-
-    @property
-    def limits(self) -> Limits:
-        from common.wire import Limits  # here, not at the top: only processes that move tensors need the wire
-
-        s = self.limits_section
-        return Limits(max_message_bytes=s.max_message_bytes, max_header_bytes=s.max_header_bytes,
-                      max_frames=s.max_frames)
 
     @property
     def torch_threads(self) -> int:

@@ -49,14 +49,6 @@ class Limits:
     max_header_bytes: int = 1 << 20
     max_frames: int = 256
 
-    @classmethod
-    def from_config(cls, section: dict[str, Any]) -> Limits:
-        return cls(
-            max_message_bytes=int(section.get("max_message_bytes", cls.max_message_bytes)),
-            max_header_bytes=int(section.get("max_header_bytes", cls.max_header_bytes)),
-            max_frames=int(section.get("max_frames", cls.max_frames)),
-        )
-
 
 @functools.cache
 def _dtype_table() -> dict[str, torch.dtype]:
