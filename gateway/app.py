@@ -47,7 +47,7 @@ from common.errors import (
 )
 from common.logs import setup_logging
 from common.sockets import use_curve
-from gateway.auth import AuthMiddleware, CorsMiddleware, auth_required, principal_of
+from gateway.auth import AuthMiddleware, CorsMiddleware, UnexpectedErrors, auth_required, principal_of
 from gateway.broker_client import BrokerClient
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
@@ -414,10 +414,6 @@ class Gateway:
                 err = HttpError(phrase, http_status=exc.status_code)
             return error_response(err)
 
-        async def unexpected(request: Request, exc: Exception) -> Response:
-            log.exception("unexpected error on %s", request.url.path)
-            return error_response(ServerError("internal error"))
-
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             self.broker = BrokerClient(self.config, restart_s=self.listener_restart_s)
@@ -433,10 +429,11 @@ class Gateway:
         return Starlette(
             routes=routes,
             lifespan=lifespan,
-            exception_handlers={ServerError: server_error, HTTPException: http_error, Exception: unexpected},
+            exception_handlers={ServerError: server_error, HTTPException: http_error},
             # CORS outermost: it answers preflights before auth asks for a key, and adds its headers to
-            # auth's refusals too. (Starlette's own outermost layer renders unexpected 500s, without them.)
+            # auth's refusals and to the structured 500 of an exception no handler took.
             middleware=[Middleware(CorsMiddleware, config=self.config, methods=methods),
+                        Middleware(UnexpectedErrors),
                         Middleware(AuthMiddleware, config=self.config, required=self.auth)],
         )
 

@@ -222,3 +222,36 @@ class CorsMiddleware(CORSMiddleware):
         # Still `Vary: Origin`: a cache must not hand this answer to an allowed origin, nor its answer here.
         MutableHeaders(scope=message).add_vary_header("Origin")
         await send(message)
+
+
+class UnexpectedErrors:
+    """The structured 500 for an exception no handler took, rendered inside `CorsMiddleware`.
+
+    An `Exception` entry in Starlette's exception handlers is served by its outermost layer, outside
+    every middleware, so a browser on an allowed origin could not read that 500. Here the answer
+    passes back through the CORS layer like any other. A response already started cannot be replaced:
+    the exception goes on up (uvicorn closes the connection)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unexpected error on %s", scope.get("path", "?"))
+            response = JSONResponse(ServerError("internal error").to_dict(), status_code=500)
+            await response(scope, receive, send)

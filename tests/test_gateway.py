@@ -248,6 +248,32 @@ def test_dead_broker_listeners_are_reported_and_restarted(env, broker):
         inproc.stop()
 
 
+def test_an_unexpected_500_is_structured_and_readable_by_an_allowed_origin(env):
+    """An exception no handler takes (here a broken broker client under /health) gives the structured
+    500 with no exception text, and it passes through the CORS layer like any answer."""
+    origin = "http://studio.example"
+    inproc = InProcessGateway({**env, "WAN_SERVER__GATEWAY__ALLOWED_ORIGINS": f'["{origin}"]'}).start()
+    try:
+        url = f"http://127.0.0.1:{inproc.port}/health"
+        wait_for(lambda: inproc.gateway.broker is not None and inproc.server.started, 30, "gateway up", interval_s=0.05)
+
+        def broken() -> dict[str, Any]:
+            raise RuntimeError("secret internals /tmp/x")
+
+        assert inproc.gateway.broker is not None
+        inproc.gateway.broker.listener_state = broken  # type: ignore[method-assign]
+        request = urllib.request.Request(url, headers={"Origin": origin})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == 500
+        assert caught.value.headers["Access-Control-Allow-Origin"] == origin
+        body = json.loads(caught.value.read())
+        assert body["success"] is False and body["error"]["code"] == "INTERNAL_ERROR"
+        assert set(body["error"]) == {"code", "message", "details"} and "secret" not in json.dumps(body)
+    finally:
+        inproc.stop()
+
+
 # ---- error bodies: the check the suite applies, and what the gateway builds ----
 
 
