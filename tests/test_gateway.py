@@ -261,7 +261,7 @@ def test_an_unexpected_500_is_structured_and_readable_by_an_allowed_origin(env):
             raise RuntimeError("secret internals /tmp/x")
 
         assert inproc.gateway.broker is not None
-        inproc.gateway.broker.listener_state = broken  # type: ignore[method-assign]
+        inproc.gateway.broker.listener_state = broken
         request = urllib.request.Request(url, headers={"Origin": origin})
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
