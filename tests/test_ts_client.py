@@ -2,11 +2,12 @@
 
 `npm ci` (when node_modules is missing or older than the lockfile) and `npm run build` (tsc,
 strict), then Node's test runner runs the package's tests with the server's URL in
-WAN_SERVER_URL. The reconnect test asks for a gateway restart by writing a file in
-WAN_TS_RESTART_DIR; this side restarts the gateway through supervisorctl while the client's
-WebSocket is open, and says so in another file. The committed src/openapi.ts must be what
-openapi-typescript makes of the document the server serves (so the types cannot drift from
-common/catalog.py).
+WAN_SERVER_URL; the API-key tests run against a second gateway, started here on the same broker
+with keys required (WAN_KEYED_URL, WAN_API_KEY). The reconnect test asks for a gateway restart
+by writing a file in WAN_TS_RESTART_DIR; this side restarts the gateway through supervisorctl
+while the client's WebSocket is open, and says so in another file. The committed src/openapi.ts
+must be what openapi-typescript makes of the document the server serves (so the types cannot
+drift from common/catalog.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, System, wait_for
+from tests.helpers import ROOT, System, free_port, wait_for
 
 PKG = ROOT / "clients" / "typescript"
 NODE = shutil.which("node") or "/usr/bin/node"
@@ -45,6 +49,37 @@ def built() -> Path:
     proc = run([NPM, "run", "build"], 180)
     assert proc.returncode == 0, shown(proc)
     return PKG / "dist"
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(api_system: System) -> Iterator[tuple[str, str]]:
+    """(URL, token): another gateway process on the shared system's broker, with keys required."""
+    port = free_port()
+    env = {**api_system.env, "WAN_SERVER__GATEWAY__AUTH": "required", "WAN_SERVER__GATEWAY__PORT": str(port)}
+    token = api_system.create_key("ts-client")
+    with open(api_system.log_dir / "gateway-keyed.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.app"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, api_system.log("gateway-keyed")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 60, "the keyed gateway to answer", interval_s=0.1)
+        yield url, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def node_test(system: System, files: list[str], **env: str) -> subprocess.Popen[str]:
@@ -80,10 +115,12 @@ def test_types_are_generated_from_the_served_document(api_system: System, built:
                       f"URL/api/v1/openapi.json` and commit src/openapi.ts\n{diff[:6000]}")
 
 
-def test_client_against_the_server(api_system: System, built: Path) -> None:
-    proc = node_test(api_system, ["dist/test/service.test.js"])
+def test_client_against_the_server(api_system: System, built: Path, keyed_gateway: tuple[str, str]) -> None:
+    url, token = keyed_gateway
+    proc = node_test(api_system, ["dist/test/service.test.js", "dist/test/auth.test.js"],
+                     WAN_KEYED_URL=url, WAN_API_KEY=token)
     out, _ = proc.communicate(timeout=240)
-    check_tap(out, proc.returncode, at_least=6)
+    check_tap(out, proc.returncode, at_least=8)
 
 
 def test_subscription_resumes_across_a_gateway_restart(api_system: System, built: Path, tmp_path: Path) -> None:

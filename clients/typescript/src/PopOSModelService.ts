@@ -205,13 +205,12 @@ export class PopOSModelService {
   /** Follow jobs over /ws: a snapshot of each, then its events; reconnects with backoff and resumes
    * from the snapshot the server sends again. `done(jobId)` resolves with the final state. */
   subscribe(jobIds: string | string[], options: ISubscribeOptions = {}): JobSubscription {
-    return new JobSubscription(this.wsUrl(), this.wsProtocols(), this.requireWebSocket(),
-                               typeof jobIds === "string" ? [jobIds] : jobIds, false, options);
+    return new JobSubscription(this.socketFactory(), typeof jobIds === "string" ? [jobIds] : jobIds, false, options);
   }
 
   /** Follow every job you can see: a snapshot of each queued and running one, then every event. */
   subscribeAll(options: ISubscribeOptions = {}): JobSubscription {
-    return new JobSubscription(this.wsUrl(), this.wsProtocols(), this.requireWebSocket(), [], true, options);
+    return new JobSubscription(this.socketFactory(), [], true, options);
   }
 
   /** Submit-and-wait helper: follows the job until it is final and returns its final state. */
@@ -228,15 +227,25 @@ export class PopOSModelService {
     return `${this.baseUrl.replace(/^http/, "ws")}/ws`;
   }
 
-  private wsProtocols(): string[] {
-    return this.apiKey ? [WS_SUBPROTOCOL, this.apiKey] : [];
-  }
-
-  private requireWebSocket(): WebSocketConstructor {
-    if (this.webSocketCtor === undefined) {
+  private socketFactory(): ISocketFactory {
+    const Ctor = this.webSocketCtor;
+    if (Ctor === undefined) {
       throw new TypeError("no WebSocket in this runtime: pass one as options.WebSocket (in Node 20: the ws package's)");
     }
-    return this.webSocketCtor;
+    const url = this.wsUrl();
+    const protocols = this.apiKey ? [WS_SUBPROTOCOL, this.apiKey] : [];
+    return {
+      open: () => (protocols.length > 0 ? new Ctor(url, protocols) : new Ctor(url)),
+      // A refused handshake shows no status to a browser: the same key on a REST route does.
+      refusal: async () => {
+        try {
+          await this.list({ limit: 1 });
+          return null;
+        } catch (error) {
+          return error instanceof PopOSApiError && (error.status === 401 || error.status === 403) ? error : null;
+        }
+      },
+    };
   }
 
   // ---- HTTP plumbing ----
@@ -302,6 +311,13 @@ function imageBlob(image: IImageInput): [Blob, string] {
   return [type && blob.type !== type ? new Blob([blob], { type }) : blob, image.filename ?? "image"];
 }
 
+/** How a subscription opens its sockets, and learns why a handshake was refused (a bad key, a
+ * refused Origin: null when it may pass on a retry). */
+export interface ISocketFactory {
+  open(): WebSocketLike;
+  refusal(): Promise<PopOSApiError | null>;
+}
+
 interface Waiter {
   resolve: (state: IJobState) => void;
   reject: (error: PopOSApiError) => void;
@@ -326,8 +342,7 @@ export class JobSubscription {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private closed = false;
 
-  constructor(private readonly url: string, private readonly protocols: string[],
-              private readonly Ctor: WebSocketConstructor, jobIds: string[], private readonly all: boolean,
+  constructor(private readonly sockets: ISocketFactory, jobIds: string[], private readonly all: boolean,
               private readonly options: ISubscribeOptions) {
     this.backoff = { ...DEFAULT_BACKOFF, ...options.backoff };
     for (const id of jobIds) this.following.add(id);
@@ -372,10 +387,12 @@ export class JobSubscription {
   private connect(): void {
     this.timer = null;
     this.snapshotted = new Set();
-    const socket = this.protocols.length > 0 ? new this.Ctor(this.url, this.protocols) : new this.Ctor(this.url);
+    const socket = this.sockets.open();
     this.socket = socket;
+    let opened = false;
     socket.addEventListener("open", () => {
       if (socket !== this.socket) return;
+      opened = true;
       this.connections += 1;
       this.options.onConnect?.(this.connections);
       if (this.all) socket.send(JSON.stringify({ action: "subscribe", all: true }));
@@ -414,7 +431,20 @@ export class JobSubscription {
         this.close();
         return;
       }
-      this.timer = setTimeout(() => this.connect(), delay);
+      if (opened) {
+        this.timer = setTimeout(() => this.connect(), delay);
+        return;
+      }
+      // The handshake failed: a refusal that no retry will change ends the subscription.
+      void this.sockets.refusal().then((refusal) => {
+        if (this.closed) return;
+        if (refusal !== null) {
+          this.rejectAll(refusal);
+          this.close();
+        } else {
+          this.timer = setTimeout(() => this.connect(), delay);
+        }
+      });
     });
   }
 

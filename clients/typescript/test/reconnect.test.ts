@@ -24,7 +24,7 @@ async function until(predicate: () => boolean, timeoutMs: number, what: string):
 const dir = process.env["WAN_TS_RESTART_DIR"];
 const api = service();
 
-test("a subscription resumes from the snapshot after the gateway restarts", { skip: dir === undefined ? "needs WAN_TS_RESTART_DIR (run by tests/test_ts_client.py)" : false }, async () => {
+test("a subscription resumes from the snapshot after the gateway restarts", { skip: dir === undefined ? "needs WAN_TS_RESTART_DIR (run by tests/test_ts_client.py)" : false }, async (t) => {
   assert.ok(dir !== undefined);
   // Long enough to outlast the gateway's stop (a fraction of a second) with a margin: tiny steps
   // take some 30 ms here at 32x32, twice that at 64x64.
@@ -57,6 +57,7 @@ test("a subscription resumes from the snapshot after the gateway restarts", { sk
   // It completed on the new connection: by its events, or already in the snapshot.
   const first = after[0];
   assert.ok(after.some((e) => e.event === "complete") || (first?.event === "snapshot" && first.status === "completed"));
+  t.diagnostic(`connections ${sub.connections}; after the restart: ${after.map((e) => e.event).join(" ")}`);
   const video = await api.download(submitted.job_id);
   assert.equal(Buffer.from(video.subarray(4, 8)).toString("latin1"), "ftyp");
 });
