@@ -252,7 +252,8 @@ export class PopOSModelService {
 
   private async json<T>(method: string, path: string,
                         init: { body?: string | FormData; headers?: Record<string, string>; signal?: AbortSignal }): Promise<T> {
-    const response = await this.send(method, path, { ...init, timeout: true });
+    const response = await this.send(method, path,
+                                     { ...init, headers: { Accept: "application/json", ...init.headers }, timeout: true });
     let body: unknown;
     try {
       body = await response.json();
@@ -271,7 +272,7 @@ export class PopOSModelService {
   private async send(method: string, path: string,
                      init: { body?: string | FormData; headers?: Record<string, string>; signal?: AbortSignal | undefined;
                              timeout: boolean }): Promise<Response> {
-    const headers: Record<string, string> = { Accept: "application/json", ...init.headers };
+    const headers: Record<string, string> = { ...init.headers };
     if (this.apiKey) headers["Authorization"] = `Bearer ${this.apiKey}`;
     const signals = [init.signal, init.timeout ? AbortSignal.timeout(this.timeoutMs) : undefined]
       .filter((s): s is AbortSignal => s !== undefined);
@@ -396,7 +397,10 @@ export class JobSubscription {
       this.connections += 1;
       this.options.onConnect?.(this.connections);
       if (this.all) socket.send(JSON.stringify({ action: "subscribe", all: true }));
-      for (const id of this.following) this.sendSubscribe(id);
+      for (const id of this.following) {
+        const state = this.jobs.get(id);
+        if (state === undefined || !isFinal(state.status)) this.sendSubscribe(id);
+      }
     });
     socket.addEventListener("message", (event) => {
       if (socket !== this.socket) return;

@@ -25,7 +25,7 @@ async function unauthorized(promise: Promise<unknown>): Promise<void> {
   assert.equal(error.code, "UNAUTHORIZED");
 }
 
-test("with a key: REST with Bearer, the WebSocket with the wan.bearer subprotocol", { skip }, async () => {
+test("with a key: REST with Bearer, the WebSocket with the wan.bearer subprotocol", { skip, timeout: 60_000 }, async () => {
   const api = keyed(token);
   const submitted = await api.generate({ prompt: "a keyed job", model: "t2v", quality_preset: "draft" });
   const connections: number[] = [];
@@ -37,7 +37,7 @@ test("with a key: REST with Bearer, the WebSocket with the wan.bearer subprotoco
   assert.ok((await api.list({ limit: 100 })).jobs.some((j) => j.job_id === submitted.job_id));
 });
 
-test("without a key, or with a wrong one: 401 UNAUTHORIZED, on REST and on the WebSocket", { skip }, async () => {
+test("without a key, or with a wrong one: 401 UNAUTHORIZED, on REST and on the WebSocket", { skip, timeout: 60_000 }, async () => {
   await unauthorized(keyed().list());
   await unauthorized(keyed("wan_00000000_not-a-secret").status("0".repeat(32)));
   // The refused handshake ends the subscription with the reason (asked of a REST route), no retries.

@@ -24,7 +24,9 @@ async function until(predicate: () => boolean, timeoutMs: number, what: string):
 const dir = process.env["WAN_TS_RESTART_DIR"];
 const api = service();
 
-test("a subscription resumes from the snapshot after the gateway restarts", { skip: dir === undefined ? "needs WAN_TS_RESTART_DIR (run by tests/test_ts_client.py)" : false }, async (t) => {
+test("a subscription resumes from the snapshot after the gateway restarts", {
+  skip: dir === undefined ? "needs WAN_TS_RESTART_DIR (run by tests/test_ts_client.py)" : false, timeout: 90_000,
+}, async (t) => {
   assert.ok(dir !== undefined);
   // Long enough to outlast the gateway's stop (a fraction of a second) with a margin: tiny steps
   // take some 30 ms here at 32x32, twice that at 64x64.

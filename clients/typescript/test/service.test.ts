@@ -40,7 +40,7 @@ async function closedPort(): Promise<number> {
   return address.port;
 }
 
-test("text to video: generate (JSON), follow over the WebSocket, status, result, download, list", async () => {
+test("text to video: generate (JSON), follow over the WebSocket, status, result, download, list", { timeout: 60_000 }, async () => {
   const request: IGenerationRequest = {
     prompt: "a typescript cat walks on the beach", model: Model.T2V_A14B, quality_preset: QualityPreset.DRAFT,
     seed: 1234,
@@ -89,7 +89,7 @@ test("text to video: generate (JSON), follow over the WebSocket, status, result,
   assert.ok(listed.total >= listed.jobs.length);
 });
 
-test("image to video: the image goes as multipart/form-data", async () => {
+test("image to video: the image goes as multipart/form-data", { timeout: 60_000 }, async () => {
   const image = new Blob([png(40, 24)], { type: "image/png" });
   const submitted = await api.generate(
     { prompt: "the gradient turns", model: "i2v", quality_preset: QualityPreset.DRAFT, seed: 5 }, image);
@@ -109,7 +109,7 @@ test("image to video: the image goes as multipart/form-data", async () => {
                 "INVALID_IMAGE", 422, { field: "image" });
 });
 
-test("cancel: a running job stops; cancelling it again is 409 JOB_NOT_CANCELLABLE", async () => {
+test("cancel: a running job stops; cancelling it again is 409 JOB_NOT_CANCELLABLE", { timeout: 60_000 }, async () => {
   const submitted = await api.generate({
     prompt: "a long one", model: "t2v", quality_preset: "draft", custom_options: { steps: 60 },
   });
@@ -124,7 +124,7 @@ test("cancel: a running job stops; cancelling it again is 409 JOB_NOT_CANCELLABL
   await refused(api.download(submitted.job_id), "RESULT_NOT_AVAILABLE", 404, { status: "cancelled" });
 });
 
-test("errors carry the structured code, message, details and HTTP status", async () => {
+test("errors carry the structured code, message, details and HTTP status", { timeout: 60_000 }, async () => {
   const missing = "0".repeat(32);
   await refused(api.status(missing), "JOB_NOT_FOUND", 404, { job_id: missing });
   await refused(api.result(missing), "JOB_NOT_FOUND", 404);
@@ -142,7 +142,7 @@ test("errors carry the structured code, message, details and HTTP status", async
   await refused(api.status(missing, { signal: aborted.signal }), CLIENT_CODES.ABORTED, null);
 });
 
-test("the WebSocket retries with exponential backoff, then gives up", async () => {
+test("the WebSocket retries with exponential backoff, then gives up", { timeout: 60_000 }, async () => {
   const nowhere = service(`http://127.0.0.1:${await closedPort()}`);
   const waits: (number | null)[] = [];
   const sub = nowhere.subscribe("0".repeat(32), {
@@ -154,7 +154,7 @@ test("the WebSocket retries with exponential backoff, then gives up", async () =
   assert.equal(sub.connections, 0);
 });
 
-test("subscribeAll: a snapshot of each active job, then the events of new ones", async () => {
+test("subscribeAll: a snapshot of each active job, then the events of new ones", { timeout: 60_000 }, async () => {
   const events: IJobEvent[] = [];
   let connected!: () => void;
   const open = new Promise<void>((resolve) => { connected = resolve; });
