@@ -388,7 +388,16 @@ export class JobSubscription {
   private connect(): void {
     this.timer = null;
     this.snapshotted = new Set();
-    const socket = this.sockets.open();
+    let socket: WebSocketLike;
+    try {
+      socket = this.sockets.open();
+    } catch (cause) {
+      if (this.connections === 0 && this.retries === 0) throw cause; // the first: the caller sees it
+      this.rejectAll(new PopOSApiError({ code: CLIENT_CODES.NETWORK_ERROR, details: {},
+                                         message: "the WebSocket could not be opened" }, null, null, { cause }));
+      this.close();
+      return;
+    }
     this.socket = socket;
     let opened = false;
     socket.addEventListener("open", () => {
