@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -154,17 +154,19 @@ class AuthMiddleware:
                                {"origin": origin[:200]})
 
     def authenticate(self, scope: Scope, headers: dict[str, str]) -> Principal:
+        offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+        bearer_offered = scope["type"] == "websocket" and WS_SUBPROTOCOL in offered
         if not self.required or scope["path"] in OPEN_PATHS:
-            return LOCAL
+            # A client that sends its key anyway still gets the subprotocol it offered: strict
+            # clients (Node's `ws`) fail a handshake that accepts none of theirs.
+            return replace(LOCAL, subprotocol=WS_SUBPROTOCOL) if bearer_offered else LOCAL
         assert self.keys is not None
         token, subprotocol = None, None
         scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             token = value.strip()
-        elif scope["type"] == "websocket":
-            offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
-            if WS_SUBPROTOCOL in offered and offered.index(WS_SUBPROTOCOL) + 1 < len(offered):
-                token, subprotocol = offered[offered.index(WS_SUBPROTOCOL) + 1], WS_SUBPROTOCOL
+        elif bearer_offered and offered.index(WS_SUBPROTOCOL) + 1 < len(offered):
+            token, subprotocol = offered[offered.index(WS_SUBPROTOCOL) + 1], WS_SUBPROTOCOL
         if token is None:
             raise Unauthorized("an API key is required: send Authorization: Bearer <token>")
         key = self.keys.verify(token)

@@ -133,6 +133,18 @@ def test_gateway_does_not_load_torch(gateway):
     assert "libtorch" not in maps and "site-packages/torch" not in maps
 
 
+def test_a_key_offered_in_the_subprotocol_is_accepted_with_auth_off(gateway):
+    """A client that always sends its key (as `wan.bearer` subprotocol) must still connect to a
+    loopback gateway with auth off: strict clients such as Node's `ws` fail a handshake that accepts
+    none of the subprotocols they offered."""
+    http, _ = gateway
+    with http.ws(subprotocols=["wan.bearer", "wk_any-token"]) as ws:
+        assert ws.subprotocol == "wan.bearer"
+        ws.send(json.dumps({"action": "subscribe", "all": True}))
+    with http.ws() as ws:
+        assert ws.subprotocol is None
+
+
 def test_slow_websocket_client_is_dropped_with_a_reason(gateway):
     """A client that stops reading fills its event queue: it gets a close frame with the reason, the
     handler does not crash, and other clients and the gateway go on."""
