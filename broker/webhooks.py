@@ -194,9 +194,18 @@ def refused(reason: str, **details: Any) -> WebhookNotAllowed:
     return WebhookNotAllowed(f"webhook_url refused: {reason}", {"field": "webhook_url", **details})
 
 
-def parse_url(url: str) -> Target:
+def parse_url(url: Any) -> Target:
     """The URL's parts; ValidationError (field webhook_url) when it is not an http(s) URL of a host."""
-    catalog.check(catalog.REQUEST_FIELDS["webhook_url"], url)  # string, length, form
+    spec = catalog.REQUEST_FIELDS["webhook_url"]
+    # Checked here rather than by catalog.check, whose messages quote the value: a URL may hold a token.
+    if not isinstance(url, str):
+        raise ValidationError("webhook_url must be a string", {"field": "webhook_url", "got": type(url).__name__})
+    if spec.max_length is not None and len(url) > spec.max_length:
+        raise ValidationError(f"webhook_url is longer than {spec.max_length} characters",
+                              {"field": "webhook_url", "max": spec.max_length})
+    if spec.pattern is not None and not re.search(spec.pattern, url):
+        raise ValidationError(f"webhook_url must be {spec.pattern_hint}, with a host and no user name",
+                              {"field": "webhook_url"})
     try:
         parts = urlsplit(url)
         port = parts.port
