@@ -4,6 +4,10 @@ States: queued -> processing -> completed | failed | cancelled. Each transition 
 guarded by the state (and attempt) it expects, so a late or duplicate report cannot move a job
 twice: a job completes once. `checkpoint` names the stage whose input the job's spool folder holds
 (its latest checkpoint): a job dispatched again starts there.
+
+A job with a `webhook_url` gets a row in `webhook_outbox` when it becomes final, from a trigger, so
+the row and the transition are one write; broker/webhooks.py delivers from it (`Outbox`, on the
+delivery thread's own connection).
 """
 
 from __future__ import annotations

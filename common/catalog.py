@@ -157,7 +157,8 @@ REQUEST: tuple[Field, ...] = (
     Field("priority", "integer", "higher runs first", default=0, minimum=-10, maximum=10),
     Field("custom_options", "object", "overrides of the preset", nullable=True, fields=OPTIONS),
     Field("webhook_url", "string", "POSTed the job's final state (video.completed, video.failed, video.cancelled), "
-          "signed as Standard Webhooks says; its host must be in the server's [webhooks] allowed_hosts",
+          "signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, "
+          "loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED)",
           nullable=True, max_length=MAX_URL_CHARS, pattern=WEBHOOK_URL_PATTERN,
           pattern_hint="an http:// or https:// URL"),
 )

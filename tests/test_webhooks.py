@@ -435,3 +435,16 @@ def test_a_delivery_pending_when_the_broker_is_killed_is_sent_by_the_next_broker
     row = wait_for(lambda: (r := outbox_row(system, job_id)) and r["state"] == "delivered" and r, 10,
                    "the delivery marked done")
     assert row["attempts"] >= 2 and row["last_status"] == 200
+
+
+def test_the_readmes_verification_example_accepts_our_signature_and_refuses_a_forgery():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Webhooks"):readme.index("### API keys and users")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # the example exactly as a reader copies it
+    body = b'{"type":"video.completed"}'
+    sent = webhooks.headers(webhooks.decode_secret(SECRET), "msg_readme", int(time.time()), body)
+    assert namespace["verify"](SECRET, sent, body) == {"type": "video.completed"}
+    with pytest.raises(ValueError):
+        namespace["verify"](SECRET, sent, body.replace(b"completed", b"failed"))
