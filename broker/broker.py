@@ -58,6 +58,7 @@ from common.config import PROJECT_ROOT, Config, load_or_exit
 from common.errors import ServerError, UnknownOperation, WireError
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
+from gateway.keys import keys_path  # keys with their own webhook secret
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Broker:
         self.api = Api(self)
         self.metrics = BrokerMetrics(self)
         # Started by run(): a Broker built by a test that drives its handlers sends no webhooks.
-        self.webhooks = Deliveries(config.webhooks, self.store.path, on_outcome=self.metrics.webhook)
+        self.webhooks = Deliveries(config.webhooks, self.store.path, keys_path(config), on_outcome=self.metrics.webhook)
         self._ignored: dict[str, float] = {}  # what was ignored -> when it was last logged
         self.running = True
 

@@ -64,6 +64,7 @@ WEBHOOK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_outbox (
     id TEXT PRIMARY KEY,
     job_id TEXT UNIQUE NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
     url TEXT NOT NULL,
     status TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -81,8 +82,8 @@ CREATE TRIGGER IF NOT EXISTS webhook_on_final AFTER UPDATE OF status ON jobs
 WHEN NEW.webhook_url IS NOT NULL AND NEW.status IN ('completed', 'failed', 'cancelled')
     AND OLD.status NOT IN ('completed', 'failed', 'cancelled')
 BEGIN
-    INSERT OR IGNORE INTO webhook_outbox (id, job_id, url, status, model, error, occurred_at, next_at)
-    VALUES ('msg_' || NEW.id, NEW.id, NEW.webhook_url, NEW.status, NEW.model, NEW.error,
+    INSERT OR IGNORE INTO webhook_outbox (id, job_id, owner, url, status, model, error, occurred_at, next_at)
+    VALUES ('msg_' || NEW.id, NEW.id, NEW.owner, NEW.webhook_url, NEW.status, NEW.model, NEW.error,
             COALESCE(NEW.finished_at, (julianday('now') - 2440587.5) * 86400.0),
             COALESCE(NEW.finished_at, (julianday('now') - 2440587.5) * 86400.0));
 END;
@@ -286,6 +287,7 @@ class Delivery:
 
     id: str  # the webhook-id header: the same on every attempt
     job_id: str
+    owner: str  # the API key the job was submitted with ("" with auth off): it may have its own secret
     url: str
     status: str  # the job's final status
     model: str

@@ -2,8 +2,9 @@
 that state to the URL, signed as the Standard Webhooks spec says, at least once.
 
 - Signing (`sign`): `webhook-signature: v1,<base64 HMAC-SHA256(secret, f"{id}.{timestamp}.{body}")>`
-  with the secret of `[webhooks] secret` (`whsec_` + base64 of its bytes); `webhook-id` is the same
-  on every attempt (receivers dedupe on it), `webhook-timestamp` is the attempt's (seconds).
+  with the secret of the job's API key when it has one (`python -m gateway.keys create NAME
+  --webhook-secret`), else `[webhooks] secret` (each `whsec_` + base64 of its bytes); `webhook-id` is
+  the same on every attempt (receivers dedupe on it), `webhook-timestamp` is the attempt's (seconds).
 - The URL guard (`HostRules`, `check_url`): only hosts `[webhooks] allowed_hosts` names; an address
   that is not public (private, loopback, link-local, shared, multicast, reserved) only when an
   entry lists it (an IP or a network). At submit, the URL's form, its host and a literal address
@@ -51,6 +52,7 @@ from broker.store import Delivery, Outbox
 from common import catalog
 from common.config import WebhooksSection
 from common.errors import ConfigError, ValidationError, WebhookNotAllowed
+from gateway.keys import webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -329,10 +331,12 @@ def post(target: Target, address: Address, sent: dict[str, str], body: bytes, ti
 class Deliveries:
     """The thread that works the outbox: due rows, one attempt each, the result recorded."""
 
-    def __init__(self, section: WebhooksSection, db_path: Path, on_outcome: Callable[[str], None] | None = None):
+    def __init__(self, section: WebhooksSection, db_path: Path, keys_path: Path | None = None,
+                 on_outcome: Callable[[str], None] | None = None):
         self.guard = Guard(section)
         self.section = section
         self.db_path = db_path
+        self.keys_path = keys_path  # the gateway's key store, for keys with a webhook secret of their own
         self.on_outcome = on_outcome or (lambda outcome: None)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -380,7 +384,7 @@ class Deliveries:
         try:
             target = parse_url(d.url)
             addresses = self.guard.resolve(target)
-            key = self.guard.key
+            key = self.key_for(d.owner)
             if key is None:
                 raise refused("webhooks are not enabled on this server")
             body = payload(d)
@@ -416,6 +420,12 @@ class Deliveries:
                  extra=extra)
         outbox.attempted(d.id, state="pending", next_at=next_at, status=status, error=error)
         self.on_outcome("failed")
+
+    def key_for(self, owner: str) -> bytes | None:
+        """The signing key: the job's API key's own secret, read now (so a new one applies to the next
+        attempt), else the server's."""
+        own = webhook_secret(self.keys_path, owner) if self.keys_path is not None and owner else None
+        return decode_secret(own) if own is not None else self.guard.key
 
     def done(self, outbox: Outbox, d: Delivery, state: str, status: int | None, error: str | None) -> None:
         outbox.attempted(d.id, state=state, next_at=d.next_at, status=status, error=error)

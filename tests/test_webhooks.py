@@ -13,6 +13,8 @@ import hmac
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from broker import webhooks
 from broker.store import JobStore, Outbox
 from common.config import WebhooksSection
 from common.errors import ConfigError, ValidationError, WebhookNotAllowed
-from tests.helpers import System, kill9, running_system, wait_for
+from tests.helpers import ROOT, System, kill9, running_system, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"wan-server webhook test secret 32").decode()
 LOOPBACK = WebhooksSection(secret=SECRET, allowed_hosts=("127.0.0.1",), timeout_s=5.0, retry_window_s=60.0,
@@ -163,6 +165,17 @@ def test_every_address_a_name_resolves_to_is_checked():
         guard("localhost").resolve(target)
     addresses = guard("localhost", "127.0.0.0/8", "::1").resolve(target)
     assert addresses and all(a.is_loopback for a in addresses)
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1"])
+def test_a_loopback_address_in_another_spelling_is_caught_when_resolved(host):
+    """Not an address to the URL parser (so a name, admitted by "*" at submit), but the resolver
+    reads it as 127.0.0.1: the check of the resolved addresses refuses it."""
+    g = guard("*")
+    target = webhooks.parse_url(f"http://{host}:9/h")
+    assert target.literal() is None and g.check_url(f"http://{host}:9/h")
+    with pytest.raises(WebhookNotAllowed, match="resolves to"):
+        g.resolve(target)
 
 
 # ---- a real HTTP receiver on loopback ----
@@ -322,11 +335,23 @@ def test_a_redirect_is_a_failed_attempt_and_410_stops_the_deliveries(store, rece
 
 # ---- the whole system: real tiny jobs, a real receiver ----
 
+def make_keys(system: System) -> None:
+    """An admin key for the tests' own requests, and a user key with its own webhook secret."""
+    system.tokens["admin"] = system.create_key("hooks-admin", "--admin")
+    out = subprocess.run([sys.executable, "-m", "gateway.keys", "create", "hooks-own", "--webhook-secret", "--json"],
+                         cwd=ROOT, env=system.env, capture_output=True, text=True, timeout=60, check=True).stdout
+    created = json.loads(out)
+    system.tokens["own"], system.tokens["own-secret"] = created["token"], created["webhook_secret"]
+    system.key_tokens += [created["token"], created["webhook_secret"]]
+    system.headers = {"Authorization": f"Bearer {system.tokens['admin']}"}
+
+
 @pytest.fixture(scope="module")
 def system(model_cache: Path) -> Iterator[System]:
-    """The tiny system with webhooks on: this test secret, loopback allowed, short backoff."""
+    """The tiny system with keys required and webhooks on: this test secret, loopback allowed, short backoff."""
     with running_system(
-        "wsw-", model_cache,
+        "wsw-", model_cache, setup=make_keys,
+        WAN_SERVER__GATEWAY__AUTH='"required"',
         WAN_SERVER__WEBHOOKS__SECRET=SECRET,
         WAN_SERVER__WEBHOOKS__ALLOWED_HOSTS='["127.0.0.1"]',
         WAN_SERVER__WEBHOOKS__TIMEOUT_S="5",
@@ -374,6 +399,22 @@ def test_a_completed_job_posts_a_signed_video_completed(system, receiver):
     metrics = system.request("GET", "/metrics")[2].decode()
     assert re.search(r'^wan_webhook_deliveries_total\{outcome="delivered"\} [1-9]', metrics, re.MULTILINE), metrics
     assert "127.0.0.1" not in metrics and job_id not in metrics
+
+
+def test_a_key_with_its_own_webhook_secret_gets_its_jobs_signed_with_it(system, receiver):
+    own = {"Authorization": f"Bearer {system.tokens['own']}"}
+    status, body = system.json("POST", "/api/v1/generate", {"prompt": "my own secret", "model": "t2v",
+                               "quality_preset": "draft", "webhook_url": receiver.url("/own")}, headers=own)
+    assert status == 202, body
+    (got,) = delivered(receiver, "/own")
+    payload = verify(system.tokens["own-secret"], got.headers, got.body)
+    assert payload["data"]["job_id"] == body["job_id"] and payload["type"] == "video.completed"
+    with pytest.raises(AssertionError, match="no v1 signature"):
+        verify(SECRET, got.headers, got.body)  # not the server's secret
+    assert system.tokens["own-secret"] not in got.body.decode()
+    listed = subprocess.run([sys.executable, "-m", "gateway.keys", "list"], cwd=ROOT, env=system.env,
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "hooks-own" in listed and system.tokens["own-secret"] not in listed  # shown once, at create
 
 
 def test_a_bad_webhook_url_is_refused_at_submit_and_nothing_is_stored(system, receiver):
