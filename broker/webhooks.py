@@ -290,12 +290,16 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
-def post(target: Target, address: Address, sent: dict[str, str], body: bytes, timeout_s: float) -> int:
+def post(target: Target, address: Address, sent: dict[str, str], body: bytes, timeout_s: float,
+         context: ssl.SSLContext | None = None) -> int:
     """POST `body` to `target` at `address` (never another: no DNS here, no redirect followed);
-    the response status. The whole attempt is cut off after `timeout_s`; OSError on a network failure."""
+    the response status. The whole attempt is cut off after `timeout_s`; OSError on a network failure
+    (a certificate not valid for the URL's host included). `context`: the TLS settings (default: the
+    system's CAs)."""
     conn: http.client.HTTPConnection
     if target.scheme == "https":
-        conn = PinnedHTTPSConnection(target.host, target.port, str(address), timeout_s, ssl.create_default_context())
+        tls = context or ssl.create_default_context()
+        conn = PinnedHTTPSConnection(target.host, target.port, str(address), timeout_s, tls)
     else:
         conn = http.client.HTTPConnection(str(address), target.port, timeout=timeout_s)
 

@@ -12,7 +12,9 @@ import hashlib
 import hmac
 import json
 import re
+import shutil
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -256,6 +258,39 @@ def test_the_connection_goes_to_the_checked_address_and_no_redirect_is_followed(
     (got,) = receiver.at("/redirect")
     assert got.headers["host"] == f"receiver.invalid:{receiver.port}" and got.body == b"{}"
     assert receiver.at("/elsewhere") == []  # post() has returned: it made no other request
+
+
+@pytest.fixture(scope="module")
+def tls_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Receiver, Path]]:
+    """A Receiver behind TLS with a self-signed certificate for the name receiver.test (and its file)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=receiver.test",
+                    "-addext", "subjectAltName=DNS:receiver.test"], check=True, capture_output=True, timeout=60)
+    r = Receiver()
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    r.server.socket = server_side.wrap_socket(r.server.socket, server_side=True)
+    yield r, cert
+    r.close()
+
+
+def test_https_goes_to_the_checked_address_and_checks_the_certificate_for_the_urls_host(tls_receiver):
+    receiver, cert = tls_receiver
+    trusting = ssl.create_default_context(cafile=str(cert))
+    address = webhooks.ipaddress.ip_address("127.0.0.1")
+    target = webhooks.Target("https", "receiver.test", receiver.port, "/tls")
+    assert webhooks.post(target, address, {}, b"{}", timeout_s=5, context=trusting) == 200
+    (got,) = receiver.at("/tls")
+    assert got.headers["host"] == f"receiver.test:{receiver.port}"
+    with pytest.raises(ssl.SSLCertVerificationError):  # the certificate is for receiver.test, not this name
+        webhooks.post(replace(target, host="other.test"), address, {}, b"{}", timeout_s=5, context=trusting)
+    with pytest.raises(ssl.SSLCertVerificationError):  # and the system's CAs do not know it
+        webhooks.post(target, address, {}, b"{}", timeout_s=5)
+    assert len(receiver.at("/tls")) == 1
 
 
 # ---- the outbox and one attempt at a time, in this process ----
