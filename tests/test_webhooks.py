@@ -1,8 +1,9 @@
 """Webhooks (broker/webhooks.py): signatures as the Standard Webhooks spec defines them, checked with
 an implementation written here from the spec and against the spec's published example; the URL guard
-(hosts, private / loopback / link-local addresses, no redirects); the outbox the store fills; and,
-with a real HTTP receiver on loopback and the whole system under supervisord, deliveries of real tiny
-jobs: completed, retried after 500s, cancelled, and delivered after the broker is killed with SIGKILL.
+(hosts, private / loopback / link-local addresses, no redirects, HTTPS to the checked address); the
+outbox the store fills; and, with a real HTTP receiver on loopback and the whole system under
+supervisord (keys required), deliveries of real tiny jobs: completed, signed with a key's own
+secret, retried after 500s, cancelled, and delivered after the broker is killed with SIGKILL.
 """
 
 from __future__ import annotations
