@@ -386,7 +386,7 @@ def make_keys(system: System) -> None:
 def system(model_cache: Path) -> Iterator[System]:
     """The tiny system with keys required and webhooks on: this test secret, loopback allowed, short backoff."""
     with running_system(
-        "wsw-", model_cache, setup=make_keys,
+        "wsh-", model_cache, setup=make_keys,
         WAN_SERVER__GATEWAY__AUTH='"required"',
         WAN_SERVER__WEBHOOKS__SECRET=SECRET,
         WAN_SERVER__WEBHOOKS__ALLOWED_HOSTS='["127.0.0.1"]',
