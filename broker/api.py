@@ -205,6 +205,9 @@ class Api:
                 "started_at": job.started_at,
                 "finished_at": job.finished_at,
                 "code_version": self.broker.version,
+                # Asked for a webhook: {state: pending | delivered | expired | refused, attempts, last_status},
+                # or {state: "waiting"} until the job is final.
+                **({"webhook": self.store.webhook(job.id) or {"state": "waiting"}} if job.webhook_url else {}),
             },
         }
 

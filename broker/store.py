@@ -267,6 +267,12 @@ class JobStore:
             args.append(attempt)
         return self.db.execute(sql, args).rowcount == 1
 
+    def webhook(self, job_id: str) -> dict[str, Any] | None:
+        """Where the job's webhook delivery stands (`state`, `attempts`, `last_status`), None without one."""
+        row = self.db.execute("SELECT state, attempts, last_status FROM webhook_outbox WHERE job_id = ?",
+                              (job_id,)).fetchone()
+        return dict(row) if row else None
+
     # ---- measured stage timings (for ETAs) ----
     def record_timing(self, key: str, stage: str, seconds: float) -> None:
         self.db.execute(

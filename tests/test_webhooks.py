@@ -481,6 +481,9 @@ def test_a_receiver_answering_500_gets_the_same_webhook_again_until_it_answers_2
     row = wait_for(lambda: (r := outbox_row(system, job_id)) and r["state"] == "delivered" and r, 10,
                    "the delivery marked done")
     assert (row["attempts"], row["last_status"]) == (3, 200)
+    result = system.json("GET", f"/api/v1/result/{job_id}")[1]
+    assert result["metadata"]["webhook"] == {"state": "delivered", "attempts": 3, "last_status": 200}
+    assert receiver.url("/flaky") not in json.dumps(result)  # the URL (it may hold a token) is not shown
 
 
 def test_a_cancelled_job_posts_video_cancelled(system, receiver):
