@@ -2,8 +2,8 @@
 ApiReply result, or raising a ServerError that becomes the reply's structured error).
 
 - submit: admit a request (broker/admission.py resolves presets and checks bounds; broker/memory.py
-  checks it fits the cards the stages reported), store the uploaded image in the job's spool
-  folder, add the job to the queue, try to dispatch.
+  checks it fits the cards the stages reported; broker/webhooks.py checks its webhook_url), store the
+  uploaded image in the job's spool folder, add the job to the queue, try to dispatch.
 - status / result / list: what the store knows, with queue position and ETA.
 - cancel: final in the store first, then CancelJob to the stages.
 - models / presets / ready: what is served, and whether every stage of a route is alive.
@@ -65,6 +65,9 @@ class Api:
         preset, params, priority = admission.resolve(self.config, args.get("request"), image_sha256=sha,
                                                      image_size=image_size)
         route = self.config.route(params.model)
+        request = args.get("request")
+        webhook_url = self.broker.webhooks.guard.check_url(request.get("webhook_url") if isinstance(request, dict)
+                                                           else None)
         memory.check(self.config, params, route, self.broker.inflight.heartbeats())
         if self.store.count("queued") >= self.max_queued:
             raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later",
@@ -78,7 +81,8 @@ class Api:
         if png is not None:
             self.write_image(job_id, png)  # on disk before the job exists, so a queued job always has it
         try:
-            job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority)
+            job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority,
+                                 webhook_url=webhook_url)
         except BaseException:
             spool.remove_job(self.config, job_id)
             raise
@@ -201,6 +205,9 @@ class Api:
                 "started_at": job.started_at,
                 "finished_at": job.finished_at,
                 "code_version": self.broker.version,
+                # Asked for a webhook: {state: pending | delivered | expired | refused, attempts, last_status},
+                # or {state: "waiting"} until the job is final.
+                **({"webhook": self.store.webhook(job.id) or {"state": "waiting"}} if job.webhook_url else {}),
             },
         }
 

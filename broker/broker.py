@@ -10,6 +10,7 @@ handler for its kind and goes on. The concepts live in their own modules:
 - broker/inflight.py   the in-memory record of each job in flight and of each stage's heartbeat
 - broker/events.py     what the broker publishes (JobEvent to the gateway, CancelJob to the stages)
 - broker/metrics.py    the numbers behind GET /metrics (counters, histograms, gauges read at render)
+- broker/webhooks.py   the delivery thread: each final job's webhook, signed, from the store's outbox
 - broker/store.py      the job store (SQLite): every transition is written there before it is acted on
 - broker/admission.py, broker/memory.py, broker/fairness.py: request resolution, memory fit, fair order
 
@@ -50,12 +51,14 @@ from broker.liveness import Liveness
 from broker.metrics import BrokerMetrics
 from broker.progress import Progress
 from broker.store import Job, JobStore
+from broker.webhooks import Deliveries
 from common import messages as m
 from common import spool
 from common.config import PROJECT_ROOT, Config, load_or_exit
 from common.errors import ServerError, UnknownOperation, WireError
 from common.logs import job_context, setup_logging
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
+from gateway.keys import keys_path  # keys with their own webhook secret
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ class Broker:
         self.progress = Progress(self)
         self.api = Api(self)
         self.metrics = BrokerMetrics(self)
+        # Started by run(): a Broker built by a test that drives its handlers sends no webhooks.
+        self.webhooks = Deliveries(config.webhooks, self.store.path, keys_path(config), on_outcome=self.metrics.webhook)
         self._ignored: dict[str, float] = {}  # what was ignored -> when it was last logged
         self.running = True
 
@@ -124,6 +129,8 @@ class Broker:
         job = self.store.get(job_id)
         if job is not None and job.final:
             self.metrics.job_final(job)
+            if job.webhook_url:  # the store's trigger queued its delivery with the final state
+                self.webhooks.wake()
         self.inflight.forget(job_id)
         spool.remove_job(self.config, job_id)
         if not completed and spool.remove_result(self.config, job_id):
@@ -212,6 +219,7 @@ class Broker:
 
     def run(self) -> None:
         self.dispatcher.recover()
+        self.webhooks.start()  # deliveries still pending from before a restart go out first
         for stage in sorted(self.route_stages()):  # connect early: a fresh PUSH has no peer yet
             self.stage_socket(stage)
         poller = zmq.Poller()
@@ -246,6 +254,7 @@ class Broker:
         self.close()
 
     def close(self) -> None:
+        self.webhooks.stop()
         # Replies and events already queued get a moment to go out. Jobs queued to a stage are
         # dropped: they are `processing` in the store, and the next broker dispatches them again.
         for sock in (self.recv_from_gateway, self.publish):

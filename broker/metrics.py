@@ -2,12 +2,13 @@
 
 Counters and histograms are updated where the broker learns a thing: a job's final state (`job_final`,
 from `Broker.finalize`), a stage's time on a job (`stage_busy`, with the timings progress records),
-a DiT step (`step`), an API request refused with a structured error (`api_error`). What is a state
-rather than an event (queue depth, which stages are up, device memory) is read from the broker when
-the metrics are rendered, so it is never stale.
+a DiT step (`step`), an API request refused with a structured error (`api_error`), a webhook
+attempt's outcome (`webhook`, from broker/webhooks.py's thread). What is a state rather than an event
+(queue depth, which stages are up, device memory) is read from the broker when the metrics are
+rendered, so it is never stale.
 
-Labels are only model, status, stage, code and device: never a job id, a key or a prompt, so the
-number of series stays bounded by the config.
+Labels are only model, status, stage, code, device and outcome: never a job id, a key, a prompt or a
+webhook URL, so the number of series stays bounded by the config.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broker.store import Job
+from broker.webhooks import OUTCOMES as WEBHOOK_OUTCOMES
 
 if TYPE_CHECKING:
     from broker.broker import Broker
@@ -58,6 +60,11 @@ class BrokerMetrics:
                                  ["stage", "device"], registry=r)
         self.weight_bytes = Gauge("wan_stage_weight_bytes", "Bytes of weights the stage holds on its device",
                                   ["stage", "device"], registry=r)
+        self.webhook_deliveries = Counter("wan_webhook_deliveries", "Webhook attempts by outcome: delivered (2xx), "
+                                          "failed (to be retried), expired (retry window passed), refused",
+                                          ["outcome"], registry=r)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome=outcome)  # every outcome shows, at 0 until it happens
         self._step_marks: dict[tuple[str, str], float] = {}  # (job id, stage) -> when its last step (or accept) was
 
     # ---- events ----
@@ -71,6 +78,10 @@ class BrokerMetrics:
         finished = job.finished_at if job.finished_at is not None else time.time()
         self.latency.labels(model=job.model, status=job.status).observe(max(0.0, finished - job.created_at))
         self.forget(job.id)
+
+    def webhook(self, outcome: str) -> None:
+        """One webhook attempt's outcome (called from the delivery thread; prometheus-client locks)."""
+        self.webhook_deliveries.labels(outcome=outcome if outcome in WEBHOOK_OUTCOMES else "failed").inc()
 
     def api_error(self, code: str) -> None:
         self.api_errors.labels(code=code[:64]).inc()

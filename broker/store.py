@@ -4,6 +4,10 @@ States: queued -> processing -> completed | failed | cancelled. Each transition 
 guarded by the state (and attempt) it expects, so a late or duplicate report cannot move a job
 twice: a job completes once. `checkpoint` names the stage whose input the job's spool folder holds
 (its latest checkpoint): a job dispatched again starts there.
+
+A job with a `webhook_url` gets a row in `webhook_outbox` when it becomes final, from a trigger, so
+the row and the transition are one write; broker/webhooks.py delivers from it (`Outbox`, on the
+delivery thread's own connection).
 """
 
 from __future__ import annotations
@@ -51,6 +55,40 @@ CREATE TABLE IF NOT EXISTS stage_timings (
 );
 """
 
+# The webhook outbox (broker/webhooks.py delivers from it). A job's row is written by the trigger in
+# the same statement that makes the job final, so no crash can end a job and lose its delivery;
+# it holds what the payload needs, so the body is the same on every attempt. `state`: pending
+# (due at `next_at`), delivered (a 2xx came back), expired (the retry window passed), refused (the
+# URL's host resolved to an address the config does not allow, or the receiver answered 410 Gone).
+WEBHOOK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id TEXT PRIMARY KEY,
+    job_id TEXT UNIQUE NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    error TEXT,
+    occurred_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(state, next_at);
+CREATE TRIGGER IF NOT EXISTS webhook_on_final AFTER UPDATE OF status ON jobs
+WHEN NEW.webhook_url IS NOT NULL AND NEW.status IN ('completed', 'failed', 'cancelled')
+    AND OLD.status NOT IN ('completed', 'failed', 'cancelled')
+BEGIN
+    INSERT OR IGNORE INTO webhook_outbox (id, job_id, owner, url, status, model, error, occurred_at, next_at)
+    VALUES ('msg_' || NEW.id, NEW.id, NEW.owner, NEW.webhook_url, NEW.status, NEW.model, NEW.error,
+            COALESCE(NEW.finished_at, (julianday('now') - 2440587.5) * 86400.0),
+            COALESCE(NEW.finished_at, (julianday('now') - 2440587.5) * 86400.0));
+END;
+"""
+
 
 @dataclass
 class Job:
@@ -73,6 +111,7 @@ class Job:
     output_path: str | None
     timings: dict[str, Any]
     checkpoint: str | None = None
+    webhook_url: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -90,6 +129,7 @@ class Job:
 class JobStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -98,6 +138,9 @@ class JobStore:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
         if "checkpoint" not in columns:  # a store written before checkpoints
             self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
+        if "webhook_url" not in columns:  # a store written before webhooks
+            self.db.execute("ALTER TABLE jobs ADD COLUMN webhook_url TEXT")
+        self.db.executescript(WEBHOOK_SCHEMA)  # after the column: its trigger reads it
 
     def close(self) -> None:
         self.db.close()
@@ -144,12 +187,12 @@ class JobStore:
     # builtins.list: inside the class, `list` names the method above.
     def add(
         self, job_id: str, owner: str, model: str, preset: str, params: dict[str, Any], route: builtins.list[str],
-        priority: int,
+        priority: int, webhook_url: str | None = None,
     ) -> Job:
         self.db.execute(
-            "INSERT INTO jobs (id, owner, model, preset, params, route, priority, status, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-            (job_id, owner, model, preset, json.dumps(params), json.dumps(route), priority, time.time()),
+            "INSERT INTO jobs (id, owner, model, preset, params, route, priority, status, created_at, webhook_url)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (job_id, owner, model, preset, json.dumps(params), json.dumps(route), priority, time.time(), webhook_url),
         )
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -224,6 +267,12 @@ class JobStore:
             args.append(attempt)
         return self.db.execute(sql, args).rowcount == 1
 
+    def webhook(self, job_id: str) -> dict[str, Any] | None:
+        """Where the job's webhook delivery stands (`state`, `attempts`, `last_status`), None without one."""
+        row = self.db.execute("SELECT state, attempts, last_status FROM webhook_outbox WHERE job_id = ?",
+                              (job_id,)).fetchone()
+        return dict(row) if row else None
+
     # ---- measured stage timings (for ETAs) ----
     def record_timing(self, key: str, stage: str, seconds: float) -> None:
         self.db.execute(
@@ -235,3 +284,68 @@ class JobStore:
     def timings(self, key: str) -> dict[str, float]:
         rows = self.db.execute("SELECT stage, mean_s FROM stage_timings WHERE key = ?", (key,)).fetchall()
         return {r["stage"]: r["mean_s"] for r in rows}
+
+
+# ---- the webhook outbox ----
+@dataclass(frozen=True)
+class Delivery:
+    """One job's webhook, as the outbox holds it."""
+
+    id: str  # the webhook-id header: the same on every attempt
+    job_id: str
+    owner: str  # the API key the job was submitted with ("" with auth off): it may have its own secret
+    url: str
+    status: str  # the job's final status
+    model: str
+    error: dict[str, Any] | None
+    occurred_at: float
+    state: str
+    attempts: int
+    next_at: float
+    last_status: int | None
+    last_error: str | None
+    done_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        d = dict(row)
+        d["error"] = json.loads(d["error"]) if d["error"] else None
+        return cls(**d)
+
+
+class Outbox:
+    """The webhook outbox on a connection of its own (the delivery thread's; the broker's loop keeps
+    the JobStore's). Rows are added by the trigger in WEBHOOK_SCHEMA, never here."""
+
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA synchronous=FULL")  # a delivery marked done stays done
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get(self, job_id: str) -> Delivery | None:
+        row = self.db.execute("SELECT * FROM webhook_outbox WHERE job_id = ?", (job_id,)).fetchone()
+        return Delivery.from_row(row) if row else None
+
+    def due(self, now: float, limit: int) -> list[Delivery]:
+        rows = self.db.execute(
+            "SELECT * FROM webhook_outbox WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [Delivery.from_row(r) for r in rows]
+
+    def next_due(self) -> float | None:
+        value: float | None = self.db.execute(
+            "SELECT MIN(next_at) FROM webhook_outbox WHERE state = 'pending'").fetchone()[0]
+        return value
+
+    def attempted(self, delivery_id: str, *, state: str, next_at: float, status: int | None, error: str | None) -> None:
+        """Record one attempt: still pending (due again at `next_at`), or done in `state`."""
+        done = None if state == "pending" else time.time()
+        self.db.execute(
+            "UPDATE webhook_outbox SET state = ?, attempts = attempts + 1, next_at = ?, last_status = ?,"
+            " last_error = ?, done_at = ? WHERE id = ? AND state = 'pending'",
+            (state, next_at, status, error, done, delivery_id),
+        )

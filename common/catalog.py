@@ -124,6 +124,8 @@ MAX_STEPS = 100
 # Wan2.2 is trained on 81 (A14B) and 121 (5B) frames; twice the longer one is the most a profile may allow.
 MAX_FRAMES = 241
 RESOLUTION_PATTERN = "^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+MAX_URL_CHARS = 2048
+WEBHOOK_URL_PATTERN = "^https?://[^/?#@\\s]+([/?#][^\\s]*)?$"  # a host, no user:password@, no white space
 
 OPTIONS: tuple[Field, ...] = (
     Field("steps", "integer", "denoising steps", minimum=1, maximum=MAX_STEPS, profile_limit="max_steps"),
@@ -154,6 +156,11 @@ REQUEST: tuple[Field, ...] = (
           minimum=0, maximum=MAX_SEED),
     Field("priority", "integer", "higher runs first", default=0, minimum=-10, maximum=10),
     Field("custom_options", "object", "overrides of the preset", nullable=True, fields=OPTIONS),
+    Field("webhook_url", "string", "POSTed the job's final state (video.completed, video.failed, video.cancelled), "
+          "signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, "
+          "loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED)",
+          nullable=True, max_length=MAX_URL_CHARS, pattern=WEBHOOK_URL_PATTERN,
+          pattern_hint="an http:// or https:// URL"),
 )
 
 REQUEST_FIELDS: dict[str, Field] = {f.name: f for f in REQUEST}

@@ -147,6 +147,18 @@ class GatewaySection:
 
 
 @dataclass(frozen=True)
+class WebhooksSection:
+    """Job-final webhooks (broker/webhooks.py). With no secret or no allowed host, every `webhook_url` is refused."""
+
+    secret: str | None = None  # Standard Webhooks: "whsec_" + base64 of 24-64 random bytes; signs every delivery
+    allowed_hosts: tuple[str, ...] = ()  # "hooks.example.com", "*.example.com", "*" (any public host), "10.0.0.0/8"
+    timeout_s: float = 15.0  # one attempt, from connect to the status line
+    retry_window_s: float = 86400.0  # failed attempts are retried for this long after the job's final state
+    backoff_initial_s: float = 5.0  # the wait after the first failed attempt; doubles after each
+    backoff_max_s: float = 3600.0  # the longest wait between two attempts
+
+
+@dataclass(frozen=True)
 class NetworkSection:
     curve_keys_dir: str | None = None
 
@@ -308,7 +320,7 @@ def _choice(value: Any, allowed: tuple[str, ...], source: Path | None, section: 
 
 
 TOP_LEVEL = ("runtime", "watchdog", "limits", "defaults", "admission", "gateway", "network", "serving",
-             "hardware", "endpoints", "models", "presets", "routes", "stages")
+             "hardware", "webhooks", "endpoints", "models", "presets", "routes", "stages")
 
 
 class Config:
@@ -331,6 +343,7 @@ class Config:
         self.network = build_section(NetworkSection, data.get("network", {}), source, "network")
         self.serving = build_section(ServingSection, data.get("serving", {}), source, "serving")
         self.hardware = build_section(HardwareSection, data.get("hardware", {}), source, "hardware")
+        self.webhooks = build_section(WebhooksSection, data.get("webhooks", {}), source, "webhooks")
         _choice(self.gateway.auth, AUTH_MODES, source, "gateway", "auth")
         _choice(self.runtime.log_level.upper(), LOG_LEVELS, source, "runtime", "log_level")
         self.endpoints: dict[str, str] = self._string_table("endpoints")

@@ -139,6 +139,13 @@ class BrokerUnavailable(ServerError):
     http_status = 503
 
 
+class WebhookNotAllowed(InvalidRequest):
+    """A `webhook_url` the server will not call: webhooks are not configured, its host is not in
+    `[webhooks] allowed_hosts`, or it names a private, loopback or link-local address not listed there."""
+
+    code = "WEBHOOK_NOT_ALLOWED"
+
+
 class InsufficientMemory(ServerError):
     """Refused at submit: the job's estimated peak memory does not fit the configured devices."""
 

@@ -8,7 +8,13 @@ records as a job's owner and writes in logs.
 Keys live in `<state_dir>/keys.sqlite3`; the gateway reads them on every request, so a revoked
 key stops working at once, without a restart.
 
-    python -m gateway.keys create alice [--admin] [--rate-per-minute 60] [--max-active-jobs 4]
+A key may have its own webhook signing secret (`--webhook-secret`, Standard Webhooks' `whsec_` +
+base64 of 32 random bytes, printed once): the broker signs the webhooks of that key's jobs with it
+(`webhook_secret`, read at each attempt) instead of `[webhooks] secret`. Unlike the token it is kept
+as it is, since signing needs it.
+
+    python -m gateway.keys create alice [--admin] [--rate-per-minute 60] [--max-active-jobs 4] [--webhook-secret]
+    python -m gateway.keys webhook-secret alice    # a new webhook secret for the key (by name or key id)
     python -m gateway.keys list
     python -m gateway.keys revoke alice        # by name or key id
 """
@@ -16,6 +22,7 @@ key stops working at once, without a restart.
 from __future__ import annotations
 
 import argparse
+import base64
 import builtins
 import hashlib
 import hmac
@@ -76,6 +83,9 @@ class KeyStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(api_keys)")}
+        if "webhook_secret" not in columns:  # a store written before per-key webhook secrets
+            self.db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -126,6 +136,19 @@ class KeyStore:
             self.db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
         return [k for k in (self.get(i) for i in ids) if k is not None]
 
+    def new_webhook_secret(self, id_or_name: str) -> builtins.list[tuple[ApiKey, str]]:
+        """A new webhook signing secret for the live key with this id (or every live key with this name)."""
+        rows = self.db.execute("SELECT id FROM api_keys WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
+                               (id_or_name, id_or_name)).fetchall()
+        out = []
+        for row in rows:
+            secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+            self.db.execute("UPDATE api_keys SET webhook_secret = ? WHERE id = ?", (secret, row["id"]))
+            key = self.get(row["id"])
+            assert key is not None
+            out.append((key, secret))
+        return out
+
     def verify(self, token: str) -> ApiKey | None:
         """The live key this token belongs to, or None. The secret is compared in constant time."""
         match = TOKEN.match(token)
@@ -141,6 +164,21 @@ class KeyStore:
         return self._key(row)
 
 
+def webhook_secret(path: Path, key_id: str) -> str | None:
+    """The key's own webhook signing secret, None if it has none (or there is no key store): read-only,
+    for the broker's delivery thread."""
+    if not key_id or not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute("SELECT webhook_secret FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+    except sqlite3.OperationalError:  # a store written before per-key webhook secrets
+        return None
+    finally:
+        db.close()
+    return row[0] if row and isinstance(row[0], str) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="manage the gateway's API keys")
     parser.add_argument("--config", help="profile TOML (default: $WAN_SERVER_CONFIG or the tiny profile)")
@@ -152,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per minute (default: [gateway] rate_limit_per_minute)")
     create.add_argument("--max-active-jobs", type=int,
                         help="queued + running jobs at once (default: [gateway] max_active_jobs_per_key)")
+    create.add_argument("--webhook-secret", action="store_true",
+                        help="give the key its own webhook signing secret (printed once) instead of the server's")
     create.add_argument("--json", action="store_true", help="print the key and token as JSON")
     sub.add_parser("list", help="list keys (never their tokens)")
     revoke = sub.add_parser("revoke", help="revoke a key by id, or every key with that name")
     revoke.add_argument("key")
+    rotate = sub.add_parser("webhook-secret", help="a new webhook signing secret for a key (printed once)")
+    rotate.add_argument("key")
     args = parser.parse_args(argv)
     store = KeyStore(keys_path(load_or_exit(args.config)))
     try:
@@ -165,11 +207,24 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
+            shown: dict[str, str] = {"token": token}
+            if args.webhook_secret:
+                shown["webhook_secret"] = store.new_webhook_secret(key.id)[0][1]
             if args.json:
-                print(json.dumps({**asdict(key), "token": token}))
+                print(json.dumps({**asdict(key), **shown}))
             else:
                 print(f"key {key.id} ({key.name}{', admin' if key.admin else ''}) created; its token, shown only now:")
                 print(token)
+                if args.webhook_secret:
+                    print(f"its webhook signing secret: {shown['webhook_secret']}")
+        elif args.command == "webhook-secret":
+            made = store.new_webhook_secret(args.key)
+            if not made:
+                print(f"error: no live key with id or name {args.key!r}", file=sys.stderr)
+                return 1
+            for key, secret in made:
+                print(f"key {key.id} ({key.name}): new webhook signing secret, shown only now:")
+                print(secret)
         elif args.command == "list":
             print(json.dumps([asdict(k) for k in store.list()], indent=1))
         else:

@@ -18,7 +18,7 @@ from common import messages as m
 from tests.helpers import System, wait_for
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-ALLOWED_LABELS = {"model", "status", "stage", "code", "device", "le"}
+ALLOWED_LABELS = {"model", "status", "stage", "code", "device", "outcome", "le"}
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
