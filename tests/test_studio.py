@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+import tomllib
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gateway.keys import KeyStore
-from tests.helpers import System, running_system
+from gateway.web import STUDIO_DIR
+from tests.helpers import ROOT, System, running_system
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -113,18 +116,43 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def open_studio(browser: Browser, system: System, token: str) -> Page:
-    """A new browser session (its own session storage) on the studio, signed in with `token`."""
+def open_studio(browser: Browser, system: System, token: str, requested: list[str] | None = None) -> Page:
+    """A new browser session (its own session storage) on the studio, signed in with `token`; every
+    URL the page requests is added to `requested`."""
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    if requested is not None:
+        page.on("request", lambda request: requested.append(request.url))
     page.goto(system.url + "/")
     page.get_by_label("API key", exact=True).fill(token)
     page.get_by_role("button", name="Connect").click()
     expect(page.get_by_role("status", name="Live updates")).to_have_text("Live")
     assert not errors, errors
     return page
+
+
+def test_page_and_its_files_need_no_key_and_are_package_data(system: System) -> None:
+    no_key = {"Authorization": ""}
+    status, headers, content = system.request("GET", "/", headers=no_key)
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"Wan Studio" in content
+    assert "default-src 'self'" in headers["content-security-policy"]
+    files = sorted(p for p in STUDIO_DIR.iterdir() if p.is_file())
+    assert {p.name for p in files} >= {"index.html", "app.js", "api.js", "studio.css"}
+    for path in files:
+        status, headers, content = system.request("GET", f"/studio/{path.name}", headers=no_key)
+        assert status == 200 and content == path.read_bytes(), path.name
+        if path.suffix == ".js":  # module scripts need a JavaScript type
+            assert "javascript" in headers["content-type"], headers["content-type"]
+    status, _, content = system.request("GET", "/studio/missing.js", headers=no_key)
+    assert status == 404 and json.loads(content)["error"]["code"] == "NOT_FOUND"
+    status, _, content = system.request("GET", "/api/v1/jobs", headers=no_key)  # the API still needs one
+    assert status == 401 and json.loads(content)["error"]["code"] == "UNAUTHORIZED"
+    # An installed gateway serves them too: pyproject's package data covers every file.
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gateway"]
+    for path in files:
+        assert any(fnmatch(f"studio/{path.name}", g) for g in globs), path.name
 
 
 def job_card(page: Page, job_id: str) -> Any:
@@ -165,7 +193,8 @@ def submit(page: Page, prompt: str, preset: str = "draft", **options: str) -> st
 
 
 def test_submit_watch_play_download_and_users_apart(system: System, browser: Browser, artifacts: Path) -> None:
-    page = open_studio(browser, system, system.tokens["alice"])
+    requested: list[str] = []
+    page = open_studio(browser, system, system.tokens["alice"], requested)
     assert page.evaluate("sessionStorage.getItem('wan.apiKey')") == system.tokens["alice"]
     expect(page.get_by_text("Nothing queued or running.")).to_be_visible()
     watch_progress(page)
@@ -209,6 +238,10 @@ def test_submit_watch_play_download_and_users_apart(system: System, browser: Bro
     }""")
     served = system.request("GET", f"/api/v1/files/{job_id}.mp4")[2]
     assert head == "ftyp" and size == len(served)
+
+    # Everything came from the gateway (or is a blob: of what the page fetched from it): no CDN.
+    foreign = [u for u in requested if not u.startswith((system.url + "/", "blob:", "data:"))]
+    assert requested and not foreign, foreign
 
     shot = artifacts / "studio.png"
     page.screenshot(path=str(shot), full_page=True)
