@@ -313,3 +313,28 @@ def test_cors_in_the_browser(system: System, browser: Browser, origins: tuple[st
         assert page.evaluate("([url, token]) => openSocket(url, token)", [ws, token])["open"] is False
     finally:
         context.close()
+
+
+def test_without_keys_on_a_loopback_server(api_system: System, browser: Browser) -> None:
+    """With auth off (the tiny profile on loopback) the page asks for no key and plays the video straight
+    from the server's URL (streamed with HTTP Range)."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(api_system.url + "/")
+        expect(page.get_by_role("status", name="Live updates")).to_have_text("Live")
+        expect(page.get_by_label("API key", exact=True)).to_be_hidden()
+        expect(page.get_by_role("button", name="Forget API key")).to_be_hidden()
+        job_id = submit(page, "a paper boat on a puddle, no key needed")
+        card = page.get_by_role("list", name="Results").locator(f'li[data-job-id="{job_id}"]')
+        expect(card.get_by_text("Done", exact=True)).to_be_visible()
+        video = card.locator("video")
+        expect(video).to_have_attribute("src", f"/api/v1/files/{job_id}.mp4")
+        duration = video.evaluate("""v => new Promise((resolve, reject) => {
+          if (v.readyState >= 1) resolve(v.duration);
+          else { v.onloadedmetadata = () => resolve(v.duration); v.onerror = () => reject(v.error.message); }
+        })""")
+        assert duration > 0
+    finally:
+        context.close()
