@@ -262,7 +262,7 @@ def test_submit_watch_play_download_and_users_apart(system: System, browser: Bro
     page.context.close()
 
 
-def test_cancel_from_the_queue(system: System, browser: Browser) -> None:
+def test_cancel_from_the_queue(system: System, browser: Browser, artifacts: Path) -> None:
     # A long job runs first (one job in the pipeline at a time), so the one from the page waits queued.
     blocker = system.submit(prompt="a long job ahead", custom_options={"steps": 100, "num_frames": 33,
                                                                        "resolution": "64x64"})
@@ -270,6 +270,7 @@ def test_cancel_from_the_queue(system: System, browser: Browser) -> None:
         page = open_studio(browser, system, system.tokens["alice"])
         job_id = submit(page, "a job to cancel", Steps="3")
         queue = page.get_by_role("list", name="Queue")
+        page.screenshot(path=str(artifacts / "studio-queue.png"), full_page=True)
         queue.get_by_role("button", name="Cancel: a job to cancel").click()
         card = page.get_by_role("list", name="Results").get_by_role("listitem").filter(has_text="a job to cancel")
         expect(card.get_by_text("Cancelled", exact=True)).to_be_visible()

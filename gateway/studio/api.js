@@ -83,7 +83,7 @@ export class Api {
   // handed over as a blob: URL (the caller revokes it); without one the server's URL plays directly
   // (and streams, with HTTP Range).
   async mediaUrl(path) {
-    if (!this.key) return { url: path, blob: false };
+    if (!this.key || path.startsWith("data:")) return { url: path, blob: false };
     let response;
     try {
       response = await fetch(path, { headers: this.headers() });

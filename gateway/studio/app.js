@@ -256,7 +256,8 @@ function onModelChange() {
   const model = currentModel();
   if (!model) return;
   const summary = model.summary || "";
-  $("model-summary").textContent = summary.charAt(0).toUpperCase() + summary.slice(1);
+  const starting = model.ready === false ? " Its processes are starting: jobs wait until they are up." : "";
+  $("model-summary").textContent = summary.charAt(0).toUpperCase() + summary.slice(1) + (summary ? "." : "") + starting;
   const preset = $("preset");
   const previous = preset.value || "standard";
   preset.replaceChildren();
