@@ -8,6 +8,7 @@ A screenshot of the studio is written to $WAN_TEST_ARTIFACTS (or a temporary fol
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gateway.keys import KeyStore
@@ -172,10 +174,15 @@ def watch_progress(page: Page) -> None:
     }""")
 
 
-def submit(page: Page, prompt: str, preset: str = "draft", **options: str) -> str:
+def submit(page: Page, prompt: str, preset: str = "draft", model: str = "t2v-A14B", image: bytes | None = None,
+           **options: str) -> str:
     page.get_by_label("Prompt", exact=True).fill(prompt)
-    page.get_by_label("Model", exact=True).select_option("t2v-A14B")
+    page.get_by_label("Model", exact=True).select_option(model)
     page.get_by_label("Quality preset", exact=True).select_option(preset)
+    if image is not None:
+        page.get_by_label("Image", exact=True).set_input_files({"name": "cat.png", "mimeType": "image/png",
+                                                                "buffer": image})
+        expect(page.get_by_role("img", name="Selected image")).to_be_visible()
     if options:
         advanced = page.locator("details#advanced")
         if not advanced.evaluate("d => d.open"):
@@ -318,7 +325,8 @@ def test_cors_in_the_browser(system: System, browser: Browser, origins: tuple[st
 
 def test_without_keys_on_a_loopback_server(api_system: System, browser: Browser) -> None:
     """With auth off (the tiny profile on loopback) the page asks for no key and plays the video straight
-    from the server's URL (streamed with HTTP Range)."""
+    from the server's URL (streamed with HTTP Range). The image field shows for the models that take one,
+    and an image-to-video job goes up as multipart."""
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -327,7 +335,15 @@ def test_without_keys_on_a_loopback_server(api_system: System, browser: Browser)
         expect(page.get_by_role("status", name="Live updates")).to_have_text("Live")
         expect(page.get_by_label("API key", exact=True)).to_be_hidden()
         expect(page.get_by_role("button", name="Forget API key")).to_be_hidden()
-        job_id = submit(page, "a paper boat on a puddle, no key needed")
+        image_field = page.get_by_label("Image", exact=True)
+        page.get_by_label("Model", exact=True).select_option("t2v-A14B")
+        expect(image_field).to_be_hidden()
+        page.get_by_label("Model", exact=True).select_option("i2v-A14B")
+        expect(image_field).to_be_visible()
+        expect(page.get_by_text("Required for this model.")).to_be_visible()
+        png = io.BytesIO()
+        Image.new("RGB", (48, 32), (200, 60, 40)).save(png, format="PNG")
+        job_id = submit(page, "a paper boat on a puddle, no key needed", model="i2v-A14B", image=png.getvalue())
         card = page.get_by_role("list", name="Results").locator(f'li[data-job-id="{job_id}"]')
         expect(card.get_by_text("Done", exact=True)).to_be_visible()
         video = card.locator("video")
@@ -337,5 +353,7 @@ def test_without_keys_on_a_loopback_server(api_system: System, browser: Browser)
           else { v.onloadedmetadata = () => resolve(v.duration); v.onerror = () => reject(v.error.message); }
         })""")
         assert duration > 0
+        stored = api_system.stored_job(job_id)
+        assert stored is not None and stored["model"] == "i2v-A14B" and stored["params"]["image_sha256"]
     finally:
         context.close()

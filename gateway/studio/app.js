@@ -91,7 +91,10 @@ async function boot() {
     await start();
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) {
-      showKeyPanel(state.api.key ? "The stored API key is not valid." : "");
+      const stale = Boolean(state.api.key);
+      storeKey("");
+      state.api = new Api("");
+      showKeyPanel(stale ? "The stored API key is not valid any more. Enter a valid one." : "");
     } else {
       setConnection("offline");
       toast(`Cannot load the studio: ${describeError(err)}`, "error");
