@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import admission, memory
 from broker.store import FINAL, Job
-from common import spool
+from common import catalog, spool
 from common.errors import JobNotFound, NotCancellable, QueueFull, TooManyActiveJobs, ValidationError
 from common.logs import job_context
 
@@ -134,8 +134,11 @@ class Api:
         models = []
         for name in admission.MODELS:
             served = name in self.config.model_names()
-            entry: dict[str, Any] = {"id": name, "served": served,
-                                     "aliases": [a for a, full in admission.ALIASES.items() if full == name]}
+            model = catalog.BY_ID[name]
+            entry: dict[str, Any] = {"id": name, "served": served, "summary": model.summary,
+                                     "aliases": [a for a, full in admission.ALIASES.items() if full == name],
+                                     # input name -> "required" | "optional"; an input not named is refused
+                                     "inputs": dict(model.inputs)}
             if served:
                 entry.update(
                     resolutions=admission.supported_resolutions(self.config, name),

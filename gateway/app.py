@@ -52,6 +52,7 @@ from gateway.broker_client import BrokerClient
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
+from gateway.web import studio_routes
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,7 @@ class Gateway:
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", GatewayMetrics(self.call, self.subscribers).route, methods=["GET"]),
             WebSocketRoute("/ws", self.ws),
+            *studio_routes(),  # the web page at /, and its files under /studio/
         ]
 
         async def server_error(request: Request, exc: Exception) -> Response:

@@ -2,10 +2,11 @@
 
 `[gateway] auth`: `auto` (the default) requires a key unless the gateway listens on a loopback
 address; `required` always; `off` never, and is refused on a non-loopback host (the gateway will
-not start). With auth on, every route but `/health` needs `Authorization: Bearer <token>`; a
-WebSocket may send the token in that header or, from a browser (which cannot set headers), as the
-subprotocol pair `["wan.bearer", "<token>"]`. Refusals happen before a WebSocket is accepted: the
-handshake gets the HTTP error (401, 403 or 429) with the structured body.
+not start). With auth on, every route but `/health` and the web studio's page and files (they hold
+no data) needs `Authorization: Bearer <token>`; a WebSocket may send the token in that header or,
+from a browser (which cannot set headers), as the subprotocol pair `["wan.bearer", "<token>"]`.
+Refusals happen before a WebSocket is accepted: the handshake gets the HTTP error (401, 403 or 429)
+with the structured body.
 
 A request that carries an `Origin` header (every browser request, HTTP or WebSocket) must come
 from the gateway's own origin or one in `[gateway] allowed_origins` ("*" allows any): so a web
@@ -36,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.config import Config
 from common.errors import ConfigError, OriginNotAllowed, RateLimited, ServerError, Unauthorized
 from gateway.keys import KeyStore, keys_path
+from gateway.web import is_studio_path
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,8 @@ class AuthMiddleware:
     def authenticate(self, scope: Scope, headers: dict[str, str]) -> Principal:
         offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
         bearer_offered = scope["type"] == "websocket" and WS_SUBPROTOCOL in offered
-        if not self.required or scope["path"] in OPEN_PATHS:
+        path = scope["path"]
+        if not self.required or path in OPEN_PATHS or (scope["type"] == "http" and is_studio_path(path)):
             # A client that sends its key anyway still gets the subprotocol it offered: strict
             # clients (Node's `ws`) fail a handshake that accepts none of theirs.
             return replace(LOCAL, subprotocol=WS_SUBPROTOCOL) if bearer_offered else LOCAL
