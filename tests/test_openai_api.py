@@ -42,7 +42,7 @@ def png_bytes(width: int = 48, height: int = 32) -> bytes:
 
 def decode_mp4(data: bytes) -> tuple[int, int, int]:
     """(frames, width, height) of an MP4, decoded for real."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         frames = list(container.decode(video=0))
     return len(frames), frames[0].width, frames[0].height
 
@@ -74,7 +74,7 @@ def test_create_and_poll_then_every_variant_of_the_content(system, client):
     assert sheet.format == "JPEG" and sheet.size == (3 * 32, 2 * 48)  # 5 frames: 3 columns, 2 rows
     sheet.load()
     # A frame of the video is what the thumbnail shows (JPEG is lossy: near, not equal).
-    with av.open(io.BytesIO(mp4)) as container:
+    with av.open(io.BytesIO(mp4), "r") as container:
         frames = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
     import numpy as np
 
