@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import admission, memory
 from broker.store import FINAL, Job
-from common import spool
+from common import catalog, spool
 from common.errors import (
     IdempotencyKeyReused,
     JobNotFound,
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IDEMPOTENCY_TTL_S = 24 * 3600.0
-MAX_PAGE = 100
+PAGE_LIMIT = next(f for f in catalog.LIST_QUERY if f.name == "limit")  # the same bounds as GET /api/v1/jobs
 
 
 class Api:
@@ -221,9 +221,8 @@ class Api:
 
     def videos(self, args: dict[str, Any]) -> dict[str, Any]:
         """A cursor page: up to `limit` jobs after the job `after`, `order` "desc" (newest first) or "asc"."""
-        limit, order = args.get("limit", 20), args.get("order", "desc")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-            raise ValidationError(f"limit must be 1..{MAX_PAGE}", {"field": "limit"})
+        limit = catalog.check(PAGE_LIMIT, args.get("limit", PAGE_LIMIT.default))
+        order = args.get("order", "desc")
         if order not in ("asc", "desc"):
             raise ValidationError("order must be asc or desc", {"field": "order", "allowed": ["asc", "desc"]})
         owner = args.get("owner")

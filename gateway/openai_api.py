@@ -143,7 +143,7 @@ def to_generate(body: Any, default_model: str) -> dict[str, Any]:
 def _seconds(value: Any) -> Any:
     """`seconds` is a string in the OpenAI API ("4"); a number is taken too."""
     if isinstance(value, str):
-        if not NUMBER.match(value.strip()):
+        if not NUMBER.match(value):
             raise _bad("seconds", f"seconds must be a number of seconds, got {value[:32]!r}")
         return float(value)
     return value
