@@ -4,6 +4,7 @@ restart); the in-process tests check what DELETE leaves behind when the muxer fi
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import uuid
@@ -103,8 +104,19 @@ def test_input_reference_upload_and_deleting_a_running_job(system, client):
     assert not system.config.job_spool(video.id).exists()
     with pytest.raises(openai.NotFoundError):
         client.videos.delete(video.id)
+    # Older SDKs send JSON: the image as a data: URL (or {"image_url": ...}); file ids and web URLs are refused.
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    status, made = system.json("POST", "/v1/videos", {"model": "ti2v", "prompt": "from JSON", **TINY,
+                                                      "input_reference": {"image_url": data_url}})
+    assert status == 200 and len(system.stored_job(made["id"])["params"]["image_sha256"] or "") == 64
+    assert client.videos.delete(made["id"]).deleted is True
+    for reference in ({"file_id": "file-123"}, "https://example.com/cat.png"):
+        status, body = system.json("POST", "/v1/videos", {"model": "ti2v", "prompt": "x", **TINY,
+                                                          "input_reference": reference})
+        assert status == 422 and body["error"]["param"] == "input_reference"
     system.wait_idle(timeout_s=60)
-    assert not (system.config.results_dir / f"{video.id}.mp4").exists()
+    for job_id in (video.id, made["id"]):
+        assert not (system.config.results_dir / f"{job_id}.mp4").exists()
 
 
 def test_list_pages_with_a_cursor(system, client):
