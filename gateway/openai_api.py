@@ -84,6 +84,11 @@ def _from_text(name: str, value: str, kind: str) -> Any:
         return float(value)
     if kind in ("integer", "number"):
         raise _bad(name, f"{name} must be a number, got {value[:32]!r}")
+    if kind == "object":  # custom_options as one JSON text part
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise _bad(name, f"{name} must be a JSON object") from None
     return value
 
 
@@ -96,7 +101,8 @@ def _kind(name: str) -> str:
 
 def form_to_json(fields: list[tuple[str, str]]) -> dict[str, Any]:
     """Multipart text fields -> the JSON object they stand for; `custom_options[steps]` (as the SDK
-    writes a nested object of extra_body) goes into `custom_options`."""
+    writes a nested object of extra_body) goes into `custom_options`, as does a `custom_options`
+    part holding a JSON object."""
     body: dict[str, Any] = {}
     for name, value in fields:
         outer, _, inner = name.partition("[")

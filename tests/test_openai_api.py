@@ -120,8 +120,11 @@ def test_input_reference_upload_and_deleting_a_running_job(system, client):
 
 
 def test_list_pages_with_a_cursor(system, client):
-    ids = [client.videos.create(model="t2v", prompt=f"job {i}", extra_body=TINY).id for i in range(3)]
+    # extra_body's nested custom_options reach the server as multipart parts custom_options[steps] ...
+    ids = [client.videos.create(model="t2v", prompt=f"job {i}", extra_body={**TINY, "custom_options": {"steps": 1}}).id
+           for i in range(3)]
     try:
+        assert system.stored_job(ids[0])["params"]["steps"] == 1
         first = client.videos.list(limit=2)  # newest first
         assert [v.id for v in first.data] == ids[:0:-1] and first.has_more is True
         assert first.last_id == ids[1]
@@ -226,3 +229,37 @@ def test_idempotency_keys_are_per_owner_and_expire(broker: Broker):
     broker.store.db.execute("UPDATE idempotency_keys SET created_at = created_at - 86401")
     fresh = broker.api.submit({"request": request, "owner": "alice", "idempotency_key": "k", "api": "v1"})
     assert fresh["job_id"] != a and "idempotent_replay" not in fresh
+
+
+# ---- in-process: the error shape of /v1 ----
+
+def test_the_middleware_rewrites_only_v1_errors_and_catches_the_unexpected():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from common.errors import QueueFull
+    from gateway.openai_api import OpenAIErrors
+
+    def refused(request):
+        err = QueueFull("the queue is full", {"retry_after": 7})
+        return JSONResponse(err.to_dict(), status_code=err.http_status, headers={"Retry-After": "7"})
+
+    def broken(request):
+        raise RuntimeError("/tmp/secret/path exploded")
+
+    app = Starlette(routes=[Route("/v1/full", refused), Route("/api/v1/full", refused), Route("/v1/broken", broken)],
+                    middleware=[Middleware(OpenAIErrors)])
+    with TestClient(app, raise_server_exceptions=False) as http:
+        full = http.get("/v1/full")
+        assert full.status_code == 429 and full.headers["retry-after"] == "7"
+        check_openai_error("429 from /v1/full", full.json())
+        assert full.json()["error"] == {"message": "the queue is full", "type": "rate_limit_error",
+                                        "code": "queue_full", "param": None}
+        assert http.get("/api/v1/full").json()["error"]["code"] == "QUEUE_FULL"  # /api/v1 keeps its shape
+        broken_response = http.get("/v1/broken")
+        assert broken_response.status_code == 500
+        check_openai_error("500 from /v1/broken", broken_response.json(), ["/tmp/", "exploded"])
+        assert broken_response.json()["error"]["type"] == "server_error"
