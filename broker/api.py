@@ -8,6 +8,13 @@ ApiReply result, or raising a ServerError that becomes the reply's structured er
 - cancel: final in the store first, then CancelJob to the stages.
 - models / presets / ready: what is served, and whether every stage of a route is alive.
 - metrics: the Prometheus text of broker/metrics.py.
+- video / videos / delete: one job, a cursor page of jobs, and deleting a job (cancelled first if
+  it runs, its files removed), for the OpenAI-style /v1/videos routes (gateway/openai_api.py).
+
+`idempotency_key` on submit (the Idempotency-Key header): the same owner, key and request (its
+fingerprint: the request object, the image's digest and the API it came through) within
+IDEMPOTENCY_TTL_S return the job the first submit made; another request under the key is refused
+(409). The key is stored with the job in one transaction, so the answer survives a restart.
 
 `owner` (the API key's id, set by the gateway) scopes jobs: another owner's job is not found.
 """
@@ -15,7 +22,9 @@ ApiReply result, or raising a ServerError that becomes the reply's structured er
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 from broker import admission, memory
 from broker.store import FINAL, Job
 from common import catalog, spool
-from common.errors import JobNotFound, NotCancellable, QueueFull, TooManyActiveJobs, ValidationError
+from common.errors import (
+    IdempotencyKeyReused,
+    JobNotFound,
+    NotCancellable,
+    QueueFull,
+    TooManyActiveJobs,
+    ValidationError,
+)
 from common.logs import job_context
 
 if TYPE_CHECKING:
@@ -34,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IDEMPOTENCY_TTL_S = 24 * 3600.0
+PAGE_LIMIT = next(f for f in catalog.LIST_QUERY if f.name == "limit")  # the same bounds as GET /api/v1/jobs
 
 
 class Api:
@@ -52,12 +70,23 @@ class Api:
             "presets": self.presets,
             "ready": self.ready,
             "metrics": self.metrics,
+            "video": self.video,
+            "videos": self.videos,
+            "delete": self.delete,
         }
 
     # ---- operations ----
     def submit(self, args: dict[str, Any]) -> dict[str, Any]:
         png = self.uploaded_image(args.get("image"))
         sha = None if png is None else hashlib.sha256(png).hexdigest()
+        owner = str(args.get("owner") or "")
+        key = args.get("idempotency_key")
+        fingerprint = ""
+        if isinstance(key, str):
+            fingerprint = self.fingerprint(args, sha)
+            replay = self.replay(owner, key, fingerprint)
+            if replay is not None:
+                return replay
         size = args.get("image_size")
         image_size: tuple[int, int] | None = None
         if png is not None and isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
@@ -72,7 +101,6 @@ class Api:
         if self.store.count("queued") >= self.max_queued:
             raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later",
                             {"max_queued": self.max_queued, "retry_after": 10})
-        owner = str(args.get("owner") or "")
         max_active = args.get("max_active")
         if isinstance(max_active, int) and self.store.count_active(owner) >= max_active:
             raise TooManyActiveJobs(f"this key already has {max_active} jobs queued or running; wait for one to end",
@@ -81,8 +109,13 @@ class Api:
         if png is not None:
             self.write_image(job_id, png)  # on disk before the job exists, so a queued job always has it
         try:
-            job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority,
-                                 webhook_url=webhook_url)
+            if isinstance(key, str):
+                job = self.store.idempotent_add(key, fingerprint, time.time() - IDEMPOTENCY_TTL_S, job_id, owner,
+                                                params.model, preset, asdict(params), route, priority,
+                                                webhook_url=webhook_url)
+            else:
+                job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority,
+                                     webhook_url=webhook_url)
         except BaseException:
             spool.remove_job(self.config, job_id)
             raise
@@ -93,13 +126,41 @@ class Api:
         self.broker.dispatcher.dispatch()
         stored = self.store.get(job_id)
         assert stored is not None
+        return self.submit_body(stored)
+
+    def submit_body(self, job: Job) -> dict[str, Any]:
         return {
-            "job_id": stored.id,
-            "status": stored.status,
-            "created_at": stored.created_at,
-            "eta_seconds": self.broker.progress.eta(stored),
-            "queue_position": self.broker.dispatcher.queue_position(stored),
+            "job_id": job.id,
+            "status": job.status,
+            "created_at": job.created_at,
+            "eta_seconds": self.broker.progress.eta(job),
+            "queue_position": self.broker.dispatcher.queue_position(job),
         }
+
+    @staticmethod
+    def fingerprint(args: dict[str, Any], image_sha256: str | None) -> str:
+        """What makes two create requests the same: the request object, the image, the API."""
+        what = {"api": str(args.get("api") or ""), "request": args.get("request"), "image": image_sha256}
+        text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def replay(self, owner: str, key: str, fingerprint: str) -> dict[str, Any] | None:
+        """The answer for a create sent again under its Idempotency-Key; None for a new key."""
+        if not key or len(key) > 255:
+            raise ValidationError("Idempotency-Key must be 1 to 255 characters", {"field": "Idempotency-Key"})
+        found = self.store.idempotent_job(owner, key, time.time() - IDEMPOTENCY_TTL_S)
+        if found is None:
+            return None
+        stored_fingerprint, job_id = found
+        if stored_fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used with a different request; send a new key for a new request",
+                {"field": "Idempotency-Key"},
+            )
+        job = self.store.get(job_id)
+        if job is None:  # deleted since (its keys go with it; a race with a delete at most)
+            return None
+        return {**self.submit_body(job), "idempotent_replay": True}
 
     def status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status_body(self.find(args))
@@ -163,6 +224,37 @@ class Api:
     def metrics(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"text": self.broker.metrics.render()}
 
+    def video(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.video_body(self.find(args))
+
+    def videos(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A cursor page: up to `limit` jobs after the job `after`, `order` "desc" (newest first) or "asc"."""
+        limit = catalog.check(PAGE_LIMIT, args.get("limit", PAGE_LIMIT.default))
+        order = args.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ValidationError("order must be asc or desc", {"field": "order", "allowed": ["asc", "desc"]})
+        owner = args.get("owner")
+        after = None
+        if args.get("after") is not None:
+            try:
+                after = self.find({"job_id": args["after"], "owner": owner})
+            except JobNotFound:
+                raise JobNotFound("no such job to list after", {"field": "after"}) from None
+        jobs = self.store.page(owner, after, limit + 1, descending=order == "desc")
+        return {"jobs": [self.video_body(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+    def delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the job if it is not final, then remove its files and forget it."""
+        job = self.find(args)
+        if not job.final:
+            self.cancel(args)
+        spool.remove_job(self.config, job.id)
+        spool.remove_result(self.config, job.id)
+        deleted = self.store.delete(job.id)
+        with job_context(job.id):
+            log.info("deleted (was %s)", job.status)
+        return {"job_id": job.id, "deleted": deleted}
+
     # ---- bodies ----
     def find(self, args: dict[str, Any]) -> Job:
         job_id = args.get("job_id")
@@ -186,6 +278,25 @@ class Api:
         if job.error:
             body["error"] = job.error
         return body
+
+    def video_body(self, job: Job) -> dict[str, Any]:
+        """What the /v1 Video object is made of (the gateway shapes it)."""
+        p = job.params
+        return {
+            "job_id": job.id,
+            "status": job.status,
+            "progress": round(job.progress, 4),
+            "model": job.model,
+            "prompt": p.get("prompt"),
+            "width": p.get("width"),
+            "height": p.get("height"),
+            "num_frames": p.get("num_frames"),
+            "fps": p.get("fps"),
+            "created_at": job.created_at,
+            "finished_at": job.finished_at,
+            "error": job.error,
+            "output_path": job.output_path if job.status == "completed" else None,  # for the gateway only
+        }
 
     def result_body(self, job: Job) -> dict[str, Any]:
         return {

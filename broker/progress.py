@@ -64,6 +64,11 @@ class Progress:
             if spool.remove_result(self.broker.config, job.id):
                 log.info("removed the MP4 of attempt %d, written after the job was %s", msg.attempt, job.status)
             return
+        if job is None and isinstance(msg, m.JobDone):
+            # The muxer finished a job deleted while it ran (DELETE /v1/videos): no one will fetch the MP4.
+            if spool.remove_result(self.broker.config, msg.job_id):
+                log.info("removed the MP4 of job %s, deleted while it ran", msg.job_id)
+            return
         if job is None or job.final or msg.attempt != job.attempt:
             return  # a stale attempt, a cancelled job, or a job we never had
         if isinstance(msg, m.StageReport):

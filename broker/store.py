@@ -89,6 +89,21 @@ BEGIN
 END;
 """
 
+# Idempotency-Key: (owner, key) -> the job a create request made and the fingerprint of its body.
+# Its own table and methods (idempotent_add, idempotent_job, forget_keys), apart from the jobs table.
+IDEMPOTENCY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency_keys(created_at);
+CREATE INDEX IF NOT EXISTS idempotency_job ON idempotency_keys(job_id);
+"""
+
 
 @dataclass
 class Job:
@@ -135,6 +150,7 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a transition written is a transition kept
         self.db.executescript(SCHEMA)
+        self.db.executescript(IDEMPOTENCY_SCHEMA)
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
         if "checkpoint" not in columns:  # a store written before checkpoints
             self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
@@ -285,6 +301,66 @@ class JobStore:
         rows = self.db.execute("SELECT stage, mean_s FROM stage_timings WHERE key = ?", (key,)).fetchall()
         return {r["stage"]: r["mean_s"] for r in rows}
 
+    # ---- cursor pages and deletion (GET and DELETE /v1/videos) ----
+    def page(self, owner: str | None, after: Job | None, limit: int, descending: bool = True) -> builtins.list[Job]:
+        """Up to `limit` jobs (of `owner`, or everyone's for None) after the job `after` in creation
+        order, newest first when `descending`."""
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if after is not None:
+            where.append("seq < ?" if descending else "seq > ?")
+            args.append(after.seq)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(
+            f"SELECT * FROM jobs {clause} ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?", [*args, limit]
+        )
+        return [Job.from_row(r) for r in rows.fetchall()]
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a final job, and the idempotency keys that name it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM idempotency_keys WHERE job_id = ?", (job_id,))
+            deleted = self.db.execute(
+                "DELETE FROM jobs WHERE id = ? AND status IN ('completed', 'failed', 'cancelled')", (job_id,)
+            ).rowcount == 1
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return deleted
+
+    # ---- Idempotency-Key ----
+    def idempotent_job(self, owner: str, key: str, since: float) -> tuple[str, str] | None:
+        """(fingerprint, job id) of the create request `owner` sent with `key` at `since` or later."""
+        row = self.db.execute(
+            "SELECT fingerprint, job_id FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at >= ?",
+            (owner, key, since),
+        ).fetchone()
+        return (row["fingerprint"], row["job_id"]) if row else None
+
+    def idempotent_add(
+        self, key: str, fingerprint: str, expired_before: float, job_id: str, owner: str, model: str, preset: str,
+        params: dict[str, Any], route: builtins.list[str], priority: int, webhook_url: str | None = None,
+    ) -> Job:
+        """`add` the job and record `key` -> job in one transaction: a create that was answered is
+        found again after a crash. Keys older than `expired_before` are dropped first."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (expired_before,))
+            job = self.add(job_id, owner, model, preset, params, route, priority, webhook_url=webhook_url)
+            self.db.execute(
+                "INSERT INTO idempotency_keys (owner, key, fingerprint, job_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                (owner, key, fingerprint, job_id, job.created_at),
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return job
 
 # ---- the webhook outbox ----
 @dataclass(frozen=True)

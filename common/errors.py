@@ -94,6 +94,13 @@ class NotCancellable(ServerError):
     http_status = 409
 
 
+class IdempotencyKeyReused(ServerError):
+    """An Idempotency-Key sent again within its lifetime with a different request body."""
+
+    code = "IDEMPOTENCY_KEY_REUSED"
+    http_status = 409
+
+
 class TooManyActiveJobs(ServerError):
     """The key already has its limit of queued + running jobs."""
 

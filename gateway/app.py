@@ -50,6 +50,7 @@ from common.sockets import use_curve
 from gateway.auth import AuthMiddleware, CorsMiddleware, UnexpectedErrors, auth_required, principal_of
 from gateway.broker_client import BrokerClient
 from gateway.metrics import GatewayMetrics
+from gateway.openai_api import OpenAIApi, OpenAIErrors
 from gateway.openapi import openapi_document
 from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
 from gateway.web import studio_routes
@@ -73,6 +74,11 @@ def error_response(exc: ServerError) -> JSONResponse:
     if exc.http_status == 429:
         headers["Retry-After"] = str(exc.details.get("retry_after", 10))
     return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+
+
+def replay_headers(result: dict[str, Any]) -> dict[str, str]:
+    """`Idempotent-Replayed: true` when the broker answered a create with the job an earlier one made."""
+    return {"Idempotent-Replayed": "true"} if result.pop("idempotent_replay", False) else {}
 
 
 def job_id_of(request: Request) -> str:
@@ -163,17 +169,25 @@ class Gateway:
     # ---- REST ----
     async def generate(self, request: Request) -> Response:
         body, image = await self.read_generate(request)
+        result = await self.submit(request, body, image, api="api/v1")
+        return JSONResponse(result, status_code=202, headers=replay_headers(result))
+
+    async def submit(self, request: Request, body: Any, image: tuple[bytes, str] | None, api: str) -> dict[str, Any]:
+        """The broker's `submit` for the caller (its key, its limit, its Idempotency-Key), shared by
+        POST /api/v1/generate and POST /v1/videos; `api` tells the two apart in the key's fingerprint."""
         who = principal_of(request.scope)
         limit = who.max_active_jobs if self.auth else None
         args: dict[str, Any] = {"request": body, "owner": who.key_id, "max_active": limit}
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            args.update(idempotency_key=key, api=api)
         if image is not None:
             data, declared = image
             async with self.decode_slots:
                 png, width, height = await asyncio.to_thread(check_image, data, declared, self.uploads)
             args["image"] = png  # msgpack binary
             args["image_size"] = [width, height]
-        result = await self.call("submit", **args)
-        return JSONResponse(result, status_code=202)
+        return await self.call("submit", **args)
 
     async def read_generate(self, request: Request) -> tuple[Any, tuple[bytes, str] | None]:
         """(request object, (image bytes, declared type) or None) from a JSON or multipart body."""
@@ -397,6 +411,7 @@ class Gateway:
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", GatewayMetrics(self.call, self.subscribers).route, methods=["GET"]),
             WebSocketRoute("/ws", self.ws),
+            *OpenAIApi(self).routes(),  # /v1/videos
             *studio_routes(),  # the web page at /, and its files under /studio/
         ]
 
@@ -435,6 +450,7 @@ class Gateway:
             # CORS outermost: it answers preflights before auth asks for a key, and adds its headers to
             # auth's refusals and to the structured 500 of an exception no handler took.
             middleware=[Middleware(CorsMiddleware, config=self.config, methods=methods),
+                        Middleware(OpenAIErrors),  # /v1 errors in the OpenAI shape, auth's refusals too
                         Middleware(UnexpectedErrors),
                         Middleware(AuthMiddleware, config=self.config, required=self.auth)],
         )

@@ -1,4 +1,5 @@
-"""The OpenAPI document of the gateway (served at /api/v1/openapi.json).
+"""The OpenAPI document of the gateway (served at /api/v1/openapi.json): /api/v1, and the
+OpenAI-style /v1/videos (its errors in the OpenAI shape).
 
 The request schemas are generated from common/catalog.py, the tables admission checks requests
 against, so the document states the real bounds (and the schema fuzzer, tests/test_fuzz.py, tries
@@ -141,7 +142,136 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _json(ERROR, "error") for c in codes}
 
 
+def _v1_errors(*codes: int) -> dict[str, Any]:
+    return {str(c): _json(V1_ERROR, "error (OpenAI shape)") for c in codes}
+
+
 JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+IDEMPOTENCY_PARAM = {
+    "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "1 to 255 characters; the same key and body (per API key) within 24 h return the same job "
+                   "(with Idempotent-Replayed: true), another body under the key is 409 IDEMPOTENCY_KEY_REUSED",
+}
+
+# ---- /v1: the OpenAI-style video API (gateway/openai_api.py) ----
+
+V1_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type", "code", "param"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "code": {"type": "string", "description": "our error code, lower case"},
+                       "param": {"type": ["string", "null"]}},
+    }},
+}
+
+VIDEO = {
+    "type": "object",
+    "required": ["id", "object", "status", "progress", "created_at", "model", "seconds", "size"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["video"]},
+        "status": {"type": "string", "enum": ["queued", "in_progress", "completed", "failed"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+        "created_at": {"type": "integer"},
+        "completed_at": {"type": ["integer", "null"]},
+        "expires_at": {"type": ["integer", "null"]},
+        "model": {"type": "string"},
+        "seconds": {"type": "string"},
+        "size": {"type": "string"},
+        "prompt": {"type": ["string", "null"]},
+        "remixed_from_video_id": {"type": ["string", "null"]},
+        "error": {"type": ["object", "null"], "description": "{code, message}; a cancelled job: code cancelled"},
+    },
+}
+
+VIDEO_LIST = {
+    "type": "object",
+    "required": ["object", "data", "has_more", "first_id", "last_id"],
+    "properties": {
+        "object": {"type": "string", "enum": ["list"]},
+        "data": {"type": "array", "items": VIDEO},
+        "has_more": {"type": "boolean"},
+        "first_id": {"type": ["string", "null"]},
+        "last_id": {"type": ["string", "null"]},
+    },
+}
+
+VIDEO_DELETED = {
+    "type": "object",
+    "required": ["id", "object", "deleted"],
+    "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["video.deleted"]},
+                   "deleted": {"type": "boolean"}},
+}
+
+
+def _video_create() -> dict[str, Any]:
+    """POST /v1/videos's JSON body: OpenAI's fields, each /api/v1 request field and each custom option flat."""
+    from gateway.openai_api import MAPPED, NUMBER
+
+    fields, options = catalog.REQUEST_FIELDS, catalog.OPTION_FIELDS
+    duration, resolution = options["duration"], options["resolution"]
+    props: dict[str, Any] = {
+        "prompt": field_schema(fields["prompt"]),
+        "model": {**field_schema(fields["model"]), "description": "a model id or its alias; default: the first "
+                                                                  "model the profile serves"},
+        "seconds": {"type": ["string", "number", "null"], "pattern": NUMBER.pattern, "minimum": duration.minimum,
+                    "maximum": duration.maximum, "description": "clip length in seconds, a string as OpenAI's "
+                    "(\"4\") or a number: custom_options.duration"},
+        "size": {**field_schema(resolution), "type": ["string", "null"],
+                 "description": "WxH, one the model supports: custom_options.resolution"},
+        "input_reference": {
+            "type": ["string", "object", "null"], "properties": {"image_url": {"type": "string"}},
+            "description": "an input image: in JSON a data:image/...;base64, URL (or {image_url: <that>}); in "
+                           "multipart/form-data a file part named input_reference. " + _input_description("image"),
+        },
+        **{f.name: field_schema(f) for f in catalog.REQUEST if f.name not in ("prompt", "model")},
+        **{f.name: field_schema(f) for f in catalog.OPTIONS if f.name not in MAPPED.values()},
+    }
+    return {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": props}
+
+
+def _v1_paths() -> dict[str, Any]:
+    limit = next(f for f in catalog.LIST_QUERY if f.name == "limit")
+    return {
+        "/v1/videos": {
+            "post": {
+                "summary": "Create a video (OpenAI-style); the same job as POST /api/v1/generate makes",
+                "description": "JSON, or multipart/form-data with the same fields as text parts (custom_options "
+                               "as custom_options[steps] ...) and an optional input_reference file part.",
+                "parameters": [IDEMPOTENCY_PARAM],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _video_create()}}},
+                "responses": {"200": _json(VIDEO), **_v1_errors(400, 409, 413, 415, 422, 429, 503)},
+            },
+            "get": {
+                "summary": "The caller's videos, newest first by default (cursor paging)",
+                "parameters": [
+                    {"name": "after", "in": "query", "schema": {"type": "string"},
+                     "description": "the id of the last video of the previous page"},
+                    {"name": "limit", "in": "query", "schema": field_schema(limit)},
+                    {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"],
+                                                                "default": "desc"}},
+                ],
+                "responses": {"200": _json(VIDEO_LIST), **_v1_errors(404, 422, 503)},
+            },
+        },
+        "/v1/videos/{job_id}": {
+            "get": {"summary": "A video job", "parameters": [JOB_ID_PARAM],
+                    "responses": {"200": _json(VIDEO), **_v1_errors(404, 503)}},
+            "delete": {"summary": "Delete a video: cancel it if it runs, remove its files, forget it",
+                       "parameters": [JOB_ID_PARAM],
+                       "responses": {"200": _json(VIDEO_DELETED), **_v1_errors(404, 503)}},
+        },
+        "/v1/videos/{job_id}/content": {"get": {
+            "summary": "The MP4, or a JPEG thumbnail (the middle frame) or spritesheet (a grid of frames)",
+            "parameters": [JOB_ID_PARAM, {"name": "variant", "in": "query", "schema": {
+                "type": "string", "enum": ["video", "thumbnail", "spritesheet"], "default": "video"}}],
+            "responses": {"200": {"description": "the content", "content": {"video/mp4": {}, "image/jpeg": {}}},
+                          **_v1_errors(404, 422, 503)},
+        }},
+    }
 
 
 AUTH_DESCRIPTION = (
@@ -169,7 +299,8 @@ def openapi_document(auth: bool = True) -> dict[str, Any]:
             if path in OPEN_PATHS:
                 operation["security"] = []
             else:
-                operation["responses"] = {**operation["responses"], **_errors(401, 403, 429)}
+                auth_errors = _v1_errors if path.startswith("/v1/") else _errors
+                operation["responses"] = {**operation["responses"], **auth_errors(401, 403, 429)}
     return doc
 
 
@@ -194,7 +325,8 @@ def _document() -> dict[str, Any]:
                         **{name: {"contentType": ", ".join(spec.media_types)} for name, spec in catalog.INPUTS.items()},
                     }},
                 }},
-                "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 413, 415, 422, 429, 503)},
+                "parameters": [IDEMPOTENCY_PARAM],
+                "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 409, 413, 415, 422, 429, 503)},
             }},
             "/api/v1/status/{job_id}": {"get": {
                 "summary": "A job's status, progress and ETA", "parameters": [JOB_ID_PARAM],
@@ -226,6 +358,7 @@ def _document() -> dict[str, Any]:
             "/health": {"get": {"summary": "The gateway process is alive", "responses": {"200": _json(OBJECT)}}},
             "/ready": {"get": {"summary": "Every stage on every route is up with its models loaded",
                                "responses": {"200": _json(OBJECT), "503": _json(OBJECT, "not ready")}}},
+            **_v1_paths(),
             "/metrics": {"get": {
                 "summary": "Prometheus metrics (text format 0.0.4): jobs, queue, latencies, stages, device memory",
                 "description": "With auth on, an admin key is needed: another key gets 403 FORBIDDEN.",

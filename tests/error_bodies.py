@@ -1,7 +1,8 @@
 """What every error body a client receives must look like; the suite's HTTP helpers call
 `check_error_body` on each >= 400 JSON response they get.
 
-The shape is `{"success": false, "error": {"code", "message", "details"}}`, and nothing in it may
+The shape is `{"success": false, "error": {"code", "message", "details"}}` (on /v1, OpenAI's
+`{"error": {"message", "type", "code", "param"}}`), and nothing in it may
 hold what a client has no business seeing: a path under the system's state folder (the spool,
 results and key files live there), anything under /tmp/, a traceback, an exception's repr, or an
 API key's token.
@@ -41,12 +42,31 @@ def check_error_body(path: str, status: int, body: Any, forbidden: Iterable[str]
     if status < 400 or path.split("?")[0] in STATUS_PATHS:
         return
     where = f"{status} from {path[:120]}"
+    if path == "/v1" or path.startswith("/v1/"):
+        check_openai_error(where, body, forbidden)
+        return
     assert isinstance(body, dict) and set(body) == {"success", "error"}, f"{where}: not an error body: {body!r:.300}"
     assert body["success"] is False, f"{where}: success is not false"
     error = body["error"]
     assert isinstance(error, dict) and set(error) == {"code", "message", "details"}, f"{where}: {error!r:.300}"
     assert isinstance(error["code"], str) and re.fullmatch(r"[A-Z][A-Z0-9_]*", error["code"]), f"{where}: {error}"
     assert isinstance(error["message"], str) and isinstance(error["details"], dict), f"{where}: {error!r:.300}"
+    check_leaks(where, error, forbidden)
+
+
+def check_openai_error(where: str, body: Any, forbidden: Iterable[str] = ()) -> None:
+    """The /v1 routes' errors: the OpenAI shape `{"error": {"message", "type", "code", "param"}}`,
+    leaking nothing either."""
+    assert isinstance(body, dict) and set(body) == {"error"}, f"{where}: not an OpenAI error body: {body!r:.300}"
+    error = body["error"]
+    assert isinstance(error, dict) and set(error) == {"message", "type", "code", "param"}, f"{where}: {error!r:.300}"
+    assert isinstance(error["message"], str) and isinstance(error["type"], str), f"{where}: {error!r:.300}"
+    assert isinstance(error["code"], str) and re.fullmatch(r"[a-z][a-z0-9_]*", error["code"]), f"{where}: {error}"
+    assert error["param"] is None or isinstance(error["param"], str), f"{where}: {error!r:.300}"
+    check_leaks(where, error, forbidden)
+
+
+def check_leaks(where: str, error: Any, forbidden: Iterable[str] = ()) -> None:
     secrets = [s for s in forbidden if s]
     for text in strings(error):
         for leak in (*LEAKS, *secrets):

@@ -258,6 +258,43 @@ def test_users_see_only_their_own_jobs_on_every_route(system):
     assert as_user(system, "alice", "POST", f"/api/v1/cancel/{job}")[0] == 409
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+def test_openai_api_uses_the_same_keys_and_isolation(system):
+    import openai
+
+    from tests.error_bodies import check_openai_error
+
+    def sdk(token):
+        return openai.OpenAI(base_url=f"{system.url}/v1", api_key=token, max_retries=0, timeout=30)
+
+    alice, bob = sdk(system.tokens["alice"]), sdk(system.tokens["bob"])
+    video = alice.videos.create(model="t2v", prompt="alice's video", extra_body={"quality_preset": "draft"})
+    key = {"Idempotency-Key": "shared-key"}  # keys are per user: the same key is bob's own
+    bobs = bob.videos.create(model="t2v", prompt="alice's video", extra_body={"quality_preset": "draft"},
+                             extra_headers=key)
+    assert bobs.id != video.id
+    assert alice.videos.create(model="t2v", prompt="alice's video", extra_body={"quality_preset": "draft"},
+                               extra_headers=key).id not in (video.id, bobs.id)
+    for call in (lambda: bob.videos.retrieve(video.id), lambda: bob.videos.delete(video.id),
+                 lambda: bob.videos.download_content(video.id)):
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        assert info.value.response.json()["error"]["code"] == "job_not_found"
+    assert video.id not in {v.id for v in bob.videos.list(limit=100).data}
+    assert video.id in {v.id for v in alice.videos.list(limit=100).data}
+    assert bobs.id not in {v.id for v in alice.videos.list(limit=100).data}
+    with pytest.raises(openai.AuthenticationError) as info:
+        sdk("wan_nobody_0123456789").videos.list()
+    check_openai_error("401 from /v1/videos", info.value.response.json(), system.key_tokens)
+    assert info.value.response.headers["www-authenticate"].startswith("Bearer")
+    status, _, content = system.request("GET", "/v1/videos", headers={"Authorization": ""})  # no key: shape checked
+    assert status == 401 and json.loads(content)["error"]["type"] == "authentication_error"
+    for client in (alice, bob):
+        for v in client.videos.list(limit=100).data:
+            if v.prompt == "alice's video":
+                assert client.videos.delete(v.id).deleted is True
+
+
 def test_rate_limit_per_key(system):
     codes = [as_user(system, "slow", "GET", "/api/v1/jobs") for _ in range(4)]
     assert [c[0] for c in codes[:3]] == [200, 200, 200]
