@@ -46,7 +46,7 @@ OPEN_PATHS = frozenset({"/health"})
 WS_SUBPROTOCOL = "wan.bearer"
 # What a browser app may send and read across origins, beyond the CORS-safelisted headers.
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")
-CORS_EXPOSED_HEADERS = ("Retry-After", "Content-Range")
+CORS_EXPOSED_HEADERS = ("Retry-After", "Content-Range", "Idempotent-Replayed")
 
 
 @dataclass(frozen=True)

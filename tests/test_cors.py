@@ -77,7 +77,7 @@ def test_request_from_allowed_origin_can_read_the_answer(system: System) -> None
                                     {"model": "t2v", "quality_preset": "draft", "prompt": "from the studio"}, key)
     assert status == 202, content
     assert headers["access-control-allow-origin"] == ORIGIN
-    assert {"retry-after", "content-range"} <= listed(headers, "access-control-expose-headers")
+    assert {"retry-after", "content-range", "idempotent-replayed"} <= listed(headers, "access-control-expose-headers")
     job_id = json.loads(content)["job_id"]
     system.headers = key
     try:
