@@ -58,6 +58,13 @@ export interface IRequestOptions {
   signal?: AbortSignal;
 }
 
+export interface IGenerateOptions extends IRequestOptions {
+  /** Sent as `Idempotency-Key`: the same key and body within 24 h give the same job back, so a retry
+   * after a lost answer cannot make a second job; the same key with another body is 409
+   * IDEMPOTENCY_KEY_REUSED. */
+  idempotencyKey?: string;
+}
+
 export interface IDownloadOptions extends IRequestOptions {
   /** called after every chunk, and once at the end (received === total when the length was known) */
   onProgress?: (progress: IDownloadProgress) => void;
@@ -115,17 +122,19 @@ export class PopOSModelService {
 
   /** Submit a job: JSON, or multipart/form-data when `image` is given (i2v needs one, ti2v takes one). */
   async generate(request: IGenerationRequest, image?: IImageInput,
-                 options: IRequestOptions = {}): Promise<IGenerationResponse> {
+                 options: IGenerateOptions = {}): Promise<IGenerationResponse> {
+    const { idempotencyKey, ...rest } = options;
+    const keyHeader: Record<string, string> = idempotencyKey === undefined ? {} : { "Idempotency-Key": idempotencyKey };
     if (image === undefined) {
       return this.json<IGenerationResponse>("POST", "/api/v1/generate", {
-        body: JSON.stringify(request), headers: { "Content-Type": "application/json" }, ...options,
+        body: JSON.stringify(request), headers: { "Content-Type": "application/json", ...keyHeader }, ...rest,
       });
     }
     const form = new FormData();
     form.append("request", JSON.stringify(request)); // a field, not a file: the server insists
     const [blob, filename] = imageBlob(image);
     form.append("image", blob, filename);
-    return this.json<IGenerationResponse>("POST", "/api/v1/generate", { body: form, ...options });
+    return this.json<IGenerationResponse>("POST", "/api/v1/generate", { body: form, headers: keyHeader, ...rest });
   }
 
   status(jobId: string, options: IRequestOptions = {}): Promise<IJobStatus> {

@@ -302,7 +302,10 @@ export interface paths {
         post: {
             parameters: {
                 query?: never;
-                header?: never;
+                header?: {
+                    /** @description 1 to 255 characters; the same key and body (per API key) within 24 h return the same job (with Idempotent-Replayed: true), another body under the key is 409 IDEMPOTENCY_KEY_REUSED */
+                    "Idempotency-Key"?: string;
+                };
                 path?: never;
                 cookie?: never;
             };
@@ -357,6 +360,8 @@ export interface paths {
                         quality_preset?: "draft" | "standard" | "pro" | "cinema" | "ultimate";
                         /** @description null or absent: a random seed (the result's metadata has it) */
                         seed?: number | null;
+                        /** @description POSTed the job's final state (video.completed, video.failed, video.cancelled), signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED) */
+                        webhook_url?: string | null;
                     };
                     "multipart/form-data": {
                         /** @description input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B; optional for ti2v-5B; refused by the other models (a file part, with a filename) */
@@ -409,6 +414,8 @@ export interface paths {
                             quality_preset?: "draft" | "standard" | "pro" | "cinema" | "ultimate";
                             /** @description null or absent: a random seed (the result's metadata has it) */
                             seed?: number | null;
+                            /** @description POSTed the job's final state (video.completed, video.failed, video.cancelled), signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED) */
+                            webhook_url?: string | null;
                         };
                     };
                 };
@@ -465,6 +472,23 @@ export interface paths {
                 };
                 /** @description error */
                 403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                409: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -1482,6 +1506,837 @@ export interface paths {
                     };
                     content: {
                         "application/json": Record<string, unknown>;
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/videos": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's videos, newest first by default (cursor paging) */
+        get: {
+            parameters: {
+                query?: {
+                    /** @description the id of the last video of the previous page */
+                    after?: string;
+                    limit?: number;
+                    order?: "asc" | "desc";
+                };
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            data: {
+                                completed_at?: number | null;
+                                created_at: number;
+                                /** @description {code, message}; a cancelled job: code cancelled */
+                                error?: Record<string, unknown> | null;
+                                expires_at?: number | null;
+                                id: string;
+                                model: string;
+                                /** @enum {string} */
+                                object: "video";
+                                progress: number;
+                                prompt?: string | null;
+                                remixed_from_video_id?: string | null;
+                                seconds: string;
+                                size: string;
+                                /** @enum {string} */
+                                status: "queued" | "in_progress" | "completed" | "failed";
+                            }[];
+                            first_id: string | null;
+                            has_more: boolean;
+                            last_id: string | null;
+                            /** @enum {string} */
+                            object: "list";
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        /**
+         * Create a video (OpenAI-style); the same job as POST /api/v1/generate makes
+         * @description JSON, or multipart/form-data with the same fields as text parts (custom_options as custom_options[steps] ...) and an optional input_reference file part.
+         */
+        post: {
+            parameters: {
+                query?: never;
+                header?: {
+                    /** @description 1 to 255 characters; the same key and body (per API key) within 24 h return the same job (with Idempotent-Replayed: true), another body under the key is 409 IDEMPOTENCY_KEY_REUSED */
+                    "Idempotency-Key"?: string;
+                };
+                path?: never;
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/json": {
+                        /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
+                        cfg_scale?: number;
+                        /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
+                        cfg_scale_2?: number | null;
+                        /** @description overrides of the preset */
+                        custom_options?: {
+                            /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
+                            cfg_scale?: number;
+                            /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
+                            cfg_scale_2?: number | null;
+                            /** @description seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both) */
+                            duration?: number;
+                            /** @description frames per second of the video */
+                            fps?: number;
+                            /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
+                            num_frames?: number;
+                            /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
+                            resolution?: string;
+                            /** @description flow-matching timestep shift; null: the model's own */
+                            shift?: number | null;
+                            /** @description denoising steps */
+                            steps?: number;
+                        } | null;
+                        /** @description frames per second of the video */
+                        fps?: number;
+                        /** @description an input image: in JSON a data:image/...;base64, URL (or {image_url: <that>}); in multipart/form-data a file part named input_reference. input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B; optional for ti2v-5B; refused by the other models */
+                        input_reference?: string | {
+                            image_url?: string;
+                        } | null;
+                        /**
+                         * @description a model id or its alias; default: the first model the profile serves
+                         * @enum {string}
+                         */
+                        model?: "t2v-A14B" | "i2v-A14B" | "ti2v-5B" | "s2v-14B" | "t2v" | "i2v" | "ti2v" | "s2v";
+                        /** @description what it should not show */
+                        negative_prompt?: string | null;
+                        /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
+                        num_frames?: number;
+                        /**
+                         * @description higher runs first
+                         * @default 0
+                         */
+                        priority?: number;
+                        /** @description what the video shows */
+                        prompt: string;
+                        /**
+                         * @description alias of quality_preset (quality_preset wins if both)
+                         * @enum {string}
+                         */
+                        quality?: "draft" | "standard" | "pro" | "cinema" | "ultimate";
+                        /**
+                         * @description what the job resolves to before custom_options
+                         * @default standard
+                         * @enum {string}
+                         */
+                        quality_preset?: "draft" | "standard" | "pro" | "cinema" | "ultimate";
+                        /** @description clip length in seconds, a string as OpenAI's ("4") or a number: custom_options.duration */
+                        seconds?: string | number | null;
+                        /** @description null or absent: a random seed (the result's metadata has it) */
+                        seed?: number | null;
+                        /** @description flow-matching timestep shift; null: the model's own */
+                        shift?: number | null;
+                        /** @description WxH, one the model supports: custom_options.resolution */
+                        size?: string | null;
+                        /** @description denoising steps */
+                        steps?: number;
+                        /** @description POSTed the job's final state (video.completed, video.failed, video.cancelled), signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED) */
+                        webhook_url?: string | null;
+                    };
+                };
+            };
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            completed_at?: number | null;
+                            created_at: number;
+                            /** @description {code, message}; a cancelled job: code cancelled */
+                            error?: Record<string, unknown> | null;
+                            expires_at?: number | null;
+                            id: string;
+                            model: string;
+                            /** @enum {string} */
+                            object: "video";
+                            progress: number;
+                            prompt?: string | null;
+                            remixed_from_video_id?: string | null;
+                            seconds: string;
+                            size: string;
+                            /** @enum {string} */
+                            status: "queued" | "in_progress" | "completed" | "failed";
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                413: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                415: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/videos/{job_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A video job */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    job_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            completed_at?: number | null;
+                            created_at: number;
+                            /** @description {code, message}; a cancelled job: code cancelled */
+                            error?: Record<string, unknown> | null;
+                            expires_at?: number | null;
+                            id: string;
+                            model: string;
+                            /** @enum {string} */
+                            object: "video";
+                            progress: number;
+                            prompt?: string | null;
+                            remixed_from_video_id?: string | null;
+                            seconds: string;
+                            size: string;
+                            /** @enum {string} */
+                            status: "queued" | "in_progress" | "completed" | "failed";
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        /** Delete a video: cancel it if it runs, remove its files, forget it */
+        delete: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    job_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            deleted: boolean;
+                            id: string;
+                            /** @enum {string} */
+                            object: "video.deleted";
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+            };
+        };
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/videos/{job_id}/content": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The MP4, or a JPEG thumbnail (the middle frame) or spritesheet (a grid of frames) */
+        get: {
+            parameters: {
+                query?: {
+                    variant?: "video" | "thumbnail" | "spritesheet";
+                };
+                header?: never;
+                path: {
+                    job_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description the content */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "image/jpeg": unknown;
+                        "video/mp4": unknown;
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
+                    };
+                };
+                /** @description error (OpenAI shape) */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                /** @description our error code, lower case */
+                                code: string;
+                                message: string;
+                                param: string | null;
+                                type: string;
+                            };
+                        };
                     };
                 };
             };

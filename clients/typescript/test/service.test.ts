@@ -124,6 +124,20 @@ test("cancel: a running job stops; cancelling it again is 409 JOB_NOT_CANCELLABL
   await refused(api.download(submitted.job_id), "RESULT_NOT_AVAILABLE", 404, { status: "cancelled" });
 });
 
+test("Idempotency-Key: a retried generate gives the same job; another body under the key is 409", { timeout: 60_000 }, async () => {
+  const key = `ts-${Date.now()}-${Math.random()}`;
+  const request: IGenerationRequest = { prompt: "once only", model: "t2v", quality_preset: "draft" };
+  const first = await api.generate(request, undefined, { idempotencyKey: key });
+  const again = await api.generate(request, undefined, { idempotencyKey: key });
+  assert.equal(again.job_id, first.job_id);
+  await refused(api.generate({ ...request, prompt: "something else" }, undefined, { idempotencyKey: key }),
+                "IDEMPOTENCY_KEY_REUSED", 409);
+  const other = await api.generate(request, undefined, { idempotencyKey: `${key}-2` });
+  assert.notEqual(other.job_id, first.job_id);
+  await api.wait(first.job_id);
+  await api.wait(other.job_id);
+});
+
 test("errors carry the structured code, message, details and HTTP status", { timeout: 60_000 }, async () => {
   const missing = "0".repeat(32);
   await refused(api.status(missing), "JOB_NOT_FOUND", 404, { job_id: missing });
