@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     output_path TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
-    checkpoint TEXT
+    checkpoint TEXT,
+    outputs TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
 CREATE TABLE IF NOT EXISTS stage_timings (
@@ -73,6 +74,8 @@ class Job:
     output_path: str | None
     timings: dict[str, Any]
     checkpoint: str | None = None
+    # What the muxer wrote: {"files": [JobDone.outputs...], "postprocess": JobDone.postprocess}.
+    outputs: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -80,6 +83,7 @@ class Job:
         for key in ("params", "route", "timings"):
             d[key] = json.loads(d[key])
         d["error"] = json.loads(d["error"]) if d["error"] else None
+        d["outputs"] = json.loads(d["outputs"]) if d.get("outputs") else None
         return cls(**d)
 
     @property
@@ -98,6 +102,8 @@ class JobStore:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
         if "checkpoint" not in columns:  # a store written before checkpoints
             self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
+        if "outputs" not in columns:  # a store written before jobs had several outputs
+            self.db.execute("ALTER TABLE jobs ADD COLUMN outputs TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -208,16 +214,18 @@ class JobStore:
         error: dict[str, Any] | None = None,
         output_path: str | None = None,
         timings: dict[str, Any] | None = None,
+        outputs: dict[str, Any] | None = None,
     ) -> bool:
         """Move a job to a final state, once. With `attempt`, only that attempt may finish it."""
         assert status in FINAL
         sql = (
-            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, output_path = ?,"
+            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, output_path = ?, outputs = ?,"
             " progress = CASE WHEN ? = 'completed' THEN 1.0 ELSE progress END,"
             " stage = CASE WHEN status = 'queued' THEN NULL ELSE stage END,"
             " timings = COALESCE(?, timings) WHERE id = ? AND status IN ('queued', 'processing')"
         )
-        args: list[Any] = [status, time.time(), json.dumps(error) if error else None, output_path, status,
+        args: list[Any] = [status, time.time(), json.dumps(error) if error else None, output_path,
+                           json.dumps(outputs) if outputs is not None else None, status,
                            json.dumps(timings) if timings is not None else None, job_id]
         if attempt is not None:
             sql += " AND attempt = ?"

@@ -1,10 +1,14 @@
-"""Muxer stage: uint8 frames -> H.264 (yuv420p) MP4 with PyAV.
+"""Muxer stage: uint8 frames -> post-processing -> MP4 (H.264, HEVC or AV1), and a lossless master.
 
-The file is written to a temporary name in the results folder, fsynced and renamed into place
-(and the folder fsynced), so a reader never sees a partial MP4, even after a crash or power loss.
+Per job: the VAE's frames go through the job's post-processing (stages/postprocess.py:
+interpolation, upscaling), streamed frame by frame into the MP4's encoder (stages/encoders.py);
+with `lossless_master`, the same source frames also go, untouched, into an FFV1 Matroska file.
+Every file is written to a temporary name in the results folder, fsynced and renamed into place
+(and the folder fsynced) only once every output is complete, so a reader never sees a partial
+file, even after a crash or power loss, and a job that fails part way leaves none of its files.
 A write that fails (disk full, the file size limit, a results folder that is not writable) fails
-the job with `RESULT_WRITE_ERROR` and removes the temporary file; temporary files left by a muxer
-process that was killed are removed when the next one starts.
+the job with `RESULT_WRITE_ERROR` and removes the temporary files; temporary files left by a
+muxer process that was killed are removed when the next one starts.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import os
 import re
 import signal
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -23,14 +26,16 @@ import numpy as np
 
 from common import messages as m
 from common.errors import InvalidRequest, OutputError
-from common.spool import replace_durably
+from stages import postprocess
 from stages.base import Stage
+from stages.encoders import Encoding, VideoOutput, job_encoding
 from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_-]{1,64}\.mp4\.(\d+)\.tmp$")
+TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_-]{1,64}\.(?:mp4|mkv)\.(\d+)\.tmp$")
+MASTER = Encoding("ffv1")
 
 
 def write_error(exc: OSError) -> OutputError:
@@ -41,41 +46,64 @@ def write_error(exc: OSError) -> OutputError:
                        {"errno": code, "reason": name})
 
 
-def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium",
-              before_trailer: Callable[[], None] | None = None, metadata: dict[str, str] | None = None) -> None:
-    """Encode (F, H, W, 3) uint8 frames to `path` atomically. `before_trailer` is called once every
-    frame is in the temporary file, before the index (moov) that makes it playable; `metadata` goes
-    into the container's tags."""
+def check_frames(frames: np.ndarray) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise InvalidRequest(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+
+
+def write_outputs(frames: np.ndarray, fps: int, path: Path, encoding: Encoding, *,
+                  plan: postprocess.Plan | None = None, master: Path | None = None,
+                  before_trailer: Callable[[], None] | None = None, between_frames: Callable[[], None] | None = None,
+                  metadata: dict[str, str] | None = None) -> list[VideoOutput]:
+    """Encode (F, H, W, 3) uint8 `frames` through `plan` into `path` (an MP4), and untouched into
+    `master` (an FFV1 .mkv) if given; every file is put in place only once all are complete.
+    `before_trailer` is called once every frame is in the temporary files, before the index that
+    makes them playable; `between_frames` after each source frame (a cancelled job stops there)."""
+    check_frames(frames)
     height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        raise InvalidRequest(f"yuv420p needs even width and height, got {width}x{height}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    plan = plan or postprocess.Plan(width, height, fps, width, height, fps)
+    outputs: list[VideoOutput] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            container.metadata.update(metadata or {})
-            stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-            if before_trailer is not None:
-                before_trailer()
-        # The job is recorded completed once the JobDone report leaves: the video must be on
-        # disk by then, as checkpoints are.
-        replace_durably(tmp, path)
+        main = VideoOutput(path, encoding, plan.out_width, plan.out_height, plan.out_fps, metadata)
+        outputs.append(main)
+        lossless = VideoOutput(master, MASTER, width, height, fps, metadata) if master is not None else None
+        if lossless is not None:
+            outputs.append(lossless)
+        pipeline = postprocess.Pipeline(plan)
+        for frame in frames:
+            source = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if lossless is not None:
+                lossless.write(source)
+            for out in pipeline.push(source):
+                main.write(out)
+            if between_frames is not None:
+                between_frames()
+        for out in pipeline.flush():
+            main.write(out)
+        for output in outputs:
+            output.finish()
+        if before_trailer is not None:
+            before_trailer()
+        # The job is recorded completed once the JobDone report leaves: the files must be on disk
+        # by then, as checkpoints are. The MP4 (what output_url names) goes in place last.
+        for output in reversed(outputs):
+            output.commit()
+        return outputs
     except OSError as exc:
+        for output in outputs:
+            output.discard()
         raise write_error(exc) from None
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    except BaseException:
+        for output in outputs:
+            output.discard()
+        raise
+
+
+def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium",
+              before_trailer: Callable[[], None] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Encode (F, H, W, 3) uint8 frames to an H.264 MP4 at `path` atomically (no post-processing)."""
+    write_outputs(frames, fps, path, Encoding("h264", crf, 8, preset), before_trailer=before_trailer,
+                  metadata=metadata)
 
 
 def remove_stale_temp_files(folder: Path) -> list[str]:
@@ -106,12 +134,13 @@ def remove_stale_temp_files(folder: Path) -> list[str]:
     return removed
 
 
-def postprocess_metadata(p: m.JobParams) -> dict[str, str]:
-    """The preset's post-processing, recorded in the MP4 as requested and not applied."""
-    if not p.postprocess:
+def postprocess_metadata(applied: dict[str, object]) -> dict[str, str]:
+    """The post-processing that ran, recorded in the files' tags."""
+    if not applied:
         return {}
-    wanted = ", ".join(f"{k}={v}" for k, v in sorted(p.postprocess.items()))
-    return {"comment": f"wan-server: post-processing requested, not applied: {wanted}"}
+    parts = [f"{k}={v}" for k, v in sorted(applied.items()) if not isinstance(v, dict)]
+    parts += [f"{k}={v['method']}" for k, v in sorted(applied.items()) if isinstance(v, dict)]
+    return {"comment": f"wan-server: post-processed: {', '.join(parts)}"}
 
 
 class MuxerStage(Stage):
@@ -120,6 +149,7 @@ class MuxerStage(Stage):
     def setup(self) -> None:
         # Past a file size limit (RLIMIT_FSIZE) a write must fail with EFBIG, not kill the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its banner at every job otherwise
         self.results_dir = self.config.results_dir
         try:
             self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +157,6 @@ class MuxerStage(Stage):
             log.error("results folder is not usable: %s", exc.strerror)
         for name in remove_stale_temp_files(self.results_dir):
             log.warning("removed %s, left by a muxer that was killed while writing", name)
-        self.crf = self.spec.crf
-        self.preset = self.spec.preset
 
     def handle(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.MuxJob):
@@ -136,20 +164,30 @@ class MuxerStage(Stage):
         if not SAFE_JOB_ID.match(msg.job_id):
             raise InvalidRequest("job id may only hold letters, digits, '-' and '_'", {"job_id": msg.job_id[:80]})
         frames = msg.frames.numpy()
+        check_frames(frames)
+        p = msg.params
+        plan = postprocess.plan(p, int(frames.shape[2]), int(frames.shape[1]))
+        encoding = job_encoding(p.encoding, self.spec)
         path = self.results_dir / f"{msg.job_id}.mp4"
-        write_mp4(frames, msg.params.fps, path, self.crf, self.preset,
-                  before_trailer=lambda: self.fault_point("write"), metadata=postprocess_metadata(msg.params))
-        log.info("wrote %s (%d frames %dx%d @ %d fps)",
-                 path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
+        master = self.results_dir / f"{msg.job_id}.mkv" if p.encoding.get("lossless_master") else None
+        outputs = write_outputs(frames, p.fps, path, encoding, plan=plan, master=master,
+                                before_trailer=lambda: self.fault_point("write"),
+                                between_frames=lambda: self.check_cancelled(msg.job_id),
+                                metadata=postprocess_metadata(plan.applied()))
+        main = outputs[0]
+        log.info("wrote %s (%d frames %dx%d @ %d fps, %s)%s", path, main.frames, main.width, main.height, main.fps,
+                 encoding.codec, " and its lossless master" if master is not None else "")
         return [
             m.JobDone(
                 job_id=msg.job_id,
                 attempt=msg.attempt,
                 path=str(path),
-                num_frames=len(frames),
-                width=int(frames.shape[2]),
-                height=int(frames.shape[1]),
-                fps=msg.params.fps,
+                num_frames=main.frames,
+                width=main.width,
+                height=main.height,
+                fps=main.fps,
+                outputs=[o.describe() for o in outputs],
+                postprocess=plan.applied(),
             )
         ]
 
