@@ -32,6 +32,7 @@ RANGE_LIMITED = 1
 RANGE_FULL = 2
 
 CONTAINERS = {"mp4": "mp4", "mkv": "matroska"}
+X265_CUTREE_MIN_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,14 @@ class Encoding:
             return "bgr0"  # 8-bit RGB FFV1 takes bgr0 (its gbrp is refused); decodes to rgb24 exactly
         return "yuv420p10le" if self.bit_depth == 10 else "yuv420p"
 
-    @property
-    def options(self) -> dict[str, str]:
+    def options(self, width: int, height: int) -> dict[str, str]:
         if self.codec == "h264":
             return {"crf": str(self.crf), "preset": self.preset}
         if self.codec == "h265":
-            return {"crf": str(self.crf), "preset": self.preset, "x265-params": "log-level=error"}
+            # x265 4.x's CU-tree corrupts the heap on frames a few CTUs small (48x32 aborts the
+            # process); no real video is that small, so only there is it turned off.
+            tiny = ":cutree=0" if min(width, height) < X265_CUTREE_MIN_SIDE else ""
+            return {"crf": str(self.crf), "preset": self.preset, "x265-params": f"log-level=error{tiny}"}
         if self.codec == "av1":
             return {"crf": str(self.crf), "preset": str(self.av1_preset)}
         return {"level": "3", "slicecrc": "1"}
@@ -104,7 +107,7 @@ class VideoOutput:
                 cc.colorspace, cc.color_range = SPC_RGB, RANGE_FULL
             else:
                 cc.colorspace, cc.color_range = BT709, RANGE_LIMITED
-            stream.options = dict[str, object](encoding.options)
+            stream.options = dict[str, object](encoding.options(width, height))
             self.stream = stream
         except BaseException:
             self.discard()
