@@ -1,5 +1,8 @@
 """The muxer's video files: H.264 / HEVC / AV1 in MP4, and the lossless FFV1 master in Matroska.
 
+`write_outputs` streams a job's frames, one at a time, through its post-processing
+(stages/postprocess.py) into the MP4's encoder, and untouched into the master's.
+
 Every output is written to a temporary file in the results folder (`.<name>.<pid>.tmp`), frame by
 frame, and only `commit()` renames it into place (fsync, rename, fsync of the folder: see
 `common.spool.replace_durably`), so a reader never sees a partial file. Every stream is tagged with
@@ -10,19 +13,23 @@ master, whose `bgr0` frames decode to the input's RGB bit for bit.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 from av.video.stream import VideoStream
 
 from common import catalog
 from common.config import StageSpec
-from common.errors import InvalidRequest
+from common.errors import InvalidRequest, OutputError
 from common.spool import replace_durably
+from stages import postprocess
 
 # FFmpeg's enum values (libavutil/pixfmt.h): AVCOL_PRI_BT709, AVCOL_TRC_BT709, AVCOL_SPC_RGB,
 # AVCOL_SPC_BT709, AVCOL_RANGE_MPEG (limited), AVCOL_RANGE_JPEG (full).
@@ -157,3 +164,67 @@ class VideoOutput:
         return {"file": self.path.name, "codec": self.encoding.codec, "container": CONTAINERS[self.path.suffix[1:]],
                 "width": self.width, "height": self.height, "fps": self.fps, "frames": self.frames,
                 "pix_fmt": self.encoding.pix_fmt, "bytes": self.path.stat().st_size}
+
+
+MASTER = Encoding("ffv1")
+
+
+def write_error(exc: OSError) -> OutputError:
+    """The structured error for a failed write: the errno and its text, never a path."""
+    code = exc.errno or 0
+    name = errno.errorcode.get(code, "UNKNOWN")
+    return OutputError(f"could not write the video: {os.strerror(code) if code else 'I/O error'}",
+                       {"errno": code, "reason": name})
+
+
+def check_frames(frames: np.ndarray) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise InvalidRequest(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+
+
+def write_outputs(frames: np.ndarray, fps: int, path: Path, encoding: Encoding, *,
+                  plan: postprocess.Plan | None = None, master: Path | None = None,
+                  before_trailer: Callable[[], None] | None = None, between_frames: Callable[[], None] | None = None,
+                  metadata: dict[str, str] | None = None) -> list[VideoOutput]:
+    """Encode (F, H, W, 3) uint8 `frames` through `plan` into `path` (an MP4), and untouched into
+    `master` (an FFV1 .mkv) if given; every file is put in place only once all are complete.
+    `before_trailer` is called once every frame is in the temporary files, before the index that
+    makes them playable; `between_frames` after each source frame (a cancelled job stops there)."""
+    check_frames(frames)
+    height, width = frames.shape[1:3]
+    plan = plan or postprocess.Plan(width, height, fps, width, height, fps)
+    outputs: list[VideoOutput] = []
+    try:
+        main = VideoOutput(path, encoding, plan.out_width, plan.out_height, plan.out_fps, metadata)
+        outputs.append(main)
+        lossless = VideoOutput(master, MASTER, width, height, fps, metadata) if master is not None else None
+        if lossless is not None:
+            outputs.append(lossless)
+        pipeline = postprocess.Pipeline(plan)
+        for frame in frames:
+            source = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if lossless is not None:
+                lossless.write(source)
+            for out in pipeline.push(source):
+                main.write(out)
+            if between_frames is not None:
+                between_frames()
+        for out in pipeline.flush():
+            main.write(out)
+        for output in outputs:
+            output.finish()
+        if before_trailer is not None:
+            before_trailer()
+        # The job is recorded completed once the JobDone report leaves: the files must be on disk
+        # by then, as checkpoints are. The MP4 (what output_url names) goes in place last.
+        for output in reversed(outputs):
+            output.commit()
+        return outputs
+    except OSError as exc:
+        for output in outputs:
+            output.discard()
+        raise write_error(exc) from None
+    except BaseException:
+        for output in outputs:
+            output.discard()
+        raise

@@ -13,7 +13,6 @@ muxer process that was killed are removed when the next one starts.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -21,82 +20,19 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import av
 import numpy as np
 
 from common import messages as m
-from common.errors import InvalidRequest, OutputError
+from common.errors import InvalidRequest
 from stages import postprocess
 from stages.base import Stage
-from stages.encoders import Encoding, VideoOutput, job_encoding
+from stages.encoders import Encoding, check_frames, job_encoding, write_outputs
 from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_-]{1,64}\.(?:mp4|mkv)\.(\d+)\.tmp$")
-MASTER = Encoding("ffv1")
-
-
-def write_error(exc: OSError) -> OutputError:
-    """The structured error for a failed write: the errno and its text, never a path."""
-    code = exc.errno or 0
-    name = errno.errorcode.get(code, "UNKNOWN")
-    return OutputError(f"could not write the video: {os.strerror(code) if code else 'I/O error'}",
-                       {"errno": code, "reason": name})
-
-
-def check_frames(frames: np.ndarray) -> None:
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise InvalidRequest(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
-
-
-def write_outputs(frames: np.ndarray, fps: int, path: Path, encoding: Encoding, *,
-                  plan: postprocess.Plan | None = None, master: Path | None = None,
-                  before_trailer: Callable[[], None] | None = None, between_frames: Callable[[], None] | None = None,
-                  metadata: dict[str, str] | None = None) -> list[VideoOutput]:
-    """Encode (F, H, W, 3) uint8 `frames` through `plan` into `path` (an MP4), and untouched into
-    `master` (an FFV1 .mkv) if given; every file is put in place only once all are complete.
-    `before_trailer` is called once every frame is in the temporary files, before the index that
-    makes them playable; `between_frames` after each source frame (a cancelled job stops there)."""
-    check_frames(frames)
-    height, width = frames.shape[1:3]
-    plan = plan or postprocess.Plan(width, height, fps, width, height, fps)
-    outputs: list[VideoOutput] = []
-    try:
-        main = VideoOutput(path, encoding, plan.out_width, plan.out_height, plan.out_fps, metadata)
-        outputs.append(main)
-        lossless = VideoOutput(master, MASTER, width, height, fps, metadata) if master is not None else None
-        if lossless is not None:
-            outputs.append(lossless)
-        pipeline = postprocess.Pipeline(plan)
-        for frame in frames:
-            source = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            if lossless is not None:
-                lossless.write(source)
-            for out in pipeline.push(source):
-                main.write(out)
-            if between_frames is not None:
-                between_frames()
-        for out in pipeline.flush():
-            main.write(out)
-        for output in outputs:
-            output.finish()
-        if before_trailer is not None:
-            before_trailer()
-        # The job is recorded completed once the JobDone report leaves: the files must be on disk
-        # by then, as checkpoints are. The MP4 (what output_url names) goes in place last.
-        for output in reversed(outputs):
-            output.commit()
-        return outputs
-    except OSError as exc:
-        for output in outputs:
-            output.discard()
-        raise write_error(exc) from None
-    except BaseException:
-        for output in outputs:
-            output.discard()
-        raise
 
 
 def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium",
