@@ -30,8 +30,8 @@ from common.config import Config
 from common.errors import OutputError
 from stages import encoders
 from stages.base import StageContext
-from stages.encoders import Encoding
-from stages.muxer import MuxerStage, write_outputs
+from stages.encoders import Encoding, write_outputs
+from stages.muxer import MuxerStage
 from tests.error_bodies import check_error_body
 from tests.helpers import short_tmpdir, vae_frames
 
