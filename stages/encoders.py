@@ -189,7 +189,8 @@ def write_outputs(frames: np.ndarray, fps: int, path: Path, encoding: Encoding, 
     """Encode (F, H, W, 3) uint8 `frames` through `plan` into `path` (an MP4), and untouched into
     `master` (an FFV1 .mkv) if given; every file is put in place only once all are complete.
     `before_trailer` is called once every frame is in the temporary files, before the index that
-    makes them playable; `between_frames` after each source frame (a cancelled job stops there)."""
+    makes them playable; `between_frames` after each frame written (a cancelled job stops there: an
+    8K frame takes seconds to encode on a CPU)."""
     check_frames(frames)
     height, width = frames.shape[1:3]
     plan = plan or postprocess.Plan(width, height, fps, width, height, fps)
@@ -201,16 +202,18 @@ def write_outputs(frames: np.ndarray, fps: int, path: Path, encoding: Encoding, 
         if lossless is not None:
             outputs.append(lossless)
         pipeline = postprocess.Pipeline(plan)
+        check = between_frames or (lambda: None)
         for frame in frames:
             source = av.VideoFrame.from_ndarray(frame, format="rgb24")
             if lossless is not None:
                 lossless.write(source)
             for out in pipeline.push(source):
                 main.write(out)
-            if between_frames is not None:
-                between_frames()
+                check()
+            check()
         for out in pipeline.flush():
             main.write(out)
+            check()
         for output in outputs:
             output.finish()
         if before_trailer is not None:

@@ -27,7 +27,7 @@ from broker.driver import default_params
 from common import messages as m
 from common import spool
 from common.config import Config
-from common.errors import OutputError
+from common.errors import JobCancelled, OutputError
 from stages import encoders
 from stages.base import StageContext
 from stages.encoders import Encoding, write_outputs
@@ -219,6 +219,27 @@ def test_a_write_failure_with_every_frame_encoded_leaves_no_file(muxer_config):
     with pytest.raises(OutputError) as info:
         stage.handle(mux_job(muxer_config, "full"))
     assert info.value.details == {"errno": errno.ENOSPC, "reason": "ENOSPC"}
+    assert list(muxer_config.results_dir.iterdir()) == []
+
+
+class CancelAfter(StageContext):
+    """Cancels the job once the muxer has asked `n` times (it asks after every frame it writes)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def cancelled(self, job_id: str) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def test_a_job_cancelled_while_it_is_encoded_stops_there_and_leaves_no_file(muxer_config):
+    stage = MuxerStage(muxer_config, muxer_config.stage("muxer"), CancelAfter(3))
+    stage.setup()
+    job = mux_job(muxer_config, "cancelled")
+    job.params.postprocess = {"interpolate_fps": 48, "upscale": 2.0}
+    with pytest.raises(JobCancelled):
+        stage.handle(job)
     assert list(muxer_config.results_dir.iterdir()) == []
 
 
