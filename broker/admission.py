@@ -2,7 +2,8 @@
 
 The request is the plan's: `prompt`, `negative_prompt?`, `model`, `quality_preset` (or `quality`),
 `seed?`, `priority?`, `custom_options?` {`steps`, `cfg_scale`, `cfg_scale_2`, `shift`, `resolution`,
-`fps`, `duration`, `num_frames`}; common/catalog.py defines each field and its bounds, and the OpenAPI
+`fps`, `duration`, `num_frames`, `codec`, `crf`, `bit_depth`, `lossless_master`, `interpolate_fps`, `upscale`,
+`upscale_to`}; common/catalog.py defines each field and its bounds, and the OpenAPI
 document is generated from the same tables. Presets and the sizes each model supports come from the
 profile (`[presets.<model>.<preset>]`, `[models.<model>]`), so a profile can scale them to its hardware.
 """
@@ -110,6 +111,13 @@ def _check_preset(where: str, row: dict[str, Any], model: str, resolutions: list
         raise bad("interpolate_fps must be above fps")
     if row.get("upscale", 1.0) < 1.0:
         raise bad("upscale must be at least 1")
+    for key in POSTPROCESS_FIELDS:
+        try:
+            catalog.check(catalog.OPTION_FIELDS[key], row.get(key), key)
+        except ValidationError as exc:
+            raise bad(exc.message) from None
+    if "upscale" in row and "upscale_to" in row:
+        raise bad("give upscale or upscale_to, not both")
 
 
 def supported_resolutions(config: Config, model: str) -> list[str]:
@@ -206,19 +214,70 @@ def resolve(
                        f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}", max_frames=limit)
     else:
         frames = int(base["num_frames"])
+    postprocess = resolve_postprocess(options, base, width, height, fps)
     params = m.JobParams(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
         num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
-        image_sha256=image_sha256, postprocess={k: base[k] for k in POSTPROCESS_FIELDS if k in base},
+        image_sha256=image_sha256, postprocess=postprocess,
+        encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
     )
     return preset, params, priority
+
+
+def resolve_postprocess(options: dict[str, Any], base: dict[str, Any], width: int, height: int,
+                        fps: int) -> dict[str, Any]:
+    """The post-processing a job asks for: the preset's, each field overridden by custom_options
+    (`upscale_to` replaces the preset's `upscale` factor, and the other way round; given both,
+    `upscale_to` wins)."""
+    wanted = {k: base[k] for k in POSTPROCESS_FIELDS if k in base}
+    given = {k: _option(options, k, None) for k in POSTPROCESS_FIELDS if options.get(k) is not None}
+    if "upscale" in given and "upscale_to" in given:  # as num_frames over duration: the named size wins
+        del given["upscale"]
+    if {"upscale", "upscale_to"} & set(given):
+        wanted.pop("upscale", None)
+        wanted.pop("upscale_to", None)
+    wanted.update(given)
+    if wanted.get("interpolate_fps") is not None and wanted["interpolate_fps"] <= fps:
+        raise _bad("custom_options.interpolate_fps", f"interpolate_fps must be above the video's {fps} fps",
+                   min=fps + 1)
+    target = wanted.get("upscale_to")
+    if target is not None and catalog.UPSCALE_TARGETS[target] < min(width, height):
+        raise _bad("custom_options.upscale_to", f"{target} is smaller than the {width}x{height} video",
+                   width=width, height=height)
+    out_w, out_h = catalog.output_size(width, height, wanted)
+    if out_w * out_h > catalog.MAX_OUTPUT_PIXELS or max(out_w, out_h) > catalog.MAX_OUTPUT_SIDE:
+        raise _bad("custom_options.upscale", f"the upscaled video, {out_w}x{out_h}, is larger than 8K",
+                   width=out_w, height=out_h, max_pixels=catalog.MAX_OUTPUT_PIXELS, max_side=catalog.MAX_OUTPUT_SIDE)
+    return wanted
+
+
+def resolve_encoding(options: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """The MP4's codec, quality and bit depth and whether a lossless master is written, checked
+    against what the codec can do at the job's output `size` (after post-processing)."""
+    name = _option(options, "codec", catalog.DEFAULT_CODEC)
+    codec = catalog.CODECS[name]
+    encoding: dict[str, Any] = {"codec": name, "bit_depth": _option(options, "bit_depth", 8),
+                                "lossless_master": _option(options, "lossless_master", False)}
+    crf = _option(options, "crf", None)
+    if crf is not None:
+        encoding["crf"] = crf
+    if encoding["bit_depth"] not in codec.bit_depths:
+        raise _bad("custom_options.bit_depth", f"{name} takes bit depth {' or '.join(map(str, codec.bit_depths))}, "
+                   f"not {encoding['bit_depth']}", allowed=list(codec.bit_depths), codec=name)
+    width, height = size
+    if width * height > codec.max_pixels:
+        allowed = sorted(c.name for c in catalog.CODECS.values() if c.max_pixels >= width * height)
+        raise _bad("custom_options.codec", f"{name} is not used above 4K here; the {width}x{height} output needs "
+                   f"one of {allowed}", codec=name, width=width, height=height, max_pixels=codec.max_pixels,
+                   allowed=allowed)
+    return encoding
 
 
 def preset_markdown(config: Config) -> str:
     """The preset table of every model the profile describes, as the README shows it."""
     lines = [
         "| model | preset | steps | guidance (high / low) | shift | resolution | frames @ fps "
-        "| post-processing (not applied yet) |",
+        "| post-processing |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model in config.defined_model_names():
@@ -227,6 +286,7 @@ def preset_markdown(config: Config) -> str:
             guidance = f"{row['guidance_scale']:g}" + ("" if g2 is None else f" / {g2:g}")
             post = [f"interpolate to {row['interpolate_fps']} fps"] if "interpolate_fps" in row else []
             post += [f"upscale x{row['upscale']:g}"] if "upscale" in row else []
+            post += [f"upscale to {row['upscale_to']}"] if "upscale_to" in row else []
             shift = "model's" if row.get("shift") is None else f"{row['shift']:g}"
             lines.append(
                 f"| {model} | {name} | {row['steps']} | {guidance} | {shift} | {row['resolution']} | "

@@ -213,7 +213,7 @@ class Api:
     def presets(self, args: dict[str, Any]) -> dict[str, Any]:
         return {
             "presets": {name: admission.preset_table(self.config, name) for name in self.config.model_names()},
-            "postprocess_applied": False,  # interpolate_fps / upscale are recorded, not applied yet
+            "postprocess_applied": True,  # the muxer interpolates and upscales as the preset asks
         }
 
     def ready(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -299,19 +299,26 @@ class Api:
         }
 
     def result_body(self, job: Job) -> dict[str, Any]:
+        done = job.status == "completed"
+        files = (job.outputs or {}).get("files") or [] if done else []
         return {
             "job_id": job.id,
             "status": job.status,
-            "output_url": f"/api/v1/files/{job.id}.mp4" if job.status == "completed" else None,
-            "output_path": job.output_path if job.status == "completed" else None,  # for the gateway only
+            "output_url": f"/api/v1/files/{job.id}.mp4" if done else None,
+            "output_path": job.output_path if done else None,  # for the gateway only
+            # Every file the job made: the MP4 first, then the lossless master if it asked for one.
+            "outputs": [{"url": f"/api/v1/files/{f['file']}", **{k: v for k, v in f.items() if k != "file"}}
+                        for f in files],
             "error": job.error,
             "metadata": {
                 "model": job.model,
                 "quality_preset": job.preset,
                 "params": job.params,
                 "seed": job.params["seed"],
-                # What the preset asked for beyond generation; nothing applies it yet.
-                "postprocess": {"requested": job.params.get("postprocess") or {}, "applied": False},
+                # What the preset or custom_options asked for beyond generation, and what ran (the
+                # method, output size and fps of each step; empty: none, or not completed).
+                "postprocess": {"requested": job.params.get("postprocess") or {},
+                                "applied": (job.outputs or {}).get("postprocess") or {} if done else {}},
                 "route": job.route,
                 "attempts": job.attempt,
                 "timings": job.timings,

@@ -144,7 +144,9 @@ class Progress:
             self.broker.metrics.busy(last, now - started)
         if job.started_at:
             timings["total_seconds"] = round(now - job.started_at, 4)
-        if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings):
+        outputs = {"files": done.outputs, "postprocess": done.postprocess}
+        if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings,
+                             outputs=outputs):
             log.info("completed: %s", done.path)
             self.broker.events.job(job, "progress", {"progress": 1.0, "eta": 0.0, "stage": last})
             self.broker.events.job(job, "complete", {"output_url": f"/api/v1/files/{job.id}.mp4"})

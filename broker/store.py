@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     output_path TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
-    checkpoint TEXT
+    checkpoint TEXT,
+    outputs TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
 CREATE TABLE IF NOT EXISTS stage_timings (
@@ -127,6 +128,8 @@ class Job:
     timings: dict[str, Any]
     checkpoint: str | None = None
     webhook_url: str | None = None
+    # What the muxer wrote: {"files": [JobDone.outputs...], "postprocess": JobDone.postprocess}.
+    outputs: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -134,6 +137,7 @@ class Job:
         for key in ("params", "route", "timings"):
             d[key] = json.loads(d[key])
         d["error"] = json.loads(d["error"]) if d["error"] else None
+        d["outputs"] = json.loads(d["outputs"]) if d.get("outputs") else None
         return cls(**d)
 
     @property
@@ -157,6 +161,8 @@ class JobStore:
         if "webhook_url" not in columns:  # a store written before webhooks
             self.db.execute("ALTER TABLE jobs ADD COLUMN webhook_url TEXT")
         self.db.executescript(WEBHOOK_SCHEMA)  # after the column: its trigger reads it
+        if "outputs" not in columns:  # a store written before jobs had several outputs
+            self.db.execute("ALTER TABLE jobs ADD COLUMN outputs TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -267,16 +273,18 @@ class JobStore:
         error: dict[str, Any] | None = None,
         output_path: str | None = None,
         timings: dict[str, Any] | None = None,
+        outputs: dict[str, Any] | None = None,
     ) -> bool:
         """Move a job to a final state, once. With `attempt`, only that attempt may finish it."""
         assert status in FINAL
         sql = (
-            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, output_path = ?,"
+            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, output_path = ?, outputs = ?,"
             " progress = CASE WHEN ? = 'completed' THEN 1.0 ELSE progress END,"
             " stage = CASE WHEN status = 'queued' THEN NULL ELSE stage END,"
             " timings = COALESCE(?, timings) WHERE id = ? AND status IN ('queued', 'processing')"
         )
-        args: list[Any] = [status, time.time(), json.dumps(error) if error else None, output_path, status,
+        args: list[Any] = [status, time.time(), json.dumps(error) if error else None, output_path,
+                           json.dumps(outputs) if outputs is not None else None, status,
                            json.dumps(timings) if timings is not None else None, job_id]
         if attempt is not None:
             sql += " AND attempt = ?"

@@ -79,9 +79,8 @@ def models_taking(input_name: str) -> list[str]:
 
 PRESETS: tuple[str, ...] = ("draft", "standard", "pro", "cinema", "ultimate")
 DEFAULT_PRESET = "standard"
-# Post-processing a preset may ask for. Carried with the job and recorded in the MP4's metadata;
-# nothing applies them yet (the video keeps the preset's fps and resolution).
-POSTPROCESS_FIELDS: tuple[str, ...] = ("interpolate_fps", "upscale")
+# Post-processing a preset (or custom_options) may ask for; the muxer applies it (stages/postprocess.py).
+POSTPROCESS_FIELDS: tuple[str, ...] = ("interpolate_fps", "upscale", "upscale_to")
 # A preset row's keys, and the custom option that overrides each (whose bounds the row must keep).
 PRESET_OPTIONS: dict[str, str] = {
     "steps": "steps", "guidance_scale": "cfg_scale", "guidance_scale_2": "cfg_scale_2", "shift": "shift",
@@ -93,7 +92,7 @@ PRESET_FIELDS: frozenset[str] = frozenset({*PRESET_OPTIONS, *POSTPROCESS_FIELDS}
 
 # ---- the generate request ----------------------------------------------------------------------
 
-Kind = Literal["string", "integer", "number", "object"]
+Kind = Literal["string", "integer", "number", "boolean", "object"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,68 @@ RESOLUTION_PATTERN = "^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 MAX_URL_CHARS = 2048
 WEBHOOK_URL_PATTERN = "^https?://[^/?#@\\s]+([/?#][^\\s]*)?$"  # a host, no user:password@, no white space
 
+# ---- encoders, containers and post-processing -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    encoder: str  # the FFmpeg encoder PyAV opens
+    bit_depths: tuple[int, ...]
+    max_pixels: int  # the largest frame the codec is used for here (width x height)
+
+
+# H.264 stops at 4K here (level 5.2's 36864 macroblocks, 4096x2304); above it HEVC or AV1 is required.
+H264_MAX_PIXELS = 4096 * 2304
+MAX_OUTPUT_PIXELS = 7680 * 4320  # 8K UHD, the largest output post-processing may make
+MAX_OUTPUT_SIDE = 8192
+CODECS: dict[str, Codec] = {
+    "h264": Codec("h264", "libx264", (8, 10), H264_MAX_PIXELS),
+    "h265": Codec("h265", "libx265", (8, 10), MAX_OUTPUT_PIXELS),
+    "av1": Codec("av1", "libsvtav1", (8, 10), MAX_OUTPUT_PIXELS),
+}
+DEFAULT_CODEC = "h264"
+# Named upscale targets: the short side of the output (the aspect is kept).
+UPSCALE_TARGETS: dict[str, int] = {"1080p": 1080, "4k": 2160, "8k": 4320}
+MAX_UPSCALE = 8.0
+
+ENCODING_OPTIONS: tuple[Field, ...] = (
+    Field("codec", "string", "video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)",
+          default=DEFAULT_CODEC, enum=tuple(CODECS)),
+    Field("crf", "integer", "constant rate factor, 0 (best) .. 51 for every codec (for av1, that part of SVT-AV1's "
+          "0..63 scale); null: the muxer's configured default for the codec", nullable=True, minimum=0, maximum=51),
+    Field("bit_depth", "integer", "8 or 10 (10-bit H.264 is High 10, which few hardware players decode: prefer "
+          "h265 or av1)", default=8, minimum=8, maximum=10, step=2),
+    Field("lossless_master", "boolean", "also write an FFV1 (RGB) Matroska master, bit-identical to the decoded "
+          "frames, served at /api/v1/files/{job_id}.mkv", default=False),
+)
+ENCODING_FIELDS: tuple[str, ...] = tuple(f.name for f in ENCODING_OPTIONS)
+
+POSTPROCESS_OPTIONS: tuple[Field, ...] = (
+    Field("interpolate_fps", "integer", "interpolate the video to this frame rate (above fps; motion-compensated, "
+          "ffmpeg minterpolate); null: the preset's", nullable=True, minimum=2, maximum=60),
+    Field("upscale", "number", "upscale by this factor (Lanczos), keeping the aspect; null: the preset's",
+          nullable=True, minimum=1.0, maximum=MAX_UPSCALE),
+    Field("upscale_to", "string", "upscale to a named size (short side 1080, 2160, 4320; aspect kept); "
+          "upscale_to wins if both are given", nullable=True, enum=tuple(UPSCALE_TARGETS)),
+)
+
+
+def even(x: float) -> int:
+    """The nearest even size of at least 2 (4:2:0 video needs even sides)."""
+    return max(2, 2 * round(x / 2))
+
+
+def output_size(width: int, height: int, postprocess: dict[str, Any]) -> tuple[int, int]:
+    """The size a job's video has after post-processing `postprocess` (its `upscale` factor or
+    `upscale_to` target; the aspect kept, even sides)."""
+    target = postprocess.get("upscale_to")
+    factor = UPSCALE_TARGETS[target] / min(width, height) if target else float(postprocess.get("upscale") or 1.0)
+    if factor == 1.0:
+        return width, height
+    return even(width * factor), even(height * factor)
+
+
 OPTIONS: tuple[Field, ...] = (
     Field("steps", "integer", "denoising steps", minimum=1, maximum=MAX_STEPS, profile_limit="max_steps"),
     Field("cfg_scale", "number", "classifier-free guidance (the high-noise expert's, for the A14B models)",
@@ -143,6 +204,8 @@ OPTIONS: tuple[Field, ...] = (
           minimum=0.01, maximum=float(MAX_FRAMES)),
     Field("num_frames", "integer", "4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile",
           minimum=1, maximum=MAX_FRAMES, step=4, profile_limit="max_frames"),
+    *ENCODING_OPTIONS,
+    *POSTPROCESS_OPTIONS,
 )
 
 REQUEST: tuple[Field, ...] = (
@@ -194,6 +257,10 @@ def check(spec: Field, value: Any, where: str | None = None, *, maximum: float |
         return value
     if spec.kind == "string":
         return _check_text(spec, value, where)
+    if spec.kind == "boolean":
+        if not isinstance(value, bool):
+            raise _bad(where, f"{where} must be true or false", got=type(value).__name__)
+        return value
     if spec.kind == "object":
         if not isinstance(value, dict):
             raise _bad(where, f"{where} must be an object", got=type(value).__name__)

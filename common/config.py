@@ -206,8 +206,11 @@ class StageSpec:
     vae_tiling: bool = False  # vae
     vae_dtype: str = "float32"  # text_encoder: the VAE that encodes input images
     vae_device: str | None = None  # text_encoder: None: the stage's device
-    crf: int = 18  # muxer
-    preset: str = "medium"  # muxer (x264 preset)
+    crf: int = 18  # muxer: H.264's crf, unless the job gives one
+    preset: str = "medium"  # muxer (x264 and x265 preset)
+    crf_h265: int = 22  # muxer: HEVC's crf, unless the job gives one
+    crf_av1: int = 32  # muxer: AV1's crf (0..63), unless the job gives one
+    av1_preset: int = 8  # muxer: SVT-AV1 speed preset, 0 (slowest) .. 13
 
 
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
@@ -215,7 +218,7 @@ STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
     "dit": _COMMON_STAGE_KEYS | {"part"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
-    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset"},
+    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset"},
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")

@@ -60,9 +60,12 @@ class JobParams:
     max_sequence_length: int = 512
     # The scheduler's flow shift; None keeps the model's own (its scheduler config).
     shift: float | None = None
-    # Post-processing the preset asks for (`interpolate_fps`, `upscale`): recorded with the job and
-    # in the MP4's metadata; not applied yet.
+    # Post-processing the preset or custom_options ask for (`interpolate_fps`, `upscale` or
+    # `upscale_to`), applied by the muxer (stages/postprocess.py).
     postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # How the muxer encodes (`codec`, `crf`, `bit_depth`, `lossless_master`; catalog.ENCODING_OPTIONS);
+    # absent keys: H.264, the muxer's configured crf, 8-bit, no master.
+    encoding: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The conditioning image (image-to-video): SHA-256 of the PNG the broker stored in the job's
     # spool folder (`<spool>/<job_id>/image.png`); None for text-only jobs.
     image_sha256: str | None = None
@@ -179,7 +182,10 @@ class StageReport(Message):
 
 @dataclass
 class JobDone(Message):
-    """muxer -> tracker: the MP4 is in place."""
+    """muxer -> tracker: the MP4 is in place (and the job's other outputs). `width`, `height`, `fps`
+    and `num_frames` are the MP4's, after post-processing. `outputs` describes each file written
+    (`file`: its name in the results folder, `codec`, `container`, `width`, `height`, `fps`,
+    `bytes`); `postprocess` what post-processing ran (empty: none)."""
 
     job_id: str
     attempt: int
@@ -188,6 +194,8 @@ class JobDone(Message):
     width: int
     height: int
     fps: int
+    outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass

@@ -131,35 +131,42 @@ def sweep(config: Config, job_final: Callable[[str], bool | None], min_age_s: fl
     return removed
 
 
-def result_path(config: Config, job_id: str) -> Path:
-    """Where the muxer writes the job's MP4."""
-    return config.results_dir / f"{job_id}.mp4"
+RESULT_SUFFIXES = (".mp4", ".mkv")  # the MP4, and the lossless master a job may ask for
+
+
+def result_path(config: Config, job_id: str, suffix: str = ".mp4") -> Path:
+    """Where the muxer writes the job's MP4 (or, with `suffix` ".mkv", its lossless master)."""
+    return config.results_dir / f"{job_id}{suffix}"
 
 
 def remove_result(config: Config, job_id: str) -> bool:
-    """Remove the MP4 of a job that did not complete (a muxer can finish a job just after it was
-    cancelled or failed). True if there was one."""
+    """Remove the files of a job that did not complete, the MP4 and the lossless master (a muxer can
+    finish a job just after it was cancelled or failed). True if there was one."""
     if not SAFE_JOB_ID.match(job_id):
         return False
-    try:
-        result_path(config, job_id).unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    removed = False
+    for suffix in RESULT_SUFFIXES:
+        try:
+            result_path(config, job_id, suffix).unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def sweep_results(config: Config, job_status: Callable[[str], str | None]) -> list[str]:
-    """Remove MP4s of jobs that are final but not completed (their JobDone came while the broker
-    was down, or was dropped). MP4s of unknown jobs are left alone. Returns the job ids."""
-    removed: list[str] = []
+    """Remove the files (MP4, lossless master) of jobs that are final but not completed (their
+    JobDone came while the broker was down, or was dropped). Files of unknown jobs are left alone.
+    Returns the job ids."""
+    removed: set[str] = set()
     try:
         entries = list(config.results_dir.iterdir())
     except FileNotFoundError:
-        return removed
+        return []
     for entry in entries:
-        job_id = entry.name.removesuffix(".mp4")
-        if entry.suffix != ".mp4" or not SAFE_JOB_ID.match(job_id):
+        job_id = entry.name.removesuffix(entry.suffix)
+        if entry.suffix not in RESULT_SUFFIXES or not SAFE_JOB_ID.match(job_id) or job_id in removed:
             continue
         if job_status(job_id) in ("failed", "cancelled") and remove_result(config, job_id):
-            removed.append(job_id)
-    return removed
+            removed.add(job_id)
+    return sorted(removed)

@@ -267,15 +267,27 @@ class Gateway:
         path, stat = found
         return FileResponse(path, media_type="video/mp4", filename=f"{body['job_id']}.mp4", stat_result=stat)
 
-    def result_file(self, job_id: str, path: str | None) -> tuple[Path, os.stat_result] | None:
-        """The job's video: `<results_dir>/<job_id>.mp4`, a regular file, not a symlink; else None.
+    async def master_file(self, request: Request) -> Response:
+        """The job's lossless master (FFV1 in Matroska), when it asked for one; the same owner check."""
+        body = await self.call("result", job_id=job_id_of(request), owner=owner_of(request))
+        name = f"{body['job_id']}.mkv"
+        listed = any(o.get("url") == f"/api/v1/files/{name}" for o in body.get("outputs") or [])
+        found = (self.result_file(body["job_id"], str(self.config.results_dir / name), ".mkv")
+                 if body["status"] == "completed" and listed else None)
+        if found is None:
+            raise ResultNotAvailable("the job has no lossless master", {"status": body["status"]})
+        path, stat = found
+        return FileResponse(path, media_type="video/x-matroska", filename=name, stat_result=stat)
+
+    def result_file(self, job_id: str, path: str | None, suffix: str = ".mp4") -> tuple[Path, os.stat_result] | None:
+        """The job's video: `<results_dir>/<job_id><suffix>`, a regular file, not a symlink; else None.
 
         Only the job id (checked against JOB_ID) names the file; whatever else is in the results
         folder (a symlink or a FIFO planted under a job's name) is never served."""
         if not path:
             return None
         candidate = Path(path)
-        if candidate.name != f"{job_id}.mp4" or candidate.parent.resolve() != self.config.results_dir.resolve():
+        if candidate.name != f"{job_id}{suffix}" or candidate.parent.resolve() != self.config.results_dir.resolve():
             return None
         try:
             fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -406,6 +418,7 @@ class Gateway:
             Route("/api/v1/models", self.models, methods=["GET"]),
             Route("/api/v1/presets", self.presets, methods=["GET"]),
             Route("/api/v1/files/{job_id}.mp4", self.file, methods=["GET", "HEAD"]),
+            Route("/api/v1/files/{job_id}.mkv", self.master_file, methods=["GET", "HEAD"]),
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),

@@ -126,6 +126,11 @@ RESULT = {
         "job_id": {"type": "string"},
         "status": {"type": "string"},
         "output_url": {"type": ["string", "null"]},
+        "outputs": {"type": "array", "description": "every file of a completed job: the MP4, then the lossless "
+                    "master if asked for", "items": {"type": "object", "properties": {
+                        "url": {"type": "string"}, "codec": {"type": "string"}, "container": {"type": "string"},
+                        "width": {"type": "integer"}, "height": {"type": "integer"}, "fps": {"type": "integer"},
+                        "bytes": {"type": "integer"}}}},
         "error": {"type": ["object", "null"]},
         "metadata": {"type": "object"},
     },
@@ -353,6 +358,13 @@ def _document() -> dict[str, Any]:
                 "summary": "The video of a completed job (HTTP Range supported)", "parameters": [JOB_ID_PARAM],
                 "responses": {"200": {"description": "MP4", "content": {"video/mp4": {}}},
                               "206": {"description": "partial MP4", "content": {"video/mp4": {}}}, **_errors(404, 503)},
+            }},
+            "/api/v1/files/{job_id}.mkv": {"get": {
+                "summary": "The lossless master (FFV1 in Matroska) of a completed job that asked for one "
+                           "(custom_options.lossless_master; HTTP Range supported)", "parameters": [JOB_ID_PARAM],
+                "responses": {"200": {"description": "Matroska", "content": {"video/x-matroska": {}}},
+                              "206": {"description": "partial Matroska", "content": {"video/x-matroska": {}}},
+                              **_errors(404, 503)},
             }},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json(OBJECT)}}},
             "/health": {"get": {"summary": "The gateway process is alive", "responses": {"200": _json(OBJECT)}}},

@@ -1,81 +1,45 @@
-"""Muxer stage: uint8 frames -> H.264 (yuv420p) MP4 with PyAV.
+"""Muxer stage: uint8 frames -> post-processing -> MP4 (H.264, HEVC or AV1), and a lossless master.
 
-The file is written to a temporary name in the results folder, fsynced and renamed into place
-(and the folder fsynced), so a reader never sees a partial MP4, even after a crash or power loss.
+Per job: the VAE's frames go through the job's post-processing (stages/postprocess.py:
+interpolation, upscaling), streamed frame by frame into the MP4's encoder (stages/encoders.py);
+with `lossless_master`, the same source frames also go, untouched, into an FFV1 Matroska file.
+Every file is written to a temporary name in the results folder, fsynced and renamed into place
+(and the folder fsynced) only once every output is complete, so a reader never sees a partial
+file, even after a crash or power loss, and a job that fails part way leaves none of its files.
 A write that fails (disk full, the file size limit, a results folder that is not writable) fails
-the job with `RESULT_WRITE_ERROR` and removes the temporary file; temporary files left by a muxer
-process that was killed are removed when the next one starts.
+the job with `RESULT_WRITE_ERROR` and removes the temporary files; temporary files left by a
+muxer process that was killed are removed when the next one starts.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
 import signal
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from common import messages as m
-from common.errors import InvalidRequest, OutputError
-from common.spool import replace_durably
+from common.errors import InvalidRequest
+from stages import postprocess
 from stages.base import Stage
+from stages.encoders import Encoding, check_frames, job_encoding, write_outputs
 from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_-]{1,64}\.mp4\.(\d+)\.tmp$")
-
-
-def write_error(exc: OSError) -> OutputError:
-    """The structured error for a failed write: the errno and its text, never a path."""
-    code = exc.errno or 0
-    name = errno.errorcode.get(code, "UNKNOWN")
-    return OutputError(f"could not write the video: {os.strerror(code) if code else 'I/O error'}",
-                       {"errno": code, "reason": name})
+TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_-]{1,64}\.(?:mp4|mkv)\.(\d+)\.tmp$")
 
 
 def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18, preset: str = "medium",
               before_trailer: Callable[[], None] | None = None, metadata: dict[str, str] | None = None) -> None:
-    """Encode (F, H, W, 3) uint8 frames to `path` atomically. `before_trailer` is called once every
-    frame is in the temporary file, before the index (moov) that makes it playable; `metadata` goes
-    into the container's tags."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise InvalidRequest(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        raise InvalidRequest(f"yuv420p needs even width and height, got {width}x{height}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            container.metadata.update(metadata or {})
-            stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-            if before_trailer is not None:
-                before_trailer()
-        # The job is recorded completed once the JobDone report leaves: the video must be on
-        # disk by then, as checkpoints are.
-        replace_durably(tmp, path)
-    except OSError as exc:
-        raise write_error(exc) from None
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    """Encode (F, H, W, 3) uint8 frames to an H.264 MP4 at `path` atomically (no post-processing)."""
+    write_outputs(frames, fps, path, Encoding("h264", crf, 8, preset), before_trailer=before_trailer,
+                  metadata=metadata)
 
 
 def remove_stale_temp_files(folder: Path) -> list[str]:
@@ -106,12 +70,13 @@ def remove_stale_temp_files(folder: Path) -> list[str]:
     return removed
 
 
-def postprocess_metadata(p: m.JobParams) -> dict[str, str]:
-    """The preset's post-processing, recorded in the MP4 as requested and not applied."""
-    if not p.postprocess:
+def postprocess_metadata(applied: dict[str, object]) -> dict[str, str]:
+    """The post-processing that ran, recorded in the files' tags."""
+    if not applied:
         return {}
-    wanted = ", ".join(f"{k}={v}" for k, v in sorted(p.postprocess.items()))
-    return {"comment": f"wan-server: post-processing requested, not applied: {wanted}"}
+    parts = [f"{k}={v}" for k, v in sorted(applied.items()) if not isinstance(v, dict)]
+    parts += [f"{k}={v['method']}" for k, v in sorted(applied.items()) if isinstance(v, dict)]
+    return {"comment": f"wan-server: post-processed: {', '.join(parts)}"}
 
 
 class MuxerStage(Stage):
@@ -120,6 +85,7 @@ class MuxerStage(Stage):
     def setup(self) -> None:
         # Past a file size limit (RLIMIT_FSIZE) a write must fail with EFBIG, not kill the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its banner at every job otherwise
         self.results_dir = self.config.results_dir
         try:
             self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +93,6 @@ class MuxerStage(Stage):
             log.error("results folder is not usable: %s", exc.strerror)
         for name in remove_stale_temp_files(self.results_dir):
             log.warning("removed %s, left by a muxer that was killed while writing", name)
-        self.crf = self.spec.crf
-        self.preset = self.spec.preset
 
     def handle(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.MuxJob):
@@ -136,20 +100,30 @@ class MuxerStage(Stage):
         if not SAFE_JOB_ID.match(msg.job_id):
             raise InvalidRequest("job id may only hold letters, digits, '-' and '_'", {"job_id": msg.job_id[:80]})
         frames = msg.frames.numpy()
+        check_frames(frames)
+        p = msg.params
+        plan = postprocess.plan(p, int(frames.shape[2]), int(frames.shape[1]))
+        encoding = job_encoding(p.encoding, self.spec)
         path = self.results_dir / f"{msg.job_id}.mp4"
-        write_mp4(frames, msg.params.fps, path, self.crf, self.preset,
-                  before_trailer=lambda: self.fault_point("write"), metadata=postprocess_metadata(msg.params))
-        log.info("wrote %s (%d frames %dx%d @ %d fps)",
-                 path, len(frames), frames.shape[2], frames.shape[1], msg.params.fps)
+        master = self.results_dir / f"{msg.job_id}.mkv" if p.encoding.get("lossless_master") else None
+        outputs = write_outputs(frames, p.fps, path, encoding, plan=plan, master=master,
+                                before_trailer=lambda: self.fault_point("write"),
+                                between_frames=lambda: self.check_cancelled(msg.job_id),
+                                metadata=postprocess_metadata(plan.applied()))
+        main = outputs[0]
+        log.info("wrote %s (%d frames %dx%d @ %d fps, %s)%s", path, main.frames, main.width, main.height, main.fps,
+                 encoding.codec, " and its lossless master" if master is not None else "")
         return [
             m.JobDone(
                 job_id=msg.job_id,
                 attempt=msg.attempt,
                 path=str(path),
-                num_frames=len(frames),
-                width=int(frames.shape[2]),
-                height=int(frames.shape[1]),
-                fps=msg.params.fps,
+                num_frames=main.frames,
+                width=main.width,
+                height=main.height,
+                fps=main.fps,
+                outputs=[o.describe() for o in outputs],
+                postprocess=plan.applied(),
             )
         ]
 

@@ -72,8 +72,9 @@ def refused(config: Config, request: dict[str, Any], field: str, image: str | No
 
 
 def with_option(name: str, value: Any) -> dict[str, Any]:
-    # duration is seconds at the request's fps: at 1 fps its whole range is admissible.
-    options = {"fps": 1, name: value} if name == "duration" else {name: value}
+    # duration is seconds at the request's fps, interpolate_fps must be above it: at 1 fps their whole
+    # range is admissible.
+    options = {"fps": 1, name: value} if name in ("duration", "interpolate_fps") else {name: value}
     return {**BASE, "custom_options": options}
 
 
@@ -135,7 +136,8 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
         "prompt": "a cat", "negative_prompt": "blur", "model": "ti2v", "quality_preset": "pro", "quality": "draft",
         "seed": 7, "priority": 3, "webhook_url": "https://hooks.example.com/wan?token=1",
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
-                           "fps": 12, "duration": 1.0, "num_frames": 13},
+                           "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
+                           "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p"},
     }
     assert set(request) == set(REQUEST_SCHEMA["properties"])
     assert set(request["custom_options"]) == set(OPTIONS_SCHEMA["properties"])
@@ -144,6 +146,8 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
     assert (preset, priority, p.model, p.seed, p.negative_prompt) == ("pro", 3, "ti2v-5B", 7, "blur")
     assert (p.steps, p.guidance_scale, p.guidance_scale_2, p.shift, p.width, p.height, p.fps, p.num_frames) == \
         (3, 4.5, 2.0, 3.0, 64, 32, 12, 13)  # num_frames wins over duration
+    assert p.encoding == {"codec": "h265", "crf": 20, "bit_depth": 10, "lossless_master": True}
+    assert p.postprocess == {"interpolate_fps": 24, "upscale_to": "1080p"}  # upscale_to wins over upscale
 
 
 @pytest.mark.parametrize("name", ["negative_prompt", "seed", "custom_options"])
@@ -177,7 +181,7 @@ NUMERIC = [("field", n) for n in numeric(REQUEST_SCHEMA["properties"])] + \
 def test_every_number_has_both_bounds_in_the_schema():
     """So the fuzzer tries one past each (the review found steps and num_frames without a maximum)."""
     assert {n for _, n in NUMERIC} == {"seed", "priority", "steps", "cfg_scale", "cfg_scale_2", "shift", "fps",
-                                      "duration", "num_frames"}
+                                      "duration", "num_frames", "crf", "bit_depth", "interpolate_fps", "upscale"}
     for where, name in NUMERIC:
         schema = prop(where, name)
         assert isinstance(schema.get("minimum"), (int, float)) and isinstance(schema.get("maximum"), (int, float)), name

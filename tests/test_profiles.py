@@ -198,19 +198,3 @@ def test_broker_refuses_what_does_not_fit_the_reported_cards(rtx_broker):
     assert re.search(r"needs about [0-9.]+ GiB on cuda:1", err["message"])
     assert rtx_broker.api.submit({"request": {"prompt": "x", "model": "t2v"}})["status"] == "queued"  # 480p fits
     assert rtx_broker.store.count("queued") == 2  # the refused job was never stored
-
-
-def test_mp4_records_postprocess_as_not_applied(tmp_path):
-    import av
-    import numpy as np
-
-    from stages.muxer import postprocess_metadata, write_mp4
-
-    p = m.JobParams(model="t2v-A14B", prompt="x", negative_prompt="", seed=0, steps=1, height=32, width=32,
-                    num_frames=5, fps=16, guidance_scale=4.0, postprocess={"interpolate_fps": 60, "upscale": 3.0})
-    write_mp4(np.zeros((5, 32, 32, 3), np.uint8), 16, tmp_path / "a.mp4", metadata=postprocess_metadata(p))
-    with av.open(str(tmp_path / "a.mp4")) as container:
-        comment = container.metadata.get("comment", "")
-        assert len(list(container.decode(video=0))) == 5 and container.streams.video[0].average_rate == 16
-    assert comment == "wan-server: post-processing requested, not applied: interpolate_fps=60, upscale=3.0"
-    assert postprocess_metadata(m.JobParams(**{**p.__dict__, "postprocess": {}})) == {}

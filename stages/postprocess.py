@@ -1,0 +1,139 @@
+"""Post-processing in the muxer: frame interpolation and upscaling, streamed into the encoder.
+
+The muxer process does it, between the VAE's frames and the encoder, for one reason: frames at the
+output size (an 8K frame is 100 MB as RGB) then exist only here, one filter-graph's worth at a
+time, on their way into the encoder; a stage of its own would have to send them over the wire (or
+the whole clip at once). Both methods run on the CPU through FFmpeg (PyAV's filter graph), so the
+muxer needs no device; a model-based interpolator or upscaler would give the muxer a `device`.
+
+- Interpolation to `interpolate_fps`: FFmpeg's motion-compensated `minterpolate` (mci, bidirectional
+  motion estimation, overlapped-block compensation). It runs at the source size, before any upscale
+  (cheaper), on YUV 4:4:4 converted with the BT.709 matrix. It stops one input interval early, so
+  the last frame is fed twice: n frames at f fps give (n - 1) x F / f + 1 frames at F fps (rounded
+  down), covering the same span.
+- Upscaling by `upscale` (a factor) or to `upscale_to` (1080p, 4k, 8k: the short side; the aspect
+  kept, even sides; `catalog.output_size`): Lanczos (FFmpeg's `scale`, `flags=lanczos`).
+
+`Pipeline.push(frame)` returns the output frames that frame completes, `flush()` the rest: nothing
+holds more than the filter graph's few frames at the output size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import av
+
+from common import catalog
+from common import messages as m
+
+INTERPOLATION = "minterpolate"
+MINTERPOLATE_ARGS = "mi_mode=mci:mc_mode=aobmc:me_mode=bidir:vsbmc=1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What post-processing a job gets: source size and rate, and the output's."""
+
+    width: int
+    height: int
+    fps: int
+    out_width: int
+    out_height: int
+    out_fps: int
+
+    @property
+    def interpolate(self) -> bool:
+        return self.out_fps != self.fps
+
+    @property
+    def upscale(self) -> bool:
+        return (self.out_width, self.out_height) != (self.width, self.height)
+
+    @property
+    def active(self) -> bool:
+        return self.interpolate or self.upscale
+
+    def out_frames(self, frames: int) -> int:
+        """How many frames `frames` source frames become."""
+        if not self.interpolate or frames < 2:
+            return frames
+        return (frames - 1) * self.out_fps // self.fps + 1
+
+    def applied(self) -> dict[str, Any]:
+        """What ran, for the result's metadata (`postprocess.applied`); empty when nothing did."""
+        if not self.active:
+            return {}
+        out: dict[str, Any] = {"width": self.out_width, "height": self.out_height, "fps": self.out_fps}
+        if self.interpolate:
+            out["interpolation"] = {"method": INTERPOLATION, "mode": "mci", "from_fps": self.fps, "fps": self.out_fps}
+        if self.upscale:
+            out["upscale"] = {"method": "lanczos", "from": f"{self.width}x{self.height}",
+                              "to": f"{self.out_width}x{self.out_height}"}
+        return out
+
+
+def plan(p: m.JobParams, width: int, height: int) -> Plan:
+    """The plan for frames of `width` x `height` of a job with parameters `p`."""
+    out_w, out_h = catalog.output_size(width, height, p.postprocess)
+    fps = int(p.postprocess.get("interpolate_fps") or p.fps)
+    return Plan(width, height, p.fps, out_w, out_h, max(fps, p.fps))
+
+
+class Pipeline:
+    """The filter graph of a plan; frames go in at the source size, come out at the output's."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.count = 0
+        self.last: av.VideoFrame | None = None
+        self.graph: Any = None
+        if not plan.active:
+            return
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(width=plan.width, height=plan.height, format=av.VideoFormat("rgb24"),
+                                  time_base=Fraction(1, plan.fps))]
+        if plan.interpolate:
+            # minterpolate takes YUV: convert with BT.709 ourselves (FFmpeg would pick BT.601).
+            chain.append(graph.add("scale", "out_color_matrix=bt709:out_range=tv"))
+            chain.append(graph.add("format", "pix_fmts=yuv444p"))
+            chain.append(graph.add("minterpolate", f"fps={plan.out_fps}:{MINTERPOLATE_ARGS}"))
+        chain.append(graph.add("scale", f"w={plan.out_width}:h={plan.out_height}:flags=lanczos"
+                                        ":in_color_matrix=bt709:in_range=tv"))
+        chain.append(graph.add("format", "pix_fmts=rgb24"))
+        chain.append(graph.add("buffersink"))
+        for a, b in zip(chain, chain[1:], strict=False):
+            a.link_to(b)
+        graph.configure()
+        self.graph = graph
+
+    def push(self, frame: av.VideoFrame) -> Iterator[av.VideoFrame]:
+        if self.graph is None:
+            yield frame
+            return
+        yield from self._push(frame)
+        self.last = frame
+
+    def flush(self) -> Iterator[av.VideoFrame]:
+        if self.graph is None:
+            return
+        if self.plan.interpolate and self.last is not None:
+            yield from self._push(self.last)  # minterpolate ends one input interval early
+        self.graph.push(None)
+        yield from self._drain()
+
+    def _push(self, frame: av.VideoFrame) -> Iterator[av.VideoFrame]:
+        frame.pts, frame.time_base = self.count, Fraction(1, self.plan.fps)
+        self.count += 1
+        self.graph.push(frame)
+        yield from self._drain()
+
+    def _drain(self) -> Iterator[av.VideoFrame]:
+        while True:
+            try:
+                yield self.graph.pull()
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return
