@@ -189,7 +189,8 @@ class SegmentPool:
         return Segment(path, st.st_ino, st.st_size, mm)
 
     def _create(self, capacity: int) -> Segment:
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
         while True:
             self._count += 1
             path = self.folder / f"{self.sender}-{os.getpid()}-{self._count}.seg"
@@ -236,12 +237,15 @@ class SharedReceiver:
     def start(self) -> int:
         """Before binding: remove what an earlier process of this stage left; returns how many."""
         removed = remove_folder(self.folder)
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
         return removed
 
     def stop(self) -> None:
         self._maps.clear()
         remove_folder(self.folder)
+        with contextlib.suppress(OSError):  # the deployment's folder, once its last stage is gone
+            self.folder.parent.rmdir()
 
     def frames(
         self, ref: Any, header_bytes: int, limits: Limits

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def folder() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="wst-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     yield path / "vae"
     shm.remove_folder(path / "vae")
-    path.rmdir()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pool(folder: Path, **kw: int) -> shm.SegmentPool:
@@ -258,3 +259,29 @@ def test_segments_of_a_killed_receiver_are_removed_when_it_starts_again(folder: 
     r.stop()
     assert not folder.exists()
     wait_for(lambda: not any(s.path.exists() for s in sender.segments), 5, "the segments to go")
+
+
+def test_a_job_through_the_stage_processes_hands_off_in_shared_memory(stack: Any) -> None:
+    """The tiny profile shares every hand-off (shm_min_bytes = 0): after a job, each receiving
+    stage's folder holds the segment its sender wrote and kept for the next job, and the frames are
+    the pipeline's (tests/test_pipeline_exact.py checks them bit for bit over the same path)."""
+    from broker.driver import default_params
+    from stages.models import model_dir
+    from tests.helpers import reference, vae_frames
+
+    p = default_params(stack.config, "t2v-A14B", prompt="shared memory", negative_prompt="", seed=5, steps=2,
+                       height=32, width=32, num_frames=9)
+    job_id = stack.driver.submit(p)
+    outcome = stack.driver.wait(job_id, timeout_s=300)
+    assert outcome.done.num_frames == 9
+    ran = {r.stage for r in outcome.reports if r.event == "accepted"}
+    root = stack.config.shm_dir
+    assert {"dit_high", "vae", "muxer"} <= ran
+    last_dit = "dit_low" if "dit_low" in ran else "dit_high"
+    hops = [("dit_high", "text_encoder"), ("dit_low", "dit_high"), ("vae", last_dit), ("muxer", "vae")]
+    for receiver_name, sender in hops:
+        if receiver_name not in ran:
+            continue
+        names = segments(root / receiver_name)
+        assert any(n.startswith(f"{sender}-") for n in names), (receiver_name, names)
+    assert (vae_frames(stack, job_id) == reference(model_dir(stack.config, p.model), p)).all()
