@@ -28,6 +28,7 @@ Segment layout: 64 bytes of header (`MAGIC`, state, generation), then the frames
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import re
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from common.wire import Limits
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"WANSHM01"
 HEADER_BYTES = 64
@@ -155,7 +158,11 @@ class SegmentPool:
             total -= s.capacity
         if total + capacity > self.pool_bytes:
             return None
-        return self._create(capacity)
+        try:
+            return self._create(capacity)
+        except OSError as exc:  # the tmpfs is full (ENOSPC), or no /dev/shm: this message goes framed
+            log.warning("no shared-memory segment of %d bytes in %s: %s", capacity, self.folder, exc.strerror or exc)
+            return None
 
     def _refresh(self) -> None:
         """Forget segments the receiver removed (it does at its start and stop); adopt our own
@@ -200,10 +207,14 @@ class SegmentPool:
             except FileExistsError:
                 continue
         try:
-            os.ftruncate(fd, capacity)
-            # Populate now: the pages are allocated once, here, and stay with the segment.
+            # Allocate the pages now (once; they stay with the segment): a full tmpfs fails here
+            # with ENOSPC rather than with SIGBUS at the first write into the mapping.
+            os.posix_fallocate(fd, 0, capacity)
             mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
             inode = os.fstat(fd).st_ino
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         mm[:8] = MAGIC

@@ -128,6 +128,24 @@ def test_small_messages_and_a_full_pool_stay_framed(folder: Path) -> None:
     assert torch.equal(decode(parts2, LIMITS, r).latents, decode_job().latents)
 
 
+def test_a_full_tmpfs_sends_the_message_framed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """posix_fallocate failing with ENOSPC (what a full /dev/shm does) leaves no file and no mapping
+    to SIGBUS on: the message goes framed."""
+    import errno
+
+    r = receiver(folder)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    sender = pool(folder)
+    framed = m.encode(decode_job())
+    parts, segment = sender.share(framed)
+    assert segment is None and parts is framed and segments(folder) == [] and sender.segments == []
+    assert torch.equal(decode(parts, LIMITS, r).latents, decode_job().latents)
+
+
 def test_over_the_limits_is_refused_and_the_segment_handed_back_at_once(folder: Path) -> None:
     sender, r = pool(folder), receiver(folder)
     parts, segment = sender.share(m.encode(decode_job(1 << 16)))  # 256 KiB of latents
