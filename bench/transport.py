@@ -66,14 +66,18 @@ def handoffs(small: bool) -> dict[str, tuple[str, m.JobMessage]]:
              "last_sample": randn(*lat)}
     route = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
     job: dict[str, Any] = {"job_id": "bench", "attempt": 1, "route": route, "params": params}
+    tlat = (1, 48, 31, 44 // s, 80 // s)
+    tstate = {**state, "model_outputs": [randn(*tlat), randn(*tlat)], "last_sample": randn(*tlat)}
     return {
         "text_embeddings": ("umt5-xxl 512x4096 bf16, prompt + negative (text_encoder -> dit)",
                             m.DenoiseJob(**job, **emb)),
         "a14b_handoff": ("A14B 16x21x60x104 latents + UniPC state + embeddings (dit_high -> dit_low)",
                          m.DenoiseJob(**job, **emb, latents=randn(*lat), scheduler_state=state, step=20)),
+        "ti2v_handoff": ("TI2V-5B 48x31x44x80 latents + UniPC state + embeddings (dit_high -> dit_low)",
+                         m.DenoiseJob(**job, **emb, latents=randn(*tlat), scheduler_state=tstate, step=25)),
         "a14b_latents": ("A14B 16x21x60x104 float32 latents (dit -> vae)", m.DecodeJob(**job, latents=randn(*lat))),
         "ti2v_latents": ("TI2V-5B 48x31x44x80 float32 latents (dit -> vae)",
-                         m.DecodeJob(**job, latents=randn(1, 48, 31, 44 // s, 80 // s))),
+                         m.DecodeJob(**job, latents=randn(*tlat))),
         "frames_480p": ("832x480x81 uint8 frames (vae -> muxer)", m.MuxJob(**job, frames=frames(81, 480, 832))),
         "frames_720p": ("1280x704x121 uint8 frames (vae -> muxer)", m.MuxJob(**job, frames=frames(121, 704, 1280))),
         "chunk_4k": ("3840x2160x16 uint8, a post-processed 4K chunk of 16 frames",

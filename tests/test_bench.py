@@ -76,8 +76,8 @@ def test_transport_small(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(out.read_text())
-    names = ["text_embeddings", "a14b_handoff", "a14b_latents", "ti2v_latents", "frames_480p", "frames_720p",
-             "chunk_4k"]
+    names = ["text_embeddings", "a14b_handoff", "ti2v_handoff", "a14b_latents", "ti2v_latents", "frames_480p",
+             "frames_720p", "chunk_4k"]
     assert list(results["handoffs"]) == names
     for h in results["handoffs"].values():
         assert h["bytes"] > 0
