@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import tempfile
 import tomllib
 import types
 import typing
@@ -477,11 +478,13 @@ class Config:
     @property
     def shm_dir(self) -> Path:
         """Shared-memory segments of same-host hand-offs (`common/shm.py`), one folder per receiving
-        stage. The default is in /dev/shm (RAM), named for this deployment's socket folder."""
+        stage. The default is in /dev/shm (RAM; the temp folder where there is none), named for
+        this deployment's socket folder."""
         if self.runtime.shm_dir:
             return self.path(self.runtime.shm_dir)
         digest = hashlib.sha256(str(self.socket_dir.resolve()).encode()).hexdigest()[:12]
-        return Path("/dev/shm") / f"wan-{os.getuid()}-{digest}"
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        return base / f"wan-{os.getuid()}-{digest}"
 
     @property
     def model_cache_dir(self) -> Path:

@@ -303,3 +303,15 @@ def test_a_job_through_the_stage_processes_hands_off_in_shared_memory(stack: Any
         names = segments(root / receiver_name)
         assert any(n.startswith(f"{sender}-") for n in names), (receiver_name, names)
     assert (vae_frames(stack, job_id) == reference(model_dir(stack.config, p.model), p)).all()
+
+
+def test_each_deployment_has_its_own_segment_folder(tmp_path: Path) -> None:
+    from common.config import Config
+
+    a = Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(tmp_path / "a")})
+    b = Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(tmp_path / "b")})
+    assert a.shm_dir != b.shm_dir and a.shm_dir.name.startswith(f"wan-{os.getuid()}-")
+    assert a.runtime.shared_memory and a.runtime.shm_min_bytes == 0  # the tiny profile shares everything
+    c = Config.load(environ={"WAN_SERVER__RUNTIME__SHM_DIR": str(tmp_path / "segments"),
+                             "WAN_SERVER__RUNTIME__SHARED_MEMORY": "false"})
+    assert c.shm_dir == tmp_path / "segments" and not c.runtime.shared_memory
