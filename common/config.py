@@ -12,8 +12,10 @@ whatever its working directory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
+import tempfile
 import tomllib
 import types
 import typing
@@ -92,6 +94,13 @@ class RuntimeSection:
     forward_timeout_s: float = 60.0
     hwm: int = 16
     report_hwm: int = 1000
+    # Same-host (ipc://) hand-offs of at least shm_min_bytes of tensors go through shared memory
+    # (common/shm.py): segments in <shm_dir>/<receiving stage>/, at most shm_pool_bytes of them per
+    # sender and destination, kept and reused. shm_dir: default /dev/shm/wan-<uid>-<hash of socket_dir>.
+    shared_memory: bool = True
+    shm_dir: str | None = None
+    shm_min_bytes: int = 1 << 20
+    shm_pool_bytes: int = 4 << 30
     shutdown_linger_s: float = 1.0  # how long queued reports and forwarded jobs get to leave at a stop
     log_level: str = "INFO"
 
@@ -481,6 +490,17 @@ class Config:
     @property
     def socket_dir(self) -> Path:
         return self._dir(self.runtime.socket_dir, "sock")
+
+    @property
+    def shm_dir(self) -> Path:
+        """Shared-memory segments of same-host hand-offs (`common/shm.py`), one folder per receiving
+        stage. The default is in /dev/shm (RAM; the temp folder where there is none), named for
+        this deployment's socket folder."""
+        if self.runtime.shm_dir:
+            return self.path(self.runtime.shm_dir)
+        digest = hashlib.sha256(str(self.socket_dir.resolve()).encode()).hexdigest()[:12]
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        return base / f"wan-{os.getuid()}-{digest}"
 
     @property
     def model_cache_dir(self) -> Path:

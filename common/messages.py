@@ -19,6 +19,8 @@ from common.errors import FieldError, MalformedHeader, UnknownMessageType
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from common.shm import SharedReceiver
 else:
 
     class Tensor:
@@ -286,8 +288,9 @@ def encode(msg: Message) -> list[Any]:
     return wire.pack({"v": wire.WIRE_VERSION, "type": msg.type_name, **body})
 
 
-def decode(parts: list[Any], limits: wire.Limits) -> Message:
-    fields = wire.unpack(parts, limits)
+def decode(parts: list[Any], limits: wire.Limits, shared: SharedReceiver | None = None) -> Message:
+    """`shared`: the receiving socket's shared-memory folder (same-host peers, `common.shm`)."""
+    fields = wire.unpack(parts, limits, shared)
     version = fields.pop("v", None)
     if version != wire.WIRE_VERSION:
         raise MalformedHeader(f"wire version {version!r}, expected {wire.WIRE_VERSION}", {"version": repr(version)})
@@ -379,6 +382,8 @@ def _check_registry() -> None:
     for name, cls in Message.registry.items():
         assert dataclasses.is_dataclass(cls), name
         typing.get_type_hints(cls)
+        # Header keys the wire format itself uses.
+        assert not {"v", "type", "shm"} & {f.name for f in dataclasses.fields(cls)}, name
 
 
 _check_registry()

@@ -6,6 +6,11 @@ confused with a user map) to one raw buffer frame that holds the tensor's bytes.
 travel as uint8 views of the same memory. Encoding is zero-copy for contiguous tensors; decoding
 rebuilds each tensor over the received frame without copying.
 
+Same-host peers may hand the buffers over in a shared-memory segment instead (`common.shm`): the
+header then carries the reference under the key `shm` and the message has no buffer frames; the
+frame indices of the tensor references are the same. A decoder accepts such a reference only when
+it is given the `SharedReceiver` of its own ipc:// socket, and checks the segment like a frame.
+
 No pickle anywhere: the only things that can come out of `unpack_header` are msgpack scalars,
 lists, string-keyed maps and `TensorRef`s, and every limit is checked before memory is used.
 
@@ -31,6 +36,8 @@ TENSOR_EXT = 1
 
 if TYPE_CHECKING:
     import torch
+
+    from common.shm import SharedReceiver
 
 # The dtype names a reference may carry; each is also the name of the torch dtype.
 DTYPES: tuple[str, ...] = (
@@ -148,11 +155,12 @@ def unpack_header(header: bytes, limits: Limits) -> dict[str, Any]:
     return obj
 
 
-def unpack(parts: list[Any], limits: Limits) -> dict[str, Any]:
+def unpack(parts: list[Any], limits: Limits, shared: SharedReceiver | None = None) -> dict[str, Any]:
     """Decode `[header, *buffers]` into the header map with every TensorRef replaced by a tensor.
 
     `parts` may hold bytes or zmq.Frame objects. Every frame must be referenced exactly once and
-    its length must equal the size its reference declares.
+    its length must equal the size its reference declares. With `shared`, a header-only message may
+    name its frames in a shared-memory segment (`common.shm`); a refused one hands it back at once.
     """
     if not parts:
         raise MalformedHeader("empty message")
@@ -166,34 +174,56 @@ def unpack(parts: list[Any], limits: Limits) -> dict[str, Any]:
             {"size": total, "limit": limits.max_message_bytes},
         )
     header = unpack_header(bytes(buffers[0]), limits)
-    frames = buffers[1:]
+    frames: list[Any] = buffers[1:]
+    release = None
+    if "shm" in header:
+        ref = header.pop("shm")
+        if shared is None:
+            raise MalformedHeader("a shared-memory reference where none is taken")
+        if frames:
+            raise FrameMismatch("a shared-memory message with buffer frames", {"frames": len(frames)})
+        frames, release = shared.frames(ref, buffers[0].nbytes, limits)
+    try:
+        return _resolve(header, frames)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+
+
+def _resolve(header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
     used: set[int] = set()
-
-    def resolve(obj: Any) -> Any:
-        if isinstance(obj, TensorRef):
-            if obj.frame >= len(frames):
-                raise FrameMismatch(
-                    f"tensor refers to frame {obj.frame} but the message has {len(frames)}",
-                    {"frame": obj.frame, "frames": len(frames)},
-                )
-            if obj.frame in used:
-                raise FrameMismatch(f"frame {obj.frame} referenced twice", {"frame": obj.frame})
-            used.add(obj.frame)
-            return _tensor_from_frame(obj, frames[obj.frame])
-        if isinstance(obj, dict):
-            return {k: resolve(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [resolve(v) for v in obj]
-        return obj
-
-    fields: dict[str, Any] = resolve(header)  # a map: unpack_header checked it
+    fields: dict[str, Any] = _resolve_refs(header, frames, used)  # a map: unpack_header checked it
     if len(used) != len(frames):
         extra = sorted(set(range(len(frames))) - used)
         raise FrameMismatch(f"{len(extra)} frame(s) not referenced by the header", {"frames": extra[:16]})
     return fields
 
 
-def _tensor_from_frame(ref: TensorRef, buf: memoryview) -> torch.Tensor:
+def _resolve_refs(obj: Any, frames: list[Any], used: set[int]) -> Any:
+    """Replace the TensorRefs in `obj`. A plain function, not a closure that calls itself: that
+    would be a reference cycle holding the received frames (and a shared segment) until the next
+    garbage collection instead of until the message is dropped."""
+    if isinstance(obj, TensorRef):
+        if obj.frame >= len(frames):
+            raise FrameMismatch(
+                f"tensor refers to frame {obj.frame} but the message has {len(frames)}",
+                {"frame": obj.frame, "frames": len(frames)},
+            )
+        if obj.frame in used:
+            raise FrameMismatch(f"frame {obj.frame} referenced twice", {"frame": obj.frame})
+        used.add(obj.frame)
+        return _tensor_from_frame(obj, frames[obj.frame])
+    if isinstance(obj, dict):
+        return {k: _resolve_refs(v, frames, used) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve_refs(v, frames, used) for v in obj]
+    return obj
+
+
+def _tensor_from_frame(ref: TensorRef, buf: Any) -> torch.Tensor:
+    """`buf`: a memoryview of a received frame, or a uint8 array over a shared-memory segment
+    (the tensor keeps it alive, and with it the segment)."""
     import torch
 
     dtype = torch_dtype(ref.dtype)

@@ -10,6 +10,10 @@ in-process by tests, replay and benchmarks (`stages/base.py`).
   stage keeps serving.
 - A heartbeat thread, with its own socket, reports liveness whatever the main loop is doing; a
   cancellation thread listens to the broker's `cancel` events.
+- Job messages to a stage on an ipc:// endpoint hand their tensors over in shared memory
+  (`common/shm.py`, `runtime.shared_memory`): this process writes them into a segment of its pool
+  for that stage once the stage can take the message, and maps the segments of the messages it
+  receives; it clears its own segment folder before it binds and when it stops.
 - With `runtime.record_dir` set, the traffic is recorded for replay (`stages/recording.py`).
 - A job message sent to a stage of a kind in `runtime.checkpoint_kinds` (default: the DiTs and
   the VAE) is first written to the job's spool folder, and the broker is told (`checkpoint`
@@ -57,6 +61,7 @@ from common.errors import (
     WireError,
 )
 from common.logs import job_context, setup_logging
+from common.shm import Segment, SegmentPool, SharedReceiver
 from common.sockets import SocketOptions, make_socket, stop_authenticators, use_curve
 from stages.base import Stage, StageContext
 from stages.failures import as_out_of_memory, error_body, free_memory
@@ -191,6 +196,9 @@ class StageRuntime:
         self.handled = 0
         self.seq = 0
         self._peers: dict[str, zmq.Socket[bytes]] = {}
+        self._pools: dict[str, SegmentPool | None] = {}
+        own_ipc = config.endpoint(self.name).startswith("ipc://")
+        self.shared_in = SharedReceiver(config.shm_dir / self.name) if runtime.shared_memory and own_ipc else None
         self._in_setup = False
         self.stage = stage_cls(config, spec, RuntimeContext(self))
 
@@ -210,6 +218,17 @@ class StageRuntime:
             sock = make_socket(self.ctx, zmq.PUSH, self.config.endpoint(name), bind=False, options=options)
             self._peers[name] = sock
         return sock
+
+    def _share(self, dest: str, frames: list[Any]) -> tuple[list[Any], Segment | None]:
+        """`frames` as they go to `dest`: through a shared-memory segment to a same-host stage."""
+        if dest not in self._pools:
+            runtime = self.config.runtime
+            same_host = runtime.shared_memory and self.config.endpoint(dest).startswith("ipc://")
+            self._pools[dest] = SegmentPool(
+                self.config.shm_dir / dest, self.name, runtime.shm_pool_bytes, runtime.shm_min_bytes
+            ) if same_host else None
+        pool = self._pools[dest]
+        return pool.share(frames) if pool is not None else (frames, None)
 
     def send_report(self, msg: m.Message) -> None:
         """Reports never block the stage: if nobody is listening they are dropped."""
@@ -231,15 +250,21 @@ class StageRuntime:
         sock = self._peer(dest)
         deadline = time.monotonic() + self.options.send_timeout_ms / 1000
         while True:  # wait for the next stage in short slices, so SIGTERM is not held up by a peer that is down
-            try:
-                sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                break
-            except zmq.Again:
-                if self.stop_event.is_set():
-                    raise StageStopping(f"{self.name} is stopping", {"stage": self.name}) from None
-                if time.monotonic() > deadline:
-                    raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest}) from None
-                sock.poll(200, zmq.POLLOUT)
+            # Fill a segment only once the peer can take the message: one that restarts meanwhile
+            # clears its segment folder before it binds.
+            if sock.poll(0, zmq.POLLOUT):
+                parts, segment = self._share(dest, frames)
+                try:
+                    sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    if segment is not None:
+                        segment.release()
+            if self.stop_event.is_set():
+                raise StageStopping(f"{self.name} is stopping", {"stage": self.name})
+            if time.monotonic() > deadline:
+                raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest})
+            sock.poll(200, zmq.POLLOUT)
         self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
         log.info("attempt %d: %s sent to %s", msg.attempt, msg.type_name, dest)
 
@@ -328,11 +353,13 @@ class StageRuntime:
         seq = self.seq
         incoming = [frame_bytes(p) for p in parts] if self.recorder.enabled else []
         try:
-            msg = m.decode(parts, self.limits)
+            msg = m.decode(parts, self.limits, self.shared_in)
         except WireError as exc:
             log.error("dropped a bad message: %s %s", exc.code, exc.message)
             self.recorder.record(seq, None, incoming, None)
             return
+        if self.recorder.enabled and len(parts) == 1:  # perhaps shared: record the framed message
+            incoming = [frame_bytes(f) for f in m.encode(msg)]
         job_id = getattr(msg, "job_id", None)
         attempt = getattr(msg, "attempt", 0)
         with job_context(job_id):
@@ -414,6 +441,10 @@ class StageRuntime:
         ]
         pull: zmq.Socket[bytes] | None = None
         try:
+            if self.shared_in is not None:
+                removed = self.shared_in.start()
+                if removed:
+                    log.info("removed %d shared-memory segments an earlier process left", removed)
             pull = make_socket(self.ctx, zmq.PULL, self.config.endpoint(self.name), bind=True, options=self.options)
             self._peer("reports")
             for thread in threads:
@@ -468,6 +499,11 @@ class StageRuntime:
             # Reports and forwarded jobs still queued get a short while to leave (the broker or the
             # next stage restarting); after that they are dropped.
             sock.close(linger=self.shutdown_linger_ms)
+        for pool in self._pools.values():
+            if pool is not None:
+                pool.close()
+        if self.shared_in is not None:
+            self.shared_in.stop()
         stop_authenticators()
         if stuck:
             # term() would wait for the sockets those threads hold; the OS closes them at exit.

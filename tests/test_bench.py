@@ -63,3 +63,24 @@ def test_gpu_stage_check_small(tmp_path: Path) -> None:
     compared = results["comparisons_max_abs_diff"]
     assert set(compared) == {"ti2v", "a14b", *SECTIONS[4:]}
     assert all(isinstance(x, float) and math.isfinite(x) for x in compared.values()), compared
+
+
+def test_transport_small(tmp_path: Path) -> None:
+    """bench/transport.py --small: every hand-off, framed and through shared memory, between two
+    processes; the shared path reused one segment per message size instead of making one per run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "transport.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/transport.py", "--small", "--runs", "2", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    names = ["text_embeddings", "a14b_handoff", "ti2v_handoff", "a14b_latents", "ti2v_latents", "frames_480p",
+             "frames_720p", "chunk_4k"]
+    assert list(results["handoffs"]) == names
+    for h in results["handoffs"].values():
+        assert h["bytes"] > 0
+        assert all(finite_positive(h[mode]["median_s"]) for mode in ("framed", "shared", "memcpy"))
+    assert len(results["segments"]) <= len(names)  # reused: at most one per message size
+    assert (tmp_path / "transport.md").read_text().count("\n| ") == len(names) + 2
