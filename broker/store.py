@@ -3,7 +3,8 @@
 States: queued -> processing -> completed | failed | cancelled. Each transition is one UPDATE
 guarded by the state (and attempt) it expects, so a late or duplicate report cannot move a job
 twice: a job completes once. `checkpoint` names the stage whose input the job's spool folder holds
-(its latest checkpoint): a job dispatched again starts there.
+(its latest checkpoint): a job dispatched again starts there. `preview` names the job's latest
+live preview image (`common.spool.PREVIEW_NAME`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     output_path TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
-    checkpoint TEXT
+    checkpoint TEXT,
+    preview TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
 CREATE TABLE IF NOT EXISTS stage_timings (
@@ -73,6 +75,7 @@ class Job:
     output_path: str | None
     timings: dict[str, Any]
     checkpoint: str | None = None
+    preview: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -98,6 +101,8 @@ class JobStore:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
         if "checkpoint" not in columns:  # a store written before checkpoints
             self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
+        if "preview" not in columns:  # a store written before live previews
+            self.db.execute("ALTER TABLE jobs ADD COLUMN preview TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -183,6 +188,14 @@ class JobStore:
         cur = self.db.execute(
             "UPDATE jobs SET checkpoint = ? WHERE id = ? AND attempt = ? AND status = 'processing'",
             (stage, job_id, attempt),
+        )
+        return cur.rowcount == 1
+
+    def set_preview(self, job_id: str, attempt: int, name: str) -> bool:
+        """Record the job's latest preview image (only while that attempt runs)."""
+        cur = self.db.execute(
+            "UPDATE jobs SET preview = ? WHERE id = ? AND attempt = ? AND status = 'processing'",
+            (name, job_id, attempt),
         )
         return cur.rowcount == 1
 
