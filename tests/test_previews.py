@@ -27,7 +27,7 @@ from tests.helpers import System, running_system, wait_for
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), mode="r") as container:
         frame = next(container.decode(video=0))
         return frame.to_ndarray(format="rgb24")
 
@@ -93,7 +93,7 @@ def test_grid_and_size_bound() -> None:
 
 def test_preview_events_in_order_and_images_served(api_system: System) -> None:
     steps = 4
-    job_id = api_system.submit(seed=5, custom_options={"steps": steps})
+    job_id = api_system.submit(prompt="a fox", seed=5, custom_options={"steps": steps})
     events = follow(api_system, job_id)
     assert events[-1]["event"] == "complete", events[-3:]
     shown = [e for e in events if e["event"] == "preview"]
@@ -114,14 +114,14 @@ def test_preview_events_in_order_and_images_served(api_system: System) -> None:
     code, headers, data = api_system.request("GET", body["preview_url"])
     assert code == 200 and headers["content-type"] == "image/jpeg"
     image = decode_image(data)
-    assert image.shape == (8, 8, 3)  # 32x32 video -> 4x4 latents, a 2x2 grid of four latent frames
+    assert image.shape == (4, 8, 3)  # draft: 32x32, 5 frames -> 4x4 latents x 2 latent frames, side by side
     code, _, _ = api_system.request("GET", shown[0]["frame_url"])
     assert code == 404
     assert not spool.job_dir(api_system.config, job_id).exists()
 
 
 def test_a_running_jobs_preview_is_served_and_a_cancelled_jobs_previews_go(api_system: System) -> None:
-    job_id = api_system.submit(seed=6, custom_options={"steps": 40})
+    job_id = api_system.submit(prompt="a fox", seed=6, custom_options={"steps": 40})
 
     def previewed() -> dict[str, Any] | None:
         status, body = api_system.json("GET", f"/api/v1/status/{job_id}")
@@ -129,7 +129,7 @@ def test_a_running_jobs_preview_is_served_and_a_cancelled_jobs_previews_go(api_s
 
     body = wait_for(previewed, 120, "a preview of the running job")
     code, headers, data = api_system.request("GET", body["preview_url"])
-    assert code == 200 and decode_image(data).shape == (8, 8, 3), body
+    assert code == 200 and decode_image(data).shape == (4, 8, 3), body
     folder = spool.job_dir(api_system.config, job_id) / "previews"
     assert any(folder.iterdir())
     status, _ = api_system.json("POST", f"/api/v1/cancel/{job_id}")
@@ -143,7 +143,7 @@ def test_a_running_jobs_preview_is_served_and_a_cancelled_jobs_previews_go(api_s
 
 
 def test_preview_names_never_become_paths(api_system: System) -> None:
-    job_id = api_system.submit(seed=7)
+    job_id = api_system.submit(prompt="a fox", seed=7)
     api_system.wait_final(job_id)
     for name in ("..%2F..%2Fjobs.sqlite3", "step-0001.png", "step-1.jpg", f"{job_id}.mp4"):
         code, _, _ = api_system.request("GET", f"/api/v1/previews/{job_id}/{name}")
