@@ -1,8 +1,9 @@
 """What live previews cost: the tiny job's latency through the stage processes with previews on
-(one every step, as the tiny profile sets) and off, and one preview (projection + encode + write)
+(one every step, as the tiny profile sets) and off (four stack starts: on, off, off, on, each
+timing `--runs / 2` jobs after a warm-up), and one preview (projection + encode + write)
 in-process at the latent sizes of real jobs, on this machine's CPU.
 
-    .venv/bin/python bench/previews.py [--runs 8] [--out bench/results/previews.json]
+    .venv/bin/python bench/previews.py [--runs 12] [--out bench/results/previews.json]
 """
 
 from __future__ import annotations
@@ -72,14 +73,17 @@ def preview_costs(repeats: int = 20) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "previews.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_cache = short_tmpdir("wsm-")
+    on: list[float] = []
+    off: list[float] = []
     try:
-        on = job_latencies(model_cache, args.runs, True)
-        off = job_latencies(model_cache, args.runs, False)
+        # on, off, off, on: a load that drifts while the bench runs weighs on both alike.
+        for enabled in (True, False, False, True):
+            (on if enabled else off).extend(job_latencies(model_cache, args.runs // 2, enabled))
     finally:
         shutil.rmtree(model_cache, ignore_errors=True)
     on_s, off_s = statistics.median(on), statistics.median(off)

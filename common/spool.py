@@ -13,6 +13,7 @@ until the MP4 goes; a job that does not complete loses them with its folder.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -88,11 +89,17 @@ def write_preview(config: Config, job_id: str, name: str, data: bytes) -> Path:
 
 
 def keep_preview(config: Config, job_id: str, name: str) -> bool:
-    """The job completed: copy its latest preview out of the spool folder (which goes next) to sit
-    beside the MP4. True if it was kept."""
+    """The job completed: move its latest preview out of the spool folder (which goes next) to sit
+    beside the MP4 (a rename; a copy when the two folders are on different file systems). True if
+    it was kept."""
     try:
-        data = preview_path(config, job_id, name).read_bytes()
-        write_atomic(kept_preview_path(config, job_id, name), data)
+        source, kept = preview_path(config, job_id, name), kept_preview_path(config, job_id, name)
+        try:
+            os.replace(source, kept)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            write_atomic(kept, source.read_bytes())
     except (OSError, InvalidRequest):
         return False
     return True

@@ -194,7 +194,7 @@ class DitStage(Stage):
             if self.previewer is not None:
                 # The last step of this part (hand-off or end), or the last before the expert changes.
                 switch = boundary is not None and i + 1 < steps.stop and t >= boundary > timesteps[i + 1]
-                if self.previewer.due(msg.job_id, i + 1, i + 1 == steps.stop or switch):
+                if self.previewer.due(msg.job_id, i + 1 == steps.stop or switch):
                     # The scheduler's x0 for a flow-prediction model: sample - sigma * velocity.
                     x0 = latents - float(scheduler.sigmas[i]) * noise_pred.float()
                     if first_frame_mask is not None:

@@ -246,10 +246,10 @@ class Previewer:
         self.extension = EXTENSIONS[section.format]
         self.last: dict[str, float] = {}  # job id -> when its last preview was made (monotonic)
 
-    def due(self, job_id: str, done: int, last_step: bool) -> bool:
-        """A preview after `done` steps? Always at the last step of this stage's part (the expert
-        hand-off, or the job's last step) and when the expert changes; else once per `interval_s`."""
-        if last_step:
+    def due(self, job_id: str, always: bool) -> bool:
+        """A preview after this step? `always` at the last step of this stage's part (the expert
+        hand-off, or the job's last step) and where the expert changes; else once per `interval_s`."""
+        if always:
             return True
         last = self.last.get(job_id)
         return last is None or time.monotonic() - last >= self.section.interval_s

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from common import spool
+from common.config import Config, PreviewsSection
 from gateway.keys import KeyStore
 from stages import previews
 from tests.helpers import System, running_system, wait_for
@@ -87,6 +88,21 @@ def test_grid_and_size_bound() -> None:
     big = np.zeros((1200, 700, 3), dtype=np.uint8)
     assert decode_image(previews.encode(big, "jpeg", 80)).shape == (512, 299, 3)
     assert decode_image(previews.encode(big, "webp", 80)).shape == (512, 299, 3)
+
+
+def test_previews_are_throttled_but_always_at_the_hand_off_and_the_last_step(tmp_path: Path) -> None:
+    config = Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(tmp_path)})
+    writer = previews.Previewer(config, PreviewsSection(interval_s=3600.0), {"m": previews.published("wan2.1")})
+    assert writer.due("job", False)  # the first one
+    assert writer.write("m", "job", 1, torch.zeros(1, 16, 2, 4, 4)) == "step-0001.jpg"
+    assert not writer.due("job", False)  # within interval_s of it
+    assert writer.due("job", True)  # a hand-off or the last step
+    assert writer.due("other", False)  # per job
+    assert writer.write("nope", "job", 2, torch.zeros(1, 16, 2, 4, 4)) is None  # no projection for that model
+    data = (config.job_spool("job") / "previews" / "step-0001.jpg").read_bytes()
+    # All-zero latents project to the bias: the published Wan2.1 one, mapped from [-1, 1] to 0..255.
+    expected = np.round((np.array(previews.WAN21_BIAS) + 1) * 127.5)
+    assert np.abs(decode_image(data).astype(float) - expected).max() <= 3
 
 
 # ---- through the running system ----
