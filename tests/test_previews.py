@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import av
 import numpy as np
 import torch
 
+from broker.broker import Broker
+from common import messages as m
 from common import spool
 from common.config import Config, PreviewsSection
 from stages import previews
@@ -169,3 +172,43 @@ def test_projection_fit_is_cached_beside_the_models(api_system: System) -> None:
     assert sorted(fits.glob("*.json"))  # the DiT stages fitted the tiny VAEs at startup
     body = json.loads(next(fits.glob("*.json")).read_text())
     assert body["version"] == previews.FIT_VERSION and len(body["bias"]) == 3
+
+
+# ---- the broker's side, in-process (its real store and files; no stage runs) ----
+
+def preview_report(job_id: str, attempt: int, step: int) -> m.StageReport:
+    return m.StageReport(job_id, attempt, "dit_high", "preview", step, 4, time.time(),
+                         preview=spool.preview_name(step, "jpg"))
+
+
+def test_a_completed_job_keeps_its_latest_preview_until_its_mp4_goes(broker: Broker) -> None:
+    job_id = str(broker.api.submit({"request": {"prompt": "x", "model": "t2v", "quality": "draft"}})["job_id"])
+    attempt = broker.store.start(job_id)
+    assert attempt == 1
+    for step in (1, 2):
+        spool.write_preview(broker.config, job_id, spool.preview_name(step, "jpg"), b"\xff\xd8 step %d" % step)
+        broker.on_report(preview_report(job_id, attempt, step))
+    assert broker.api.status({"job_id": job_id})["preview_url"] == f"/api/v1/previews/{job_id}/step-0002.jpg"
+    broker.on_report(m.StageReport(job_id, attempt, "dit_high", "preview", 3, 4, preview="../../jobs.sqlite3"))
+    assert broker.api.status({"job_id": job_id})["preview_url"].endswith("step-0002.jpg")  # a bad name is ignored
+    mp4 = broker.config.results_dir / f"{job_id}.mp4"
+    mp4.parent.mkdir(parents=True, exist_ok=True)
+    mp4.write_bytes(b"mp4")
+    broker.on_report(m.JobDone(job_id=job_id, attempt=attempt, path=str(mp4), num_frames=5, width=32, height=32,
+                               fps=16))
+    kept = spool.kept_preview_path(broker.config, job_id, "step-0002.jpg")
+    assert kept.read_bytes() == b"\xff\xd8 step 2" and not spool.job_dir(broker.config, job_id).exists()
+    assert broker.api.status({"job_id": job_id})["preview_url"].endswith("step-0002.jpg")
+    assert spool.remove_result(broker.config, job_id)
+    assert not kept.exists()
+
+
+def test_a_preview_written_after_the_cancel_is_removed_when_its_report_comes(broker: Broker) -> None:
+    job_id = str(broker.api.submit({"request": {"prompt": "x", "model": "t2v", "quality": "draft"}})["job_id"])
+    attempt = broker.store.start(job_id)
+    assert attempt == 1
+    broker.api.cancel({"job_id": job_id})
+    path = spool.write_preview(broker.config, job_id, "step-0001.jpg", b"\xff\xd8")  # the DiT was mid-step
+    broker.on_report(preview_report(job_id, attempt, 1))
+    assert not path.exists() and not spool.job_dir(broker.config, job_id).exists()
+    assert broker.api.status({"job_id": job_id})["preview_url"] is None
