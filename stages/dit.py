@@ -159,6 +159,7 @@ class DitStage(Stage):
         else:
             mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
         preview: torch.Tensor | None = None
+        previewer = self.previewer if self.previewer is not None and self.previewer.serves(p.model) else None
         for i in steps:
             self.check_cancelled(msg.job_id)
             t = timesteps[i]
@@ -191,10 +192,10 @@ class DitStage(Stage):
                         hidden_states=model_input, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
                     )[0]
                 noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-            if self.previewer is not None:
+            if previewer is not None:
                 # The last step of this part (hand-off or end), or the last before the expert changes.
                 switch = boundary is not None and i + 1 < steps.stop and t >= boundary > timesteps[i + 1]
-                if self.previewer.due(msg.job_id, i + 1 == steps.stop or switch):
+                if previewer.due(msg.job_id, i + 1 == steps.stop or switch):
                     # The scheduler's x0 for a flow-prediction model: sample - sigma * velocity.
                     x0 = latents - float(scheduler.sigmas[i]) * noise_pred.float()
                     if first_frame_mask is not None:

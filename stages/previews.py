@@ -246,6 +246,10 @@ class Previewer:
         self.extension = EXTENSIONS[section.format]
         self.last: dict[str, float] = {}  # job id -> when its last preview was made (monotonic)
 
+    def serves(self, model: str) -> bool:
+        """Whether the model has a projection (a model handed to the stage by a benchmark has none)."""
+        return model in self.projections
+
     def due(self, job_id: str, always: bool) -> bool:
         """A preview after this step? `always` at the last step of this stage's part (the expert
         hand-off, or the job's last step) and where the expert changes; else once per `interval_s`."""
