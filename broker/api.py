@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import admission, memory
+from broker.progress import preview_url
 from broker.store import FINAL, Job
 from common import catalog, spool
 from common.errors import (
@@ -274,6 +275,9 @@ class Api:
             "queue_position": self.broker.dispatcher.queue_position(job),
             "attempt": job.attempt,
             "created_at": job.created_at,
+            # The latest live preview: while the job runs, and kept beside the MP4 once it completed.
+            "preview_url": preview_url(job.id, job.preview) if job.preview and job.status in
+            ("processing", "completed") else None,
         }
         if job.error:
             body["error"] = job.error

@@ -132,6 +132,8 @@ class Broker:
             if job.webhook_url:  # the store's trigger queued its delivery with the final state
                 self.webhooks.wake()
         self.inflight.forget(job_id)
+        if completed and job is not None and job.preview:
+            spool.keep_preview(self.config, job_id, job.preview)  # the latest preview stays with the MP4
         spool.remove_job(self.config, job_id)
         if not completed and spool.remove_result(self.config, job_id):
             log.info("removed the MP4 of job %s, which did not complete", job_id)

@@ -37,6 +37,10 @@ def timing_key(params: dict[str, Any]) -> str:
     return f"{params['model']}:{params['width']}x{params['height']}x{params['num_frames']}:{params['steps']}"
 
 
+def preview_url(job_id: str, name: str) -> str:
+    return f"/api/v1/previews/{job_id}/{name}"
+
+
 def failure(body: Any, stage: str) -> dict[str, Any]:
     """The structured error a JobFailed carries (`{"error": {code, message, details}}`, or the inner
     map); a body of any other shape fails the job with a generic JOB_FAILED naming the stage."""
@@ -68,6 +72,9 @@ class Progress:
             # The muxer finished a job deleted while it ran (DELETE /v1/videos): no one will fetch the MP4.
             if spool.remove_result(self.broker.config, msg.job_id):
                 log.info("removed the MP4 of job %s, deleted while it ran", msg.job_id)
+        if job is not None and job.final and isinstance(msg, m.StageReport) and msg.event == "preview":
+            # A DiT wrote a preview just after the job ended (and its spool folder went): remove it.
+            spool.remove_job(self.broker.config, job.id)
             return
         if job is None or job.final or msg.attempt != job.attempt:
             return  # a stale attempt, a cancelled job, or a job we never had
@@ -114,6 +121,9 @@ class Progress:
             if r.to in job.route and self.store.set_checkpoint(job.id, r.attempt, r.to):
                 log.info("attempt %d: checkpoint for %s written", r.attempt, r.to)
             return
+        elif r.event == "preview":
+            self.on_preview(job, r)
+            return
         elif r.event == "forwarded":
             if record.watched == r.stage:
                 record.watched = None
@@ -131,6 +141,16 @@ class Progress:
             job = self.store.get(job.id)  # type: ignore[assignment]
             self.broker.events.job(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job),
                                                      "stage": r.stage, "attempt": r.attempt})
+
+    def on_preview(self, job: Job, r: m.StageReport) -> None:
+        """A DiT stage wrote a preview image into the job's spool folder: record it as the latest
+        and announce it. The image itself never passes through the broker."""
+        if not spool.PREVIEW_NAME.match(r.preview):
+            log.warning("ignored a preview report from %s with a bad name", r.stage)
+            return
+        if self.store.set_preview(job.id, r.attempt, r.preview):
+            self.broker.events.job(job, "preview", {"frame_url": preview_url(job.id, r.preview), "step": r.step,
+                                                    "steps": r.total_steps, "stage": r.stage})
 
     def on_done(self, job: Job, done: m.JobDone) -> None:
         timings = dict(job.timings)

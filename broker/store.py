@@ -7,7 +7,8 @@ twice: a job completes once. `checkpoint` names the stage whose input the job's 
 
 A job with a `webhook_url` gets a row in `webhook_outbox` when it becomes final, from a trigger, so
 the row and the transition are one write; broker/webhooks.py delivers from it (`Outbox`, on the
-delivery thread's own connection).
+delivery thread's own connection). `preview` names the job's latest
+live preview image (`common.spool.PREVIEW_NAME`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_path TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
     checkpoint TEXT,
-    outputs TEXT
+    outputs TEXT,
+    preview TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
 CREATE TABLE IF NOT EXISTS stage_timings (
@@ -130,6 +132,7 @@ class Job:
     webhook_url: str | None = None
     # What the muxer wrote: {"files": [JobDone.outputs...], "postprocess": JobDone.postprocess}.
     outputs: dict[str, Any] | None = None
+    preview: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -163,6 +166,8 @@ class JobStore:
         self.db.executescript(WEBHOOK_SCHEMA)  # after the column: its trigger reads it
         if "outputs" not in columns:  # a store written before jobs had several outputs
             self.db.execute("ALTER TABLE jobs ADD COLUMN outputs TEXT")
+        if "preview" not in columns:  # a store written before live previews
+            self.db.execute("ALTER TABLE jobs ADD COLUMN preview TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -248,6 +253,14 @@ class JobStore:
         cur = self.db.execute(
             "UPDATE jobs SET checkpoint = ? WHERE id = ? AND attempt = ? AND status = 'processing'",
             (stage, job_id, attempt),
+        )
+        return cur.rowcount == 1
+
+    def set_preview(self, job_id: str, attempt: int, name: str) -> bool:
+        """Record the job's latest preview image (only while that attempt runs)."""
+        cur = self.db.execute(
+            "UPDATE jobs SET preview = ? WHERE id = ? AND attempt = ? AND status = 'processing'",
+            (name, job_id, attempt),
         )
         return cur.rowcount == 1
 

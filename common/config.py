@@ -168,6 +168,21 @@ class WebhooksSection:
 
 
 @dataclass(frozen=True)
+class PreviewsSection:
+    """Live previews: the DiT stage projects its x0 prediction to RGB and writes a small image."""
+
+    enabled: bool = True
+    interval_s: float = 1.0  # at most one preview per this many seconds (0: every step); always at the
+    # expert hand-off and the last step
+    format: str = "jpeg"  # jpeg | webp
+    frames: int = 4  # latent frames shown side by side (evenly spaced, first to last); 1: the middle one
+    quality: int = 80  # encoder quality, 1..100
+
+
+PREVIEW_FORMATS = ("jpeg", "webp")
+
+
+@dataclass(frozen=True)
 class NetworkSection:
     curve_keys_dir: str | None = None
 
@@ -331,8 +346,17 @@ def _choice(value: Any, allowed: tuple[str, ...], source: Path | None, section: 
                           {**where, "value": repr(value)[:80], "allowed": list(allowed)})
 
 
+def _check_previews(section: PreviewsSection, source: Path | None) -> None:
+    bounds = {"interval_s": (section.interval_s, 0.0, 3600.0), "frames": (section.frames, 1, 16),
+              "quality": (section.quality, 1, 100)}
+    for key, (value, low, high) in bounds.items():
+        if not low <= value <= high:
+            where = {"file": str(source) if source else "<memory>", "section": "previews", "key": key}
+            raise ConfigError(f"{where['file']}: [previews] {key} = {value!r} must be within {low}..{high}", where)
+
+
 TOP_LEVEL = ("runtime", "watchdog", "limits", "defaults", "admission", "gateway", "network", "serving",
-             "hardware", "webhooks", "endpoints", "models", "presets", "routes", "stages")
+             "hardware", "webhooks", "previews", "endpoints", "models", "presets", "routes", "stages")
 
 
 class Config:
@@ -356,6 +380,9 @@ class Config:
         self.serving = build_section(ServingSection, data.get("serving", {}), source, "serving")
         self.hardware = build_section(HardwareSection, data.get("hardware", {}), source, "hardware")
         self.webhooks = build_section(WebhooksSection, data.get("webhooks", {}), source, "webhooks")
+        self.previews = build_section(PreviewsSection, data.get("previews", {}), source, "previews")
+        _choice(self.previews.format, PREVIEW_FORMATS, source, "previews", "format")
+        _check_previews(self.previews, source)
         _choice(self.gateway.auth, AUTH_MODES, source, "gateway", "auth")
         _choice(self.runtime.log_level.upper(), LOG_LEVELS, source, "runtime", "log_level")
         self.endpoints: dict[str, str] = self._string_table("endpoints")

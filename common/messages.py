@@ -168,8 +168,9 @@ class ResumeJob(Message):
 @dataclass
 class StageReport(Message):
     """A job's progress through a stage. `event` is accepted | step | checkpoint | forwarded |
-    cancelled; `to` names the stage a forwarded job was sent to, or whose checkpoint was written
-    (the job's spool folder holds the message sent to it: see `common.spool`)."""
+    cancelled | preview; `to` names the stage a forwarded job was sent to, or whose checkpoint was
+    written (the job's spool folder holds the message sent to it: see `common.spool`); `preview`
+    names the preview image of `step` (event preview) in the job's spool previews folder."""
 
     job_id: str
     attempt: int
@@ -180,6 +181,7 @@ class StageReport(Message):
     at: float = 0.0
     to: str = ""
     pid: int = 0
+    preview: str = ""
 
 
 @dataclass

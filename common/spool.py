@@ -5,10 +5,15 @@ the next stage (e.g. the DiT hand-off: latents + full UniPC state), written atom
 fsync, rename, fsync of the folder) under the name of the stage it was sent to, so a job lost in
 that stage (or later) can be sent to it again without redoing the work before it. The broker
 removes the folder once the job is final (`remove_job`, the one place that does).
+
+Live previews (small images the DiT stage writes while it denoises) live in `<job>/previews/`;
+when the job completes, the broker keeps its latest one beside the MP4 (`<results>/<job_id>.<name>`)
+until the MP4 goes; a job that does not complete loses them with its folder.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 
 SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CHECKPOINT_SUFFIX = ".ckpt"
+# A preview's file name: the steps done when it was made, and its format. Nothing else is served.
+PREVIEW_NAME = re.compile(r"^step-[0-9]{4}\.(jpg|webp)$")
+PREVIEW_TYPES = {"jpg": "image/jpeg", "webp": "image/webp"}
 
 
 def check_job_id(job_id: str) -> str:
@@ -44,6 +52,57 @@ def job_dir(config: Config, job_id: str) -> Path:
 
 def checkpoint_path(config: Config, job_id: str, stage: str) -> Path:
     return job_dir(config, job_id) / f"{stage}{CHECKPOINT_SUFFIX}"
+
+
+def preview_name(step: int, extension: str) -> str:
+    return f"step-{step:04d}.{extension}"
+
+
+def preview_path(config: Config, job_id: str, name: str) -> Path:
+    """Where a running job's preview `name` is written (`<spool>/<job_id>/previews/<name>`)."""
+    if not PREVIEW_NAME.match(name):
+        raise InvalidRequest("not a preview name", {"name": name[:40]})
+    return job_dir(config, job_id) / "previews" / name
+
+
+def kept_preview_path(config: Config, job_id: str, name: str) -> Path:
+    """Where a completed job's latest preview is kept, beside its MP4."""
+    if not PREVIEW_NAME.match(name) or not SAFE_JOB_ID.match(job_id):
+        raise InvalidRequest("not a preview name", {"name": name[:40]})
+    return config.results_dir / f"{job_id}.{name}"
+
+
+def write_preview(config: Config, job_id: str, name: str, data: bytes) -> Path:
+    """Write a preview image whole (temp file + rename, so a reader never sees half of one). Not
+    fsynced: a preview lost in a power cut is replaced by the next one, and the DiT stage should not
+    wait on the disk between two steps."""
+    path = preview_path(config, job_id, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def keep_preview(config: Config, job_id: str, name: str) -> bool:
+    """The job completed: move its latest preview out of the spool folder (which goes next) to sit
+    beside the MP4 (a rename; a copy when the two folders are on different file systems). True if
+    it was kept."""
+    try:
+        source, kept = preview_path(config, job_id, name), kept_preview_path(config, job_id, name)
+        try:
+            os.replace(source, kept)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            write_atomic(kept, source.read_bytes())
+    except (OSError, InvalidRequest):
+        return False
+    return True
 
 
 def fsync_path(path: Path) -> None:
@@ -144,6 +203,9 @@ def remove_result(config: Config, job_id: str) -> bool:
     finish a job just after it was cancelled or failed). True if there was one."""
     if not SAFE_JOB_ID.match(job_id):
         return False
+    for kept in config.results_dir.glob(f"{job_id}.step-*"):  # its kept preview goes with it
+        if PREVIEW_NAME.match(kept.name[len(job_id) + 1:]):
+            kept.unlink(missing_ok=True)
     removed = False
     for suffix in RESULT_SUFFIXES:
         try:
@@ -164,8 +226,9 @@ def sweep_results(config: Config, job_status: Callable[[str], str | None]) -> li
     except FileNotFoundError:
         return []
     for entry in entries:
-        job_id = entry.name.removesuffix(entry.suffix)
-        if entry.suffix not in RESULT_SUFFIXES or not SAFE_JOB_ID.match(job_id) or job_id in removed:
+        job_id = entry.name.split(".", 1)[0]
+        suffixes = (*RESULT_SUFFIXES, *(f".{ext}" for ext in PREVIEW_TYPES))
+        if entry.suffix not in suffixes or not SAFE_JOB_ID.match(job_id) or job_id in removed:
             continue
         if job_status(job_id) in ("failed", "cancelled") and remove_result(config, job_id):
             removed.add(job_id)

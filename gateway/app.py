@@ -52,6 +52,7 @@ from gateway.broker_client import BrokerClient
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import OpenAIApi, OpenAIErrors
 from gateway.openapi import openapi_document
+from gateway.previews import preview_file
 from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
 from gateway.web import studio_routes
 
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 JSON_TYPES = {"", "application/json", "text/json", "text/plain"}
 MULTIPART_OVERHEAD = 64 << 10  # part headers and boundaries around the request and the image
-STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error")
+STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error", "preview_url")
 ACTIVE = ("processing", "queued")
 SAFE_ID = re.compile(r"^[\w-]{1,80}$")  # what of a malformed job id may be echoed back (never a path)
 TOO_SLOW = "too slow: event queue full"
@@ -267,6 +268,16 @@ class Gateway:
         path, stat = found
         return FileResponse(path, media_type="video/mp4", filename=f"{body['job_id']}.mp4", stat_result=stat)
 
+    async def preview(self, request: Request) -> Response:
+        """A live preview image, with the same owner check as the video (gateway/previews.py)."""
+        body = await self.call("status", job_id=job_id_of(request), owner=owner_of(request))
+        found = await asyncio.to_thread(preview_file, self.config, body["job_id"], request.path_params["name"],
+                                        body["status"])
+        if found is None:
+            raise ResultNotAvailable("the job has no such preview (it was replaced, or the job ended)",
+                                     {"status": body["status"]})
+        return Response(found[0], media_type=found[1], headers={"Cache-Control": "private, no-cache"})
+
     async def master_file(self, request: Request) -> Response:
         """The job's lossless master (FFV1 in Matroska), when it asked for one; the same owner check."""
         body = await self.call("result", job_id=job_id_of(request), owner=owner_of(request))
@@ -419,6 +430,7 @@ class Gateway:
             Route("/api/v1/presets", self.presets, methods=["GET"]),
             Route("/api/v1/files/{job_id}.mp4", self.file, methods=["GET", "HEAD"]),
             Route("/api/v1/files/{job_id}.mkv", self.master_file, methods=["GET", "HEAD"]),
+            Route("/api/v1/previews/{job_id}/{name}", self.preview, methods=["GET"]),
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),

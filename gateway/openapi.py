@@ -104,6 +104,8 @@ STATUS = {
         "stage": {"type": ["string", "null"]},
         "queue_position": {"type": ["integer", "null"]},
         "error": {"type": "object"},
+        "preview_url": {"type": ["string", "null"],
+                        "description": "the latest live preview image (while running; kept once completed)"},
     },
 }
 
@@ -366,6 +368,13 @@ def _document() -> dict[str, Any]:
                               "206": {"description": "partial Matroska", "content": {"video/x-matroska": {}}},
                               **_errors(404, 503)},
             }},
+            "/api/v1/previews/{job_id}/{name}": {"get": {
+                "summary": "A live preview image of a job (JPEG or WebP, at most 512 px on its long side)",
+                "parameters": [JOB_ID_PARAM, {"name": "name", "in": "path", "required": True,
+                                              "schema": {"type": "string", "pattern": r"^step-[0-9]{4}\.(jpg|webp)$"}}],
+                "responses": {"200": {"description": "the image", "content": {"image/jpeg": {}, "image/webp": {}}},
+                              **_errors(404, 503)},
+            }},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json(OBJECT)}}},
             "/health": {"get": {"summary": "The gateway process is alive", "responses": {"200": _json(OBJECT)}}},
             "/ready": {"get": {"summary": "Every stage on every route is up with its models loaded",
@@ -381,7 +390,8 @@ def _document() -> dict[str, Any]:
         },
         "x-websocket": {
             "/ws": "send {action: subscribe, job_id} or {action: subscribe, all: true}; receive snapshot, then "
-                   "status | progress | complete | error events (a user's own jobs only, all of them for an admin); "
+                   "status | progress | preview {frame_url, step, steps} | complete | error events (a user's own "
+                   "jobs only, all of them for an admin); "
                    "the key and the Origin are checked before the handshake is accepted",
         },
     }

@@ -11,7 +11,8 @@ of the schedule and its device:
 
 For a one-expert model (TI2V-5B) both parts use `transformer` and split the steps at
 `split_fraction`, so two DiT processes pipeline consecutive jobs the same way.
-A step-progress report is sent after every step.
+A step-progress report is sent after every step, and a preview (`stages/previews.py`: the x0
+prediction projected to RGB, written into the job's spool folder) when one is due.
 
 Image-conditioned jobs (the text_encoder stage VAE-encoded the image) build the model input as
 diffusers' `WanImageToVideoPipeline` does: I2V-A14B joins the noise latents and the job's
@@ -36,6 +37,7 @@ from stages import schedule
 from stages.base import Stage
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from stages.placement import Placement
+from stages.previews import Previewer, Projection, projection_for
 from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 class DitStage(Stage):
     kind = "dit"
+    previewer: Previewer | None = None  # set up in setup() when [previews] enabled
 
     def setup(self) -> None:
         placement = self.placement = Placement.from_spec(self.spec, attention=True)
@@ -52,6 +55,7 @@ class DitStage(Stage):
         if self.part not in schedule.PARTS:
             raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
         self.models: dict[str, dict] = {}
+        projections: dict[str, Projection] = {}
         for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
             info = PipelineInfo.read(folder)
@@ -70,6 +74,13 @@ class DitStage(Stage):
             self.add_model(model, info, experts, scheduler_config(folder, model_spec.flow_shift),
                            boundary_ratio=boundary, split_fraction=model_spec.split_fraction)
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
+            if self.config.previews.enabled:
+                try:
+                    projections[model] = projection_for(folder, self.config.model_cache_dir).to(self.device)
+                except Exception:  # previews are a side product: without a projection the model just has none
+                    log.exception("no previews for %s: its latent-to-RGB projection could not be made", model)
+        if self.config.previews.enabled:
+            self.previewer = Previewer(self.config, self.config.previews, projections)
 
     def add_model(self, model: str, info: PipelineInfo, experts: dict[str, torch.nn.Module],
                   scheduler_config: dict, *, boundary_ratio: float | None, split_fraction: float = 0.5) -> None:
@@ -147,6 +158,8 @@ class DitStage(Stage):
             mask = first_frame_mask
         else:
             mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
+        preview: torch.Tensor | None = None
+        previewer = self.previewer if self.previewer is not None and self.previewer.serves(p.model) else None
         for i in steps:
             self.check_cancelled(msg.job_id)
             t = timesteps[i]
@@ -179,8 +192,21 @@ class DitStage(Stage):
                         hidden_states=model_input, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
                     )[0]
                 noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
+            if previewer is not None:
+                # The last step of this part (hand-off or end), or the last before the expert changes.
+                switch = boundary is not None and i + 1 < steps.stop and t >= boundary > timesteps[i + 1]
+                if previewer.due(msg.job_id, i + 1 == steps.stop or switch):
+                    # The scheduler's x0 for a flow-prediction model: sample - sigma * velocity.
+                    x0 = latents - float(scheduler.sigmas[i]) * noise_pred.float()
+                    if first_frame_mask is not None:
+                        assert condition is not None  # as above
+                        x0 = (1 - mask) * condition + mask * x0
+                    preview = x0
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "step", i + 1, len(timesteps), time.time()))
+            if preview is not None:
+                self.send_preview(msg, preview, i + 1, len(timesteps))
+                preview = None
 
         common: dict[str, Any] = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p)
         if steps.stop < len(timesteps):
@@ -200,6 +226,16 @@ class DitStage(Stage):
             assert condition is not None  # as above
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return [m.DecodeJob(**common, latents=latents.cpu())]
+
+    def send_preview(self, msg: m.DenoiseJob, x0: torch.Tensor, done: int, total: int) -> None:
+        """Write the preview of `x0` after `done` steps and announce it (not for a cancelled job)."""
+        assert self.previewer is not None
+        if self.context.cancelled(msg.job_id):
+            return
+        name = self.previewer.write(msg.params.model, msg.job_id, done, x0)
+        if name is not None:
+            self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "preview", done, total, time.time(),
+                                    preview=name))
 
     def check_condition(self, info: PipelineInfo, msg: m.DenoiseJob) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The job's image conditioning on this device, checked against the model: (condition, first_frame_mask)."""

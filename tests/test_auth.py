@@ -385,6 +385,20 @@ def test_client_sends_the_key(system, tmp_path):
     assert cli.returncode == 0 and json.loads(cli.stdout)["status"] == "completed", cli.stderr
 
 
+def test_another_users_preview_is_404(system):
+    """Live previews have the video's owner check (the previews themselves: tests/test_previews.py)."""
+    job_id = submit_as(system, "alice")
+    assert system.wait_final(job_id)["status"] == "completed"
+    status, _, content = as_user(system, "alice", "GET", f"/api/v1/status/{job_id}")
+    url = json.loads(content)["preview_url"]
+    assert status == 200 and url.startswith(f"/api/v1/previews/{job_id}/")
+    status, headers, content = as_user(system, "alice", "GET", url)
+    assert status == 200 and headers["content-type"] == "image/jpeg" and content[:2] == b"\xff\xd8"
+    assert as_user(system, "admin", "GET", url)[0] == 200
+    status, _, content = as_user(system, "bob", "GET", url)
+    assert status == 404 and json.loads(content)["error"]["code"] == "JOB_NOT_FOUND"
+
+
 def test_logs_never_print_keys(system):
     """Runs last in this module: after every request above, no log holds a token or its secret."""
     logs = {p.name: p.read_text(errors="replace") for p in system.log_dir.glob("*.log*")}

@@ -271,7 +271,9 @@ def test_stage_processes_give_identical_frames_from_official_folders(stack, fold
                 a, b = vae_frames(official_stack, ours), vae_frames(stack, theirs)
                 assert a.shape == (5, h, w, 3) and a.std() > 1.0
                 assert np.array_equal(a, b), f"{model}: max |diff| {np.abs(a.astype(int) - b).max()}"
-        assert not (state / "models").exists() or not any((state / "models").iterdir())  # nothing tiny was built
+        # Nothing tiny was built (the DiT's preview projection fit of these VAEs is cached there).
+        assert not (state / "models").exists() or not [p for p in (state / "models").iterdir()
+                                                        if p.name != "preview-fits"]
     finally:
         official_stack.stop()
         shutil.rmtree(state, ignore_errors=True)

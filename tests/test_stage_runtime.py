@@ -247,8 +247,10 @@ class Recorded(StageContext):
 
 
 @pytest.fixture(scope="module")
-def tiny_config(model_cache) -> Config:
-    return Config.load(environ={"WAN_SERVER__RUNTIME__MODEL_CACHE_DIR": str(model_cache)})
+def tiny_config(model_cache, tmp_path_factory) -> Config:
+    # Its own spool: the DiT writes live previews of the jobs it handles there.
+    return Config.load(environ={"WAN_SERVER__RUNTIME__MODEL_CACHE_DIR": str(model_cache),
+                                "WAN_SERVER__RUNTIME__SPOOL_DIR": str(tmp_path_factory.mktemp("spool"))})
 
 
 def denoise_job(stage: DitStage, job_id: str) -> m.DenoiseJob:
@@ -266,8 +268,9 @@ def test_a_dit_stage_reports_cancels_and_stops_through_its_context(tiny_config):
     assert stage.placement is not None and stage.placement.weight_bytes > 0
     (out,) = stage.handle(denoise_job(stage, "ctx1"))
     assert isinstance(out, m.DenoiseJob) and out.step > 0
+    # A step report after every step, each followed by its live preview (the tiny profile previews every step).
     assert [(r.job_id, r.stage, r.event, r.step) for r in context.reports] == [
-        ("ctx1", "dit_high", "step", i + 1) for i in range(out.step)]
+        ("ctx1", "dit_high", event, i + 1) for i in range(out.step) for event in ("step", "preview")]
     stage.ready = True
     assert stage.memory()["device"] == "cpu" and stage.memory()["weight_bytes"] == stage.placement.weight_bytes
 
