@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from broker import loras
 from common import catalog
 from common import messages as m
 from common.catalog import (  # broker.broker and the tests read these from here
@@ -210,6 +211,7 @@ def resolve(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
         num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
         image_sha256=image_sha256, postprocess={k: base[k] for k in POSTPROCESS_FIELDS if k in base},
+        loras=loras.check_request(config, model, options),
     )
     return preset, params, priority
 

@@ -159,6 +159,17 @@ class WebhooksSection:
 
 
 @dataclass(frozen=True)
+class LorasSection:
+    """LoRA files a request may name (`custom_options.loras`; broker/loras.py lists them, stages/lora.py loads them)."""
+
+    dir: str | None = None  # default <state_dir>/loras; *.safetensors only (a pickle is listed as refused)
+    max_resident: int = 4  # adapters a DiT process keeps loaded per expert; the least recently used is unloaded
+    min_scale: float = -2.0  # bounds of a request's LoRA scale, within the catalog's
+    max_scale: float = 2.0
+    max_per_job: int = 4  # LoRAs one request may name (at most max_resident)
+
+
+@dataclass(frozen=True)
 class NetworkSection:
     curve_keys_dir: str | None = None
 
@@ -320,7 +331,7 @@ def _choice(value: Any, allowed: tuple[str, ...], source: Path | None, section: 
 
 
 TOP_LEVEL = ("runtime", "watchdog", "limits", "defaults", "admission", "gateway", "network", "serving",
-             "hardware", "webhooks", "endpoints", "models", "presets", "routes", "stages")
+             "hardware", "webhooks", "loras", "endpoints", "models", "presets", "routes", "stages")
 
 
 class Config:
@@ -344,6 +355,7 @@ class Config:
         self.serving = build_section(ServingSection, data.get("serving", {}), source, "serving")
         self.hardware = build_section(HardwareSection, data.get("hardware", {}), source, "hardware")
         self.webhooks = build_section(WebhooksSection, data.get("webhooks", {}), source, "webhooks")
+        self.loras = build_section(LorasSection, data.get("loras", {}), source, "loras")
         _choice(self.gateway.auth, AUTH_MODES, source, "gateway", "auth")
         _choice(self.runtime.log_level.upper(), LOG_LEVELS, source, "runtime", "log_level")
         self.endpoints: dict[str, str] = self._string_table("endpoints")
@@ -449,6 +461,16 @@ class Config:
                 if model not in self.models:
                     raise ConfigError(f"{self._file}: [stages.{name}] models names undefined model {model!r}",
                                       {"file": self._file, "section": f"stages.{name}", "key": "models"})
+        lo, hi = catalog.bounds(catalog.LORA_FIELDS["scale"])
+        loras = self.loras
+        for key, ok in (("min_scale", lo <= loras.min_scale <= loras.max_scale),
+                        ("max_scale", loras.min_scale <= loras.max_scale <= hi),
+                        ("max_resident", loras.max_resident >= 1),
+                        ("max_per_job", 1 <= loras.max_per_job <= min(loras.max_resident, catalog.MAX_LORAS))):
+            if not ok:
+                raise ConfigError(f"{self._file}: [loras] {key} = {getattr(loras, key)!r} is out of bounds (scales "
+                                  f"within {lo}..{hi}, min <= max; 1 <= max_per_job <= max_resident, "
+                                  f"{catalog.MAX_LORAS})", {"file": self._file, "section": "loras", "key": key})
 
     # ---- derived values ----
     def path(self, value: str | os.PathLike[str]) -> Path:
@@ -474,6 +496,10 @@ class Config:
 
     def job_spool(self, job_id: str) -> Path:
         return self.spool_dir / job_id
+
+    @property
+    def lora_dir(self) -> Path:
+        return self._dir(self.loras.dir, "loras")
 
     @property
     def socket_dir(self) -> Path:
