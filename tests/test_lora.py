@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from broker import loras
 from broker.driver import default_params
 from common import messages as m
-from common.errors import JobFailedError
+from common.config import Config
+from common.errors import ConfigError, JobFailedError
 from stages.lora import LoraCache
 from stages.models import model_dir
 from tests.helpers import reference, vae_frames
@@ -295,3 +296,12 @@ def test_result_metadata_names_the_loras_and_hashes(served, lora_dir):
         {"name": "x", "scale": 1.0, "sha256": {"transformer": sha["x.high.safetensors"],
                                                "transformer_2": sha["x.low.safetensors"]}},
     ]
+
+
+@pytest.mark.parametrize("key, value", [("MAX_SCALE", "5.0"), ("MIN_SCALE", "3.0"), ("MAX_PER_JOB", "9"),
+                                        ("MAX_RESIDENT", "0"), ("MAX_RESIDENT", "'4'")])
+def test_loras_section_bounds_are_checked_at_load(key, value):
+    with pytest.raises(ConfigError) as info:
+        Config.load(environ={f"WAN_SERVER__LORAS__{key}": value})
+    assert info.value.details["section"] == "loras"
+    assert Config.load(environ={}).lora_dir == Config.load(environ={}).state_dir / "loras"
