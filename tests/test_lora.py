@@ -256,6 +256,9 @@ def test_listing(served, lora_dir):
     assert by_name["evil"]["models"] == [] and "pickle" in by_name["evil"]["refused"]
     assert by_name["broken"]["models"] == [] and "header" in by_name["broken"]["refused"]
     assert body["scale"] == {"min": -2.0, "max": 2.0}
+    # The broker read every header by hand: it never loaded torch (nor safetensors' torch bindings).
+    maps = Path(f"/proc/{served.pid('broker')}/maps").read_text()
+    assert "libtorch" not in maps and "site-packages/torch" not in maps and "safetensors" not in maps
 
 
 @pytest.mark.parametrize("model, value, status, code, words", [
