@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from broker import loras
 from common import catalog
 from common import messages as m
 from common.catalog import (  # broker.broker and the tests read these from here
@@ -220,6 +221,7 @@ def resolve(
         num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
         image_sha256=image_sha256, postprocess=postprocess,
         encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
+        loras=loras.check_request(config, model, options),
     )
     return preset, params, priority
 

@@ -6,7 +6,8 @@ ApiReply result, or raising a ServerError that becomes the reply's structured er
   uploaded image in the job's spool folder, add the job to the queue, try to dispatch.
 - status / result / list: what the store knows, with queue position and ETA.
 - cancel: final in the store first, then CancelJob to the stages.
-- models / presets / ready: what is served, and whether every stage of a route is alive.
+- models / presets / loras / ready: what is served (loras: broker/loras.py scans the LoRA folder), and
+  whether every stage of a route is alive.
 - metrics: the Prometheus text of broker/metrics.py.
 - video / videos / delete: one job, a cursor page of jobs, and deleting a job (cancelled first if
   it runs, its files removed), for the OpenAI-style /v1/videos routes (gateway/openai_api.py).
@@ -31,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker import admission, memory
+from broker import admission, loras, memory
 from broker.progress import preview_url
 from broker.store import FINAL, Job
 from common import catalog, spool
@@ -69,6 +70,7 @@ class Api:
             "list": self.list,
             "models": self.models,
             "presets": self.presets,
+            "loras": self.loras,
             "ready": self.ready,
             "metrics": self.metrics,
             "video": self.video,
@@ -211,6 +213,9 @@ class Api:
             models.append(entry)
         return {"models": models}
 
+    def loras(self, args: dict[str, Any]) -> dict[str, Any]:
+        return loras.listing(self.config)
+
     def presets(self, args: dict[str, Any]) -> dict[str, Any]:
         return {
             "presets": {name: admission.preset_table(self.config, name) for name in self.config.model_names()},
@@ -319,6 +324,10 @@ class Api:
                 "quality_preset": job.preset,
                 "params": job.params,
                 "seed": job.params["seed"],
+                # The LoRAs applied, in order: name, scale and the sha256 of each expert's file.
+                "loras": [{"name": x["name"], "scale": x["scale"],
+                           "sha256": {e: part["sha256"] for e, part in x["parts"].items()}}
+                          for x in job.params.get("loras") or []],
                 # What the preset or custom_options asked for beyond generation, and what ran (the
                 # method, output size and fps of each step; empty: none, or not completed).
                 "postprocess": {"requested": job.params.get("postprocess") or {},

@@ -92,7 +92,7 @@ PRESET_FIELDS: frozenset[str] = frozenset({*PRESET_OPTIONS, *POSTPROCESS_FIELDS}
 
 # ---- the generate request ----------------------------------------------------------------------
 
-Kind = Literal["string", "integer", "number", "boolean", "object"]
+Kind = Literal["string", "integer", "number", "boolean", "object", "array"]
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,11 @@ class Field:
     pattern: str | None = None  # as JSON Schema's `pattern`: searched, not matched whole
     pattern_hint: str = ""  # what the pattern asks for, in words
     enum: tuple[str, ...] = ()
-    fields: tuple[Field, ...] = ()  # an object's fields
+    fields: tuple[Field, ...] = ()  # an object's fields; an array's items are objects of these fields
+    max_items: int | None = None  # an array's
     # The profile narrows this bound at run time: "max_steps" ([admission] max_steps), "max_frames"
-    # ([models.<id>] max_frames) or "resolutions" ([models.<id>] resolutions).
+    # ([models.<id>] max_frames), "resolutions" ([models.<id>] resolutions), "lora_scale" ([loras]
+    # min_scale / max_scale) or "max_loras" ([loras] max_per_job).
     profile_limit: str | None = None
 
 
@@ -188,6 +190,17 @@ def output_size(width: int, height: int, postprocess: dict[str, Any]) -> tuple[i
     return even(width * factor), even(height * factor)
 
 
+MAX_LORAS = 8
+# A LoRA's name: the file name in the LoRA folder without `.safetensors` (and without `.high`/`.low`).
+LORA_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_+-]*(\\.[A-Za-z0-9_+-]+)*$"
+LORA: tuple[Field, ...] = (
+    Field("name", "string", "a LoRA of GET /api/v1/loras that fits the model", required=True, max_length=128,
+          pattern=LORA_NAME_PATTERN, pattern_hint="a LoRA name (letters, digits, _ + - .)"),
+    Field("scale", "number", "the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds",
+          default=1.0, minimum=-4.0, maximum=4.0, profile_limit="lora_scale"),
+)
+LORA_FIELDS: dict[str, Field] = {f.name: f for f in LORA}
+
 OPTIONS: tuple[Field, ...] = (
     Field("steps", "integer", "denoising steps", minimum=1, maximum=MAX_STEPS, profile_limit="max_steps"),
     Field("cfg_scale", "number", "classifier-free guidance (the high-noise expert's, for the A14B models)",
@@ -206,6 +219,9 @@ OPTIONS: tuple[Field, ...] = (
           minimum=1, maximum=MAX_FRAMES, step=4, profile_limit="max_frames"),
     *ENCODING_OPTIONS,
     *POSTPROCESS_OPTIONS,
+    Field("loras", "array", "LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high "
+          "part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs)",
+          nullable=True, fields=LORA, max_items=MAX_LORAS, profile_limit="max_loras"),
 )
 
 REQUEST: tuple[Field, ...] = (
@@ -265,6 +281,8 @@ def check(spec: Field, value: Any, where: str | None = None, *, maximum: float |
         if not isinstance(value, dict):
             raise _bad(where, f"{where} must be an object", got=type(value).__name__)
         return value
+    if spec.kind == "array":
+        return _check_array(spec, value, where, maximum)
     if spec.kind == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
         raise _bad(where, f"{where} must be an integer", got=type(value).__name__)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -284,6 +302,31 @@ def bounds(spec: Field, maximum: float | None = None) -> tuple[int | float, int 
         raise ValueError(f"field {spec.name} has no bounds")
     hi = spec.maximum if maximum is None else min(spec.maximum, maximum)
     return spec.minimum, hi
+
+
+def _check_array(spec: Field, value: Any, where: str, maximum: float | None) -> list[dict[str, Any]]:
+    """A list of objects of `spec.fields`, each field checked (defaults filled in); `maximum` narrows max_items."""
+    if not isinstance(value, list):
+        raise _bad(where, f"{where} must be an array", got=type(value).__name__)
+    limit = spec.max_items if maximum is None or spec.max_items is None else min(spec.max_items, int(maximum))
+    if limit is not None and len(value) > limit:
+        raise _bad(where, f"{where} may hold at most {limit} items, got {len(value)}", max=limit)
+    items = []
+    known = {f.name: f for f in spec.fields}
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(at, f"{at} must be an object", got=type(item).__name__)
+        unknown = sorted(set(item) - set(known))
+        if unknown:
+            raise _bad(at, f"{at} has unknown field(s): {', '.join(unknown)[:200]}", fields=unknown[:20])
+        checked = {}
+        for f in spec.fields:
+            if f.name not in item and f.required:
+                raise _bad(f"{at}.{f.name}", f"{at}.{f.name} is required")
+            checked[f.name] = check(f, item.get(f.name, f.default), f"{at}.{f.name}")
+        items.append(checked)
+    return items
 
 
 def _check_text(spec: Field, value: Any, where: str) -> str:
@@ -308,11 +351,12 @@ def _self_check() -> None:
     assert len(ALIASES) == len(CATALOG) and not set(ALIASES) & set(MODELS), "aliases must be unique"
     for model in CATALOG:
         assert {name for name, _ in model.inputs} <= set(INPUTS), f"{model.id} takes an input INPUTS lacks"
-    for spec in (*REQUEST, *OPTIONS, *LIST_QUERY):
+    for spec in (*REQUEST, *OPTIONS, *LIST_QUERY, *LORA):
         if spec.kind in ("integer", "number"):
             lo, hi = bounds(spec)
             assert lo <= hi and (spec.default is None or lo <= spec.default <= hi), spec.name
         assert spec.kind == "string" or not (spec.enum or spec.pattern or spec.max_length), spec.name
+        assert (spec.kind == "array") == (spec.max_items is not None), spec.name
         assert not (spec.nonblank and spec.pattern), f"{spec.name}: nonblank is a pattern of its own"
     assert set(PRESET_OPTIONS.values()) <= set(OPTION_FIELDS) and DEFAULT_PRESET in PRESETS
 

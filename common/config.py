@@ -183,6 +183,17 @@ PREVIEW_FORMATS = ("jpeg", "webp")
 
 
 @dataclass(frozen=True)
+class LorasSection:
+    """LoRA files a request may name (`custom_options.loras`; broker/loras.py lists them, stages/lora.py loads them)."""
+
+    dir: str | None = None  # default <state_dir>/loras; *.safetensors only (a pickle is listed as refused)
+    max_resident: int = 4  # adapters a DiT process keeps loaded per expert; the least recently used is unloaded
+    min_scale: float = -2.0  # bounds of a request's LoRA scale, within the catalog's
+    max_scale: float = 2.0
+    max_per_job: int = 4  # LoRAs one request may name (at most max_resident)
+
+
+@dataclass(frozen=True)
 class NetworkSection:
     curve_keys_dir: str | None = None
 
@@ -356,7 +367,7 @@ def _check_previews(section: PreviewsSection, source: Path | None) -> None:
 
 
 TOP_LEVEL = ("runtime", "watchdog", "limits", "defaults", "admission", "gateway", "network", "serving",
-             "hardware", "webhooks", "previews", "endpoints", "models", "presets", "routes", "stages")
+             "hardware", "webhooks", "previews", "loras", "endpoints", "models", "presets", "routes", "stages")
 
 
 class Config:
@@ -383,6 +394,7 @@ class Config:
         self.previews = build_section(PreviewsSection, data.get("previews", {}), source, "previews")
         _choice(self.previews.format, PREVIEW_FORMATS, source, "previews", "format")
         _check_previews(self.previews, source)
+        self.loras = build_section(LorasSection, data.get("loras", {}), source, "loras")
         _choice(self.gateway.auth, AUTH_MODES, source, "gateway", "auth")
         _choice(self.runtime.log_level.upper(), LOG_LEVELS, source, "runtime", "log_level")
         self.endpoints: dict[str, str] = self._string_table("endpoints")
@@ -488,6 +500,16 @@ class Config:
                 if model not in self.models:
                     raise ConfigError(f"{self._file}: [stages.{name}] models names undefined model {model!r}",
                                       {"file": self._file, "section": f"stages.{name}", "key": "models"})
+        lo, hi = catalog.bounds(catalog.LORA_FIELDS["scale"])
+        loras = self.loras
+        for key, ok in (("min_scale", lo <= loras.min_scale <= loras.max_scale),
+                        ("max_scale", loras.min_scale <= loras.max_scale <= hi),
+                        ("max_resident", loras.max_resident >= 1),
+                        ("max_per_job", 1 <= loras.max_per_job <= min(loras.max_resident, catalog.MAX_LORAS))):
+            if not ok:
+                raise ConfigError(f"{self._file}: [loras] {key} = {getattr(loras, key)!r} is out of bounds (scales "
+                                  f"within {lo}..{hi}, min <= max; 1 <= max_per_job <= max_resident, "
+                                  f"{catalog.MAX_LORAS})", {"file": self._file, "section": "loras", "key": key})
 
     # ---- derived values ----
     def path(self, value: str | os.PathLike[str]) -> Path:
@@ -513,6 +535,10 @@ class Config:
 
     def job_spool(self, job_id: str) -> Path:
         return self.spool_dir / job_id
+
+    @property
+    def lora_dir(self) -> Path:
+        return self._dir(self.loras.dir, "loras")
 
     @property
     def socket_dir(self) -> Path:

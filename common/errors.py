@@ -153,6 +153,18 @@ class WebhookNotAllowed(InvalidRequest):
     code = "WEBHOOK_NOT_ALLOWED"
 
 
+class LoraNotFound(InvalidRequest):
+    """A `custom_options.loras` name that is not in the server's LoRA folder (GET /api/v1/loras)."""
+
+    code = "LORA_NOT_FOUND"
+
+
+class LoraIncompatible(InvalidRequest):
+    """A LoRA that does not fit the requested model (its keys or shapes), or is not a safetensors file."""
+
+    code = "LORA_INCOMPATIBLE"
+
+
 class InsufficientMemory(ServerError):
     """Refused at submit: the job's estimated peak memory does not fit the configured devices."""
 

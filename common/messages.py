@@ -71,6 +71,10 @@ class JobParams:
     # The conditioning image (image-to-video): SHA-256 of the PNG the broker stored in the job's
     # spool folder (`<spool>/<job_id>/image.png`); None for text-only jobs.
     image_sha256: str | None = None
+    # LoRAs, in the order applied: {name, scale, parts: {expert: {file, sha256}}}, where expert is
+    # `transformer` (the high-noise one for A14B) or `transformer_2`, and file is relative to the
+    # [loras] folder (broker/loras.py resolves a request's names; stages/lora.py loads them).
+    loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------

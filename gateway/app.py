@@ -243,6 +243,9 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         return JSONResponse(await self.call("models"))
 
+    async def loras(self, request: Request) -> Response:
+        return JSONResponse(await self.call("loras"))
+
     async def presets(self, request: Request) -> Response:
         return JSONResponse(await self.call("presets"))
 
@@ -427,6 +430,7 @@ class Gateway:
             Route("/api/v1/cancel/{job_id}", self.cancel, methods=["POST"]),
             Route("/api/v1/jobs", self.jobs, methods=["GET"]),
             Route("/api/v1/models", self.models, methods=["GET"]),
+            Route("/api/v1/loras", self.loras, methods=["GET"]),
             Route("/api/v1/presets", self.presets, methods=["GET"]),
             Route("/api/v1/files/{job_id}.mp4", self.file, methods=["GET", "HEAD"]),
             Route("/api/v1/files/{job_id}.mkv", self.master_file, methods=["GET", "HEAD"]),

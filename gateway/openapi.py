@@ -49,6 +49,8 @@ def field_schema(spec: Field) -> dict[str, Any]:
         schema["pattern"] = spec.pattern
     if spec.kind == "object":
         schema.update({k: v for k, v in object_schema(spec.fields).items() if k != "type"})
+    if spec.kind == "array":
+        schema.update(items=object_schema(spec.fields), maxItems=spec.max_items)
     return schema
 
 
@@ -354,6 +356,9 @@ def _document() -> dict[str, Any]:
             }},
             "/api/v1/models": {"get": {"summary": "Models and what this server serves",
                                        "responses": {"200": _json(OBJECT), **_errors(503)}}},
+            "/api/v1/loras": {"get": {"summary": "The LoRAs of the server's folder: name, files, sha256, the models "
+                                                 "each fits (or why it is refused)",
+                                      "responses": {"200": _json(OBJECT), **_errors(503)}}},
             "/api/v1/presets": {"get": {"summary": "What each quality preset resolves to, per model",
                                         "responses": {"200": _json(OBJECT), **_errors(503)}}},
             "/api/v1/files/{job_id}.mp4": {"get": {

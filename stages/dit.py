@@ -35,6 +35,7 @@ from common import messages as m
 from common.errors import InvalidRequest
 from stages import schedule
 from stages.base import Stage
+from stages.lora import LoraCache
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from stages.placement import Placement
 from stages.previews import Previewer, Projection, projection_for
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 class DitStage(Stage):
     kind = "dit"
     previewer: Previewer | None = None  # set up in setup() when [previews] enabled
+    lora_cache: LoraCache | None = None  # the LoRA adapters of this process's experts (stages/lora.py)
 
     def setup(self) -> None:
         placement = self.placement = Placement.from_spec(self.spec, attention=True)
@@ -124,6 +126,9 @@ class DitStage(Stage):
         if p.num_frames < 1 or (p.num_frames - 1) % info.vae_scale_temporal:
             raise InvalidRequest(f"num_frames must be {info.vae_scale_temporal}n+1, got {p.num_frames}")
         experts = entry["experts"]
+        if self.lora_cache is None:
+            self.lora_cache = LoraCache(self.config.lora_dir, self.config.loras.max_resident)
+        self.lora_cache.apply(experts, p.loras)
 
         # The job's shift (its preset's) replaces the checkpoint's flow_shift; None keeps it.
         shift = {} if p.shift is None else {"flow_shift": p.shift}

@@ -430,9 +430,10 @@ def vae_frames(stack: StageStack, job_id: str) -> np.ndarray:
     return frames
 
 
-def reference(folder: Path, p: m.JobParams, image: Image.Image | None = None) -> np.ndarray:
+def reference(folder: Path, p: m.JobParams, image: Image.Image | None = None,
+              prepare: Callable[[Any], None] | None = None) -> np.ndarray:
     """The frames diffusers' own pipeline makes for `p` (WanPipeline, or WanImageToVideoPipeline
-    given an image), as uint8 like the vae stage's."""
+    given an image), as uint8 like the vae stage's. `prepare` gets the pipeline first (to load LoRAs)."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     from stages.vae import to_uint8
@@ -443,6 +444,8 @@ def reference(folder: Path, p: m.JobParams, image: Image.Image | None = None) ->
     else:
         pipe, extra = WanImageToVideoPipeline.from_pretrained(folder), {"image": image}
     pipe.set_progress_bar_config(disable=True)
+    if prepare is not None:
+        prepare(pipe)
     if p.shift is not None:  # what a preset's shift means: the scheduler's flow_shift
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=p.shift)
     out = pipe(

@@ -137,7 +137,8 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
         "seed": 7, "priority": 3, "webhook_url": "https://hooks.example.com/wan?token=1",
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
                            "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
-                           "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p"},
+                           "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p",
+                           "loras": []},  # tests/test_lora.py: LoRAs
     }
     assert set(request) == set(REQUEST_SCHEMA["properties"])
     assert set(request["custom_options"]) == set(OPTIONS_SCHEMA["properties"])

@@ -322,6 +322,16 @@ export interface paths {
                             duration?: number;
                             /** @description frames per second of the video */
                             fps?: number;
+                            /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                            loras?: {
+                                /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                name: string;
+                                /**
+                                 * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                 * @default 1
+                                 */
+                                scale?: number;
+                            }[] | null;
                             /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
                             num_frames?: number;
                             /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
@@ -378,6 +388,16 @@ export interface paths {
                                 duration?: number;
                                 /** @description frames per second of the video */
                                 fps?: number;
+                                /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                                loras?: {
+                                    /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                    name: string;
+                                    /**
+                                     * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                     * @default 1
+                                     */
+                                    scale?: number;
+                                }[] | null;
                                 /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
                                 num_frames?: number;
                                 /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
@@ -663,6 +683,110 @@ export interface paths {
                 };
                 /** @description error */
                 422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/loras": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The LoRAs of the server's folder: name, files, sha256, the models each fits (or why it is refused) */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": Record<string, unknown>;
+                    };
+                };
+                /** @description error */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -1709,6 +1833,16 @@ export interface paths {
                             duration?: number;
                             /** @description frames per second of the video */
                             fps?: number;
+                            /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                            loras?: {
+                                /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                name: string;
+                                /**
+                                 * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                 * @default 1
+                                 */
+                                scale?: number;
+                            }[] | null;
                             /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
                             num_frames?: number;
                             /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
@@ -1724,6 +1858,16 @@ export interface paths {
                         input_reference?: string | {
                             image_url?: string;
                         } | null;
+                        /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                        loras?: {
+                            /** @description a LoRA of GET /api/v1/loras that fits the model */
+                            name: string;
+                            /**
+                             * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                             * @default 1
+                             */
+                            scale?: number;
+                        }[] | null;
                         /**
                          * @description a model id or its alias; default: the first model the profile serves
                          * @enum {string}
