@@ -66,6 +66,9 @@ class JobParams:
     # The conditioning image (image-to-video): SHA-256 of the PNG the broker stored in the job's
     # spool folder (`<spool>/<job_id>/image.png`); None for text-only jobs.
     image_sha256: str | None = None
+    # Step caching in the DiT stages (stages/caching.py): {method, and its keys} as admission
+    # normalised it (common/catalog.py CACHE_FIELDS); None computes every pass.
+    cache: dict[str, Any] | None = None
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------
