@@ -54,6 +54,16 @@ IDEMPOTENCY_TTL_S = 24 * 3600.0
 PAGE_LIMIT = next(f for f in catalog.LIST_QUERY if f.name == "limit")  # the same bounds as GET /api/v1/jobs
 
 
+def cache_metadata(job: Job) -> dict[str, Any] | None:
+    """The job's step cache (its params' `cache`) with what each DiT reported: passes run and skipped."""
+    cache = job.params.get("cache")
+    if not cache:
+        return None
+    stages = job.timings.get("cache") or {}
+    return {**cache, "passes": sum(int(s.get("passes", 0)) for s in stages.values()),
+            "skipped": sum(int(s.get("skipped", 0)) for s in stages.values()), "stages": stages}
+
+
 class Api:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -334,6 +344,8 @@ class Api:
                 "seed": job.params["seed"],
                 # What the preset asked for beyond generation; nothing applies it yet.
                 "postprocess": {"requested": job.params.get("postprocess") or {}, "applied": False},
+                # Step caching trades quality for speed: the method, its settings and the passes skipped.
+                "cache": cache_metadata(job),
                 "route": job.route,
                 "attempts": job.attempt,
                 "timings": job.timings,

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages import schedule
+from stages import caching, schedule
 from stages.base import Stage
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from stages.placement import Placement
@@ -147,6 +147,8 @@ class DitStage(Stage):
             mask = first_frame_mask
         else:
             mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
+        step_cache = caching.for_stage(self)  # the job's cache hooks, with fresh state (stages/caching.py)
+        step_cache.start(experts.values(), p.cache)
         for i in steps:
             self.check_cancelled(msg.job_id)
             t = timesteps[i]
@@ -167,20 +169,23 @@ class DitStage(Stage):
             else:
                 timestep = t.expand(latents.shape[0])
             cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-            with model.cache_context("cond", **cache_kwargs):
+            with step_cache.context(model, "cond", **cache_kwargs):
                 noise_pred = model(
                     hidden_states=model_input, timestep=timestep, encoder_hidden_states=cond, return_dict=False
                 )[0]
             if do_cfg:
                 assert msg.negative_prompt_embeds is not None  # refused before the loop otherwise
                 uncond = msg.negative_prompt_embeds.to(self.device, model.dtype)
-                with model.cache_context("uncond", **cache_kwargs):
+                with step_cache.context(model, "uncond", **cache_kwargs):
                     noise_uncond = model(
                         hidden_states=model_input, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
                     )[0]
                 noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "step", i + 1, len(timesteps), time.time()))
+        cache_report = step_cache.finish(experts.values(), msg.job_id, msg.attempt, self.name)
+        if cache_report is not None:
+            self.emit(cache_report)
 
         common: dict[str, Any] = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p)
         if steps.stop < len(timesteps):
