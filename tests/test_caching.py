@@ -13,8 +13,11 @@ import torch
 from diffusers import WanPipeline
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
+from broker import admission
 from broker.driver import default_params
 from common import messages as m
+from common.config import PROFILES_DIR, Config
+from common.errors import ConfigError
 from stages.models import model_dir
 from stages.vae import to_uint8
 from tests.helpers import System, vae_frames
@@ -126,3 +129,24 @@ def test_cached_job_records_the_cache_in_its_metadata(api_system: System):
     plain = api_system.submit(prompt="a kite over the dunes", seed=5)
     assert api_system.wait_final(plain)["status"] == "completed"
     assert api_system.json("GET", f"/api/v1/result/{plain}")[1]["metadata"]["cache"] is None
+
+
+def test_a_preset_may_name_a_cache_and_a_request_replaces_it(tmp_path):
+    """A profile's preset row with `cache` resolves to jobs with that cache; custom_options.cache
+    replaces it ({"method": "none"} turns it off); a bad cache in a preset fails at startup."""
+    text = (PROFILES_DIR / "tiny.toml").read_text()
+    row = 'draft = { steps = 2, resolution = "32x32", num_frames = 5, fps = 16, guidance_scale = 3.0, '
+    assert text.count(row) == 1
+    path = tmp_path / "cached.toml"
+    path.write_text(text.replace(row, row + 'cache = { method = "first_block", threshold = 0.2 }, '))
+    config = Config.load(path, environ={})
+    admission.check_presets(config)
+    base = {"model": "t2v", "prompt": "a heron", "quality_preset": "draft"}
+    assert admission.resolve(config, base)[1].cache == {"method": "first_block", "threshold": 0.2}
+    replaced = {**base, "custom_options": {"cache": {"method": "taylorseer"}}}
+    assert admission.resolve(config, replaced)[1].cache == {"method": "taylorseer", "interval": 5, "warmup": 3}
+    assert admission.resolve(config, {**base, "custom_options": {"cache": {"method": "none"}}})[1].cache is None
+    assert admission.resolve(config, {**base, "quality_preset": "standard"})[1].cache is None
+    path.write_text(text.replace(row, row + 'cache = { method = "mag" }, '))
+    with pytest.raises(ConfigError, match="calibrated"):
+        admission.check_presets(Config.load(path, environ={}))
