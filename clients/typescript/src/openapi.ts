@@ -35,6 +35,8 @@ export interface paths {
                             error?: Record<string, unknown>;
                             /** @description seconds, from measured stage timings; null until measured */
                             eta: number | null;
+                            /** @description the n variants' group; null for n = 1 */
+                            group_id?: string | null;
                             job_id: string;
                             progress: number;
                             queue_position?: number | null;
@@ -314,6 +316,29 @@ export interface paths {
                     "application/json": {
                         /** @description overrides of the preset */
                         custom_options?: {
+                            /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
+                            cache?: {
+                                /**
+                                 * @description taylorseer: a full pass every `interval` passes, the others predicted
+                                 * @default 5
+                                 */
+                                interval?: number;
+                                /**
+                                 * @description none | first_block (First Block Cache) | taylorseer (TaylorSeer) | mag (MagCache: refused until calibrated ratios are configured)
+                                 * @enum {string}
+                                 */
+                                method: "none" | "first_block" | "taylorseer" | "mag";
+                                /**
+                                 * @description first_block: relative change of the first block's residual under which the other blocks are skipped (higher skips more, at more loss)
+                                 * @default 0.05
+                                 */
+                                threshold?: number;
+                                /**
+                                 * @description taylorseer: passes computed in full before predicting starts
+                                 * @default 3
+                                 */
+                                warmup?: number;
+                            } | null;
                             /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
                             cfg_scale?: number;
                             /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
@@ -338,6 +363,11 @@ export interface paths {
                          * @enum {string}
                          */
                         model: "t2v-A14B" | "i2v-A14B" | "ti2v-5B" | "s2v-14B" | "t2v" | "i2v" | "ti2v" | "s2v";
+                        /**
+                         * @description variants: n jobs, one per seed seed..seed+n-1 (a random first seed without `seed`), created together under one group_id; at most the profile's [admission] max_variants
+                         * @default 1
+                         */
+                        n?: number;
                         /** @description what it should not show */
                         negative_prompt?: string | null;
                         /**
@@ -370,6 +400,29 @@ export interface paths {
                         request: {
                             /** @description overrides of the preset */
                             custom_options?: {
+                                /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
+                                cache?: {
+                                    /**
+                                     * @description taylorseer: a full pass every `interval` passes, the others predicted
+                                     * @default 5
+                                     */
+                                    interval?: number;
+                                    /**
+                                     * @description none | first_block (First Block Cache) | taylorseer (TaylorSeer) | mag (MagCache: refused until calibrated ratios are configured)
+                                     * @enum {string}
+                                     */
+                                    method: "none" | "first_block" | "taylorseer" | "mag";
+                                    /**
+                                     * @description first_block: relative change of the first block's residual under which the other blocks are skipped (higher skips more, at more loss)
+                                     * @default 0.05
+                                     */
+                                    threshold?: number;
+                                    /**
+                                     * @description taylorseer: passes computed in full before predicting starts
+                                     * @default 3
+                                     */
+                                    warmup?: number;
+                                } | null;
                                 /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
                                 cfg_scale?: number;
                                 /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
@@ -392,6 +445,11 @@ export interface paths {
                              * @enum {string}
                              */
                             model: "t2v-A14B" | "i2v-A14B" | "ti2v-5B" | "s2v-14B" | "t2v" | "i2v" | "ti2v" | "s2v";
+                            /**
+                             * @description variants: n jobs, one per seed seed..seed+n-1 (a random first seed without `seed`), created together under one group_id; at most the profile's [admission] max_variants
+                             * @default 1
+                             */
+                            n?: number;
                             /** @description what it should not show */
                             negative_prompt?: string | null;
                             /**
@@ -430,8 +488,16 @@ export interface paths {
                         "application/json": {
                             created_at: number;
                             eta_seconds: number | null;
+                            /** @description the n variants' group; null for n = 1 */
+                            group_id?: string | null;
                             job_id: string;
+                            /** @description every job made, job_id first */
+                            job_ids?: string[];
+                            /** @description with n > 1: each job's submit status */
+                            jobs?: Record<string, unknown>[];
                             queue_position: number | null;
+                            /** @description each job's seed, in job_ids order */
+                            seeds?: number[];
                             status: string;
                         };
                     };
@@ -608,6 +674,7 @@ export interface paths {
         get: {
             parameters: {
                 query?: {
+                    group_id?: string;
                     limit?: number;
                     offset?: number;
                     status?: "queued" | "processing" | "completed" | "failed" | "cancelled";
@@ -1175,6 +1242,8 @@ export interface paths {
                             error?: Record<string, unknown>;
                             /** @description seconds, from measured stage timings; null until measured */
                             eta: number | null;
+                            /** @description the n variants' group; null for n = 1 */
+                            group_id?: string | null;
                             job_id: string;
                             progress: number;
                             queue_position?: number | null;
@@ -1695,12 +1764,58 @@ export interface paths {
             requestBody: {
                 content: {
                     "application/json": {
+                        /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
+                        cache?: {
+                            /**
+                             * @description taylorseer: a full pass every `interval` passes, the others predicted
+                             * @default 5
+                             */
+                            interval?: number;
+                            /**
+                             * @description none | first_block (First Block Cache) | taylorseer (TaylorSeer) | mag (MagCache: refused until calibrated ratios are configured)
+                             * @enum {string}
+                             */
+                            method: "none" | "first_block" | "taylorseer" | "mag";
+                            /**
+                             * @description first_block: relative change of the first block's residual under which the other blocks are skipped (higher skips more, at more loss)
+                             * @default 0.05
+                             */
+                            threshold?: number;
+                            /**
+                             * @description taylorseer: passes computed in full before predicting starts
+                             * @default 3
+                             */
+                            warmup?: number;
+                        } | null;
                         /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
                         cfg_scale?: number;
                         /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
                         cfg_scale_2?: number | null;
                         /** @description overrides of the preset */
                         custom_options?: {
+                            /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
+                            cache?: {
+                                /**
+                                 * @description taylorseer: a full pass every `interval` passes, the others predicted
+                                 * @default 5
+                                 */
+                                interval?: number;
+                                /**
+                                 * @description none | first_block (First Block Cache) | taylorseer (TaylorSeer) | mag (MagCache: refused until calibrated ratios are configured)
+                                 * @enum {string}
+                                 */
+                                method: "none" | "first_block" | "taylorseer" | "mag";
+                                /**
+                                 * @description first_block: relative change of the first block's residual under which the other blocks are skipped (higher skips more, at more loss)
+                                 * @default 0.05
+                                 */
+                                threshold?: number;
+                                /**
+                                 * @description taylorseer: passes computed in full before predicting starts
+                                 * @default 3
+                                 */
+                                warmup?: number;
+                            } | null;
                             /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
                             cfg_scale?: number;
                             /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
@@ -1729,6 +1844,11 @@ export interface paths {
                          * @enum {string}
                          */
                         model?: "t2v-A14B" | "i2v-A14B" | "ti2v-5B" | "s2v-14B" | "t2v" | "i2v" | "ti2v" | "s2v";
+                        /**
+                         * @description variants: n jobs, one per seed seed..seed+n-1 (a random first seed without `seed`), created together under one group_id; at most the profile's [admission] max_variants
+                         * @default 1
+                         */
+                        n?: number;
                         /** @description what it should not show */
                         negative_prompt?: string | null;
                         /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
