@@ -84,3 +84,16 @@ def test_queue_and_key_limits_count_all_n(tmp_path):
         assert len(broker.api.submit({"request": {**REQUEST, "n": 1}})["job_ids"]) == 1  # one still fits
     finally:
         broker.close()
+
+
+def test_an_idempotent_replay_returns_the_whole_group(tmp_path):
+    broker = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(tmp_path)}))
+    try:
+        args = {"request": {**REQUEST, "seed": 9, "n": 2}, "idempotency_key": "k-1", "api": "api/v1"}
+        first = broker.api.submit(args)
+        again = broker.api.submit(args)
+        assert again["idempotent_replay"] is True and first["seeds"] == [9, 10]
+        assert (again["job_ids"], again["group_id"], again["seeds"]) == (first["job_ids"], first["group_id"], [9, 10])
+        assert broker.store.count("queued") == 2
+    finally:
+        broker.close()
