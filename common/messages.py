@@ -166,8 +166,9 @@ class ResumeJob(Message):
 @dataclass
 class StageReport(Message):
     """A job's progress through a stage. `event` is accepted | step | checkpoint | forwarded |
-    cancelled; `to` names the stage a forwarded job was sent to, or whose checkpoint was written
-    (the job's spool folder holds the message sent to it: see `common.spool`)."""
+    cancelled | cache; `to` names the stage a forwarded job was sent to, or whose checkpoint was written
+    (the job's spool folder holds the message sent to it: see `common.spool`); a DiT's `cache` report
+    (stages/caching.py) has the passes skipped in `step`, the passes run in `total_steps`, the method in `to`."""
 
     job_id: str
     attempt: int

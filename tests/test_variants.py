@@ -20,7 +20,7 @@ REQUEST = {"model": "t2v", "quality_preset": "draft", "prompt": "paper boats rac
 def decoded(system: System, job_id: str) -> np.ndarray:
     status, _, mp4 = system.request("GET", f"/api/v1/files/{job_id}.mp4")
     assert status == 200
-    with av.open(io.BytesIO(mp4)) as container:
+    with av.open(io.BytesIO(mp4), mode="r") as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
 
 
