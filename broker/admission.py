@@ -27,8 +27,9 @@ from common.catalog import (  # broker.broker and the tests read these from here
 from common.config import Config
 from common.errors import ConfigError, ModelNotServed, ValidationError
 
-__all__ = ["ALIASES", "MODELS", "POSTPROCESS_FIELDS", "PRESETS", "PRESET_FIELDS", "check_presets", "max_frames",
-           "max_steps", "oriented", "preset_table", "resolve", "round_frames", "supported_resolutions"]
+__all__ = ["ALIASES", "MODELS", "POSTPROCESS_FIELDS", "PRESETS", "PRESET_FIELDS", "check_cache", "check_presets",
+           "max_frames", "max_steps", "oriented", "preset_table", "resolve", "round_frames", "supported_resolutions",
+           "variants"]
 
 # Which models take an input image, and how ("required" or "optional").
 IMAGE_INPUT = {x.id: x.takes("image") for x in catalog.CATALOG if x.takes("image") != "none"}
@@ -67,6 +68,9 @@ def check_presets(config: Config) -> None:
     if not 1 <= max_steps(config) <= catalog.MAX_STEPS:
         raise ConfigError(f"[admission] max_steps {max_steps(config)} is outside 1..{catalog.MAX_STEPS}",
                           {"key": "max_steps"})
+    if not 1 <= config.admission.max_variants <= catalog.MAX_VARIANTS:
+        raise ConfigError(f"[admission] max_variants {config.admission.max_variants} is outside "
+                          f"1..{catalog.MAX_VARIANTS}", {"key": "max_variants"})
     for model in config.defined_model_names():
         table = config.presets.get(model, {})
         missing = [p for p in PRESETS if p not in table]
@@ -103,9 +107,16 @@ def _check_preset(where: str, row: dict[str, Any], model: str, resolutions: list
     if not 1 <= frames <= limit or (frames - 1) % 4:
         raise bad(f"num_frames {frames} must be 4n+1 and at most {limit}")
     for key, option in catalog.PRESET_OPTIONS.items():
+        if key == "cache":
+            continue  # an object: check_cache below
         # A preset must be a request a client could send: within the options' bounds.
         try:
             catalog.check(catalog.OPTION_FIELDS[option], row.get(key), key)
+        except ValidationError as exc:
+            raise bad(exc.message) from None
+    if row.get("cache") is not None:
+        try:
+            check_cache(row["cache"], "cache")
         except ValidationError as exc:
             raise bad(exc.message) from None
     if row.get("interpolate_fps", row["fps"] + 1) <= row["fps"]:
@@ -119,6 +130,25 @@ def _check_preset(where: str, row: dict[str, Any], model: str, resolutions: list
             raise bad(exc.message) from None
     if "upscale" in row and "upscale_to" in row:
         raise bad("give upscale or upscale_to, not both")
+
+
+def check_cache(value: Any, where: str = "custom_options.cache") -> dict[str, Any] | None:
+    """The cache option normalised (catalog.check_cache), or None. MagCache is refused: its skip
+    decisions rest on magnitude ratios calibrated for the weights (per expert, per step count), and
+    no profile carries calibrated ratios yet; with made-up ratios it would skip passes blindly."""
+    cache = catalog.check_cache(value, where)
+    if cache is not None and cache["method"] == "mag":
+        raise _bad(f"{where}.method", "cache method mag (MagCache) needs magnitude ratios calibrated for these "
+                   "weights and this server has none; use first_block or taylorseer",
+                   reason="not_calibrated", allowed=["none", "first_block", "taylorseer"])
+    return cache
+
+
+def variants(config: Config, request: dict[str, Any]) -> int:
+    """The request's `n` (1 when absent), within the profile's [admission] max_variants."""
+    spec = catalog.REQUEST_FIELDS["n"]
+    n: int = catalog.check(spec, request.get("n", spec.default), maximum=config.admission.max_variants)
+    return n
 
 
 def supported_resolutions(config: Config, model: str) -> list[str]:
@@ -188,6 +218,7 @@ def resolve(
     if seed is None:
         seed = secrets.randbelow(catalog.MAX_SEED + 1)
     priority = catalog.check(fields["priority"], request.get("priority", fields["priority"].default))
+    variants(config, request)  # checked with the rest; the broker's submit makes the n jobs
     options = catalog.check(fields["custom_options"], request.get("custom_options")) or {}
     unknown = sorted(set(options) - set(catalog.OPTION_FIELDS))
     if unknown:
@@ -215,13 +246,17 @@ def resolve(
                        f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}", max_frames=limit)
     else:
         frames = int(base["num_frames"])
+    if options.get("cache") is not None:
+        cache = check_cache(options["cache"])
+    else:
+        cache = check_cache(base["cache"], "cache") if base.get("cache") is not None else None
     postprocess = resolve_postprocess(options, base, width, height, fps)
     params = m.JobParams(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
         num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
         image_sha256=image_sha256, postprocess=postprocess,
         encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
-        loras=loras.check_request(config, model, options),
+        loras=loras.check_request(config, model, options), cache=cache,
     )
     return preset, params, priority
 

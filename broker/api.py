@@ -56,6 +56,16 @@ IDEMPOTENCY_TTL_S = 24 * 3600.0
 PAGE_LIMIT = next(f for f in catalog.LIST_QUERY if f.name == "limit")  # the same bounds as GET /api/v1/jobs
 
 
+def cache_metadata(job: Job) -> dict[str, Any] | None:
+    """The job's step cache (its params' `cache`) with what each DiT reported: passes run and skipped."""
+    cache = job.params.get("cache")
+    if not cache:
+        return None
+    stages = job.timings.get("cache") or {}
+    return {**cache, "passes": sum(int(s.get("passes", 0)) for s in stages.values()),
+            "skipped": sum(int(s.get("skipped", 0)) for s in stages.values()), "stages": stages}
+
+
 class Api:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -98,40 +108,57 @@ class Api:
                                                      image_size=image_size)
         route = self.config.route(params.model)
         request = args.get("request")
-        webhook_url = self.broker.webhooks.guard.check_url(request.get("webhook_url") if isinstance(request, dict)
-                                                           else None)
+        assert isinstance(request, dict)  # resolve refused anything else
+        webhook_url = self.broker.webhooks.guard.check_url(request.get("webhook_url"))
+        n = admission.variants(self.config, request)
+        # The variants differ only in their seed, so one estimate is each one's; they run one after another.
         memory.check(self.config, params, route, self.broker.inflight.heartbeats())
-        if self.store.count("queued") >= self.max_queued:
-            raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later",
-                            {"max_queued": self.max_queued, "retry_after": 10})
+        queued = self.store.count("queued")
+        if queued + n > self.max_queued:
+            raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting at most, {queued} now, {n} asked); "
+                            "try again later", {"max_queued": self.max_queued, "requested": n, "retry_after": 10})
         max_active = args.get("max_active")
-        if isinstance(max_active, int) and self.store.count_active(owner) >= max_active:
-            raise TooManyActiveJobs(f"this key already has {max_active} jobs queued or running; wait for one to end",
-                                    {"max_active_jobs": max_active, "retry_after": 10})
-        job_id = uuid.uuid4().hex
+        if isinstance(max_active, int) and self.store.count_active(owner) + n > max_active:
+            raise TooManyActiveJobs(f"this key may have {max_active} jobs queued or running; {n} more do not fit",
+                                    {"max_active_jobs": max_active, "requested": n, "retry_after": 10})
+        # n variants: seeds seed..seed+n-1 (wrapping past MAX_SEED), one job each, one group.
+        jobs = [(uuid.uuid4().hex, asdict(params) | {"seed": (params.seed + i) % (catalog.MAX_SEED + 1)})
+                for i in range(n)]
+        group_id = uuid.uuid4().hex if n > 1 else None
         if png is not None:
-            self.write_image(job_id, png)  # on disk before the job exists, so a queued job always has it
+            for job_id, _ in jobs:  # on disk before the job exists, so a queued job always has it
+                self.write_image(job_id, png)
         try:
-            if isinstance(key, str):
-                job = self.store.idempotent_add(key, fingerprint, time.time() - IDEMPOTENCY_TTL_S, job_id, owner,
-                                                params.model, preset, asdict(params), route, priority,
-                                                webhook_url=webhook_url)
-            else:
-                job = self.store.add(job_id, owner, params.model, preset, asdict(params), route, priority,
-                                     webhook_url=webhook_url)
+            idempotency = (key, fingerprint, time.time() - IDEMPOTENCY_TTL_S) if isinstance(key, str) else None
+            added = self.store.add_group(jobs, owner, params.model, preset, route, priority, webhook_url=webhook_url,
+                                         group_id=group_id, idempotency=idempotency)
         except BaseException:
-            spool.remove_job(self.config, job_id)
+            for job_id, _ in jobs:
+                spool.remove_job(self.config, job_id)
             raise
-        with job_context(job_id):
-            log.info("queued %s/%s %dx%d x%d frames, %d steps%s", params.model, preset, params.width, params.height,
-                     params.num_frames, params.steps, f" for key {owner}" if owner else "")
-        self.broker.events.job(job, "status", {"status": "queued"})
+        for job in added:
+            with job_context(job.id):
+                log.info("queued %s/%s %dx%d x%d frames, %d steps, seed %d%s%s", params.model, preset, params.width,
+                         params.height, params.num_frames, params.steps, job.params["seed"],
+                         f" (group {group_id})" if group_id else "", f" for key {owner}" if owner else "")
+            self.broker.events.job(job, "status", {"status": "queued"})
         self.broker.dispatcher.dispatch()
-        stored = self.store.get(job_id)
-        assert stored is not None
-        return self.submit_body(stored)
+        return self.submit_body(added[0].id)
 
-    def submit_body(self, job: Job) -> dict[str, Any]:
+    def submit_body(self, job_or_id: Job | str) -> dict[str, Any]:
+        """What a create answers: the first job's status (`job_id`), and with n variants every job of the group."""
+        first = self.store.get(job_or_id) if isinstance(job_or_id, str) else job_or_id
+        assert first is not None
+        body = self.job_brief(first)
+        group = [first]
+        if first.group_id is not None:
+            group = self.store.list(None, catalog.MAX_VARIANTS, 0, group_id=first.group_id)[0]
+        body.update(group_id=first.group_id, job_ids=[j.id for j in group], seeds=[j.params["seed"] for j in group])
+        if first.group_id is not None:
+            body["jobs"] = [self.job_brief(j) for j in group]
+        return body
+
+    def job_brief(self, job: Job) -> dict[str, Any]:
         return {
             "job_id": job.id,
             "status": job.status,
@@ -190,7 +217,10 @@ class Api:
         if status is not None and status not in ("queued", "processing", *FINAL):
             raise ValidationError(f"unknown status {str(status)[:32]!r}", {"field": "status"})
         limit, offset = int(args.get("limit", 20)), int(args.get("offset", 0))
-        jobs, total = self.store.list(status, limit, offset, args.get("owner"))
+        group_id = args.get("group_id")
+        if group_id is not None:
+            group_id = catalog.check(next(f for f in catalog.LIST_QUERY if f.name == "group_id"), group_id)
+        jobs, total = self.store.list(status, limit, offset, args.get("owner"), group_id=group_id)
         return {"jobs": [self.status_body(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
 
     def models(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +313,8 @@ class Api:
             # The latest live preview: while the job runs, and kept beside the MP4 once it completed.
             "preview_url": preview_url(job.id, job.preview) if job.preview and job.status in
             ("processing", "completed") else None,
+            "seed": job.params.get("seed"),
+            "group_id": job.group_id,
         }
         if job.error:
             body["error"] = job.error
@@ -332,6 +364,8 @@ class Api:
                 # method, output size and fps of each step; empty: none, or not completed).
                 "postprocess": {"requested": job.params.get("postprocess") or {},
                                 "applied": (job.outputs or {}).get("postprocess") or {} if done else {}},
+                # Step caching trades quality for speed: the method, its settings and the passes skipped.
+                "cache": cache_metadata(job),
                 "route": job.route,
                 "attempts": job.attempt,
                 "timings": job.timings,

@@ -115,6 +115,12 @@ class Progress:
             dits = [s for s in job.route if self.config.stage(s).kind == "dit"]
             base = self.progress_at(job, dits[0], 0.0) if dits else 0.0
             progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
+        elif r.event == "cache":
+            # A DiT's step cache (stages/caching.py): step = passes skipped, total_steps = passes run.
+            timings["cache"] = {**(timings.get("cache") or {}),
+                                r.stage: {"method": r.to[:32], "passes": r.total_steps, "skipped": r.step}}
+            self.store.progress(job.id, r.attempt, record.stage, job.progress, timings)
+            return
         elif r.event == "checkpoint":
             if record.watched == r.stage:
                 record.progressed(r.stage, tick)

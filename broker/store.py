@@ -133,6 +133,7 @@ class Job:
     # What the muxer wrote: {"files": [JobDone.outputs...], "postprocess": JobDone.postprocess}.
     outputs: dict[str, Any] | None = None
     preview: str | None = None
+    group_id: str | None = None  # the n variants of one request share it
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -163,6 +164,9 @@ class JobStore:
             self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint TEXT")
         if "webhook_url" not in columns:  # a store written before webhooks
             self.db.execute("ALTER TABLE jobs ADD COLUMN webhook_url TEXT")
+        if "group_id" not in columns:  # a store written before `n` variants
+            self.db.execute("ALTER TABLE jobs ADD COLUMN group_id TEXT")
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_group ON jobs(group_id)")
         self.db.executescript(WEBHOOK_SCHEMA)  # after the column: its trigger reads it
         if "outputs" not in columns:  # a store written before jobs had several outputs
             self.db.execute("ALTER TABLE jobs ADD COLUMN outputs TEXT")
@@ -195,8 +199,13 @@ class JobStore:
         ).fetchone()[0]
         return count
 
-    def list(self, status: str | None, limit: int, offset: int, owner: str | None = None) -> tuple[list[Job], int]:
+    def list(self, status: str | None, limit: int, offset: int, owner: str | None = None,
+             group_id: str | None = None) -> tuple[list[Job], int]:
+        """A page of jobs, newest first; a group's jobs oldest first (in seed order)."""
         where, args = [], []
+        if group_id is not None:
+            where.append("group_id = ?")
+            args.append(group_id)
         if status:
             where.append("status = ?")
             args.append(status)
@@ -206,7 +215,8 @@ class JobStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
         rows = self.db.execute(
-            f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+            f"SELECT * FROM jobs {clause} ORDER BY seq {'ASC' if group_id is not None else 'DESC'} LIMIT ? OFFSET ?",
+            [*args, limit, offset],
         )
         return [Job.from_row(r) for r in rows.fetchall()], total
 
@@ -214,12 +224,13 @@ class JobStore:
     # builtins.list: inside the class, `list` names the method above.
     def add(
         self, job_id: str, owner: str, model: str, preset: str, params: dict[str, Any], route: builtins.list[str],
-        priority: int, webhook_url: str | None = None,
+        priority: int, webhook_url: str | None = None, group_id: str | None = None,
     ) -> Job:
         self.db.execute(
-            "INSERT INTO jobs (id, owner, model, preset, params, route, priority, status, created_at, webhook_url)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (job_id, owner, model, preset, json.dumps(params), json.dumps(route), priority, time.time(), webhook_url),
+            "INSERT INTO jobs (id, owner, model, preset, params, route, priority, status, created_at, webhook_url,"
+            " group_id) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            (job_id, owner, model, preset, json.dumps(params), json.dumps(route), priority, time.time(), webhook_url,
+             group_id),
         )
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -369,19 +380,36 @@ class JobStore:
     ) -> Job:
         """`add` the job and record `key` -> job in one transaction: a create that was answered is
         found again after a crash. Keys older than `expired_before` are dropped first."""
+        return self.add_group([(job_id, params)], owner, model, preset, route, priority, webhook_url=webhook_url,
+                              idempotency=(key, fingerprint, expired_before))[0]
+
+    def add_group(
+        self, jobs: builtins.list[tuple[str, dict[str, Any]]], owner: str, model: str, preset: str,
+        route: builtins.list[str], priority: int, *, webhook_url: str | None = None, group_id: str | None = None,
+        idempotency: tuple[str, str, float] | None = None,
+    ) -> builtins.list[Job]:
+        """`add` every (job id, params) of `jobs` in one transaction (all or none), under `group_id`;
+        with `idempotency` (key, fingerprint, expired_before) the key is recorded -> the first job,
+        keys older than expired_before dropped first."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            added = [self.add(job_id, owner, model, preset, params, route, priority, webhook_url=webhook_url,
+                              group_id=group_id) for job_id, params in jobs]
+            if idempotency is None:
+                self.db.execute("COMMIT")
+                return added
+            key, fingerprint, expired_before = idempotency
+            job = added[0]
             self.db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (expired_before,))
-            job = self.add(job_id, owner, model, preset, params, route, priority, webhook_url=webhook_url)
             self.db.execute(
                 "INSERT INTO idempotency_keys (owner, key, fingerprint, job_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                (owner, key, fingerprint, job_id, job.created_at),
+                (owner, key, fingerprint, job.id, job.created_at),
             )
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
-        return job
+        return added
 
 # ---- the webhook outbox ----
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ POSTPROCESS_FIELDS: tuple[str, ...] = ("interpolate_fps", "upscale", "upscale_to
 # A preset row's keys, and the custom option that overrides each (whose bounds the row must keep).
 PRESET_OPTIONS: dict[str, str] = {
     "steps": "steps", "guidance_scale": "cfg_scale", "guidance_scale_2": "cfg_scale_2", "shift": "shift",
-    "resolution": "resolution", "num_frames": "num_frames", "fps": "fps",
+    "resolution": "resolution", "num_frames": "num_frames", "fps": "fps", "cache": "cache",
 }
 PRESET_REQUIRED: tuple[str, ...] = ("steps", "guidance_scale", "resolution", "num_frames", "fps")
 PRESET_FIELDS: frozenset[str] = frozenset({*PRESET_OPTIONS, *POSTPROCESS_FIELDS})
@@ -113,7 +113,8 @@ class Field:
     enum: tuple[str, ...] = ()
     fields: tuple[Field, ...] = ()  # an object's fields; an array's items are objects of these fields
     max_items: int | None = None  # an array's
-    # The profile narrows this bound at run time: "max_steps" ([admission] max_steps), "max_frames"
+    # The profile narrows this bound at run time: "max_steps" ([admission] max_steps), "max_variants"
+    # ([admission] max_variants), "max_frames"
     # ([models.<id>] max_frames), "resolutions" ([models.<id>] resolutions), "lora_scale" ([loras]
     # min_scale / max_scale) or "max_loras" ([loras] max_per_job).
     profile_limit: str | None = None
@@ -126,6 +127,7 @@ MAX_STEPS = 100
 MAX_FRAMES = 241
 RESOLUTION_PATTERN = "^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 MAX_URL_CHARS = 2048
+MAX_VARIANTS = 64  # the most any profile's [admission] max_variants may allow
 WEBHOOK_URL_PATTERN = "^https?://[^/?#@\\s]+([/?#][^\\s]*)?$"  # a host, no user:password@, no white space
 
 # ---- encoders, containers and post-processing -------------------------------------------------
@@ -201,6 +203,26 @@ LORA: tuple[Field, ...] = (
 )
 LORA_FIELDS: dict[str, Field] = {f.name: f for f in LORA}
 
+
+# Step caching (stages/caching.py applies diffusers' cache hooks in the DiT processes). `none` turns
+# a preset's cache off; `mag` (MagCache) needs magnitude ratios calibrated for the weights and the
+# step count, which no profile carries yet, so admission refuses it (CACHE_NOT_CALIBRATED).
+CACHE_METHODS: tuple[str, ...] = ("none", "first_block", "taylorseer", "mag")
+CACHE_FIELDS: tuple[Field, ...] = (
+    Field("method", "string", "none | first_block (First Block Cache) | taylorseer (TaylorSeer) | mag (MagCache: "
+          "refused until calibrated ratios are configured)", required=True, enum=CACHE_METHODS),
+    Field("threshold", "number", "first_block: relative change of the first block's residual under which the other "
+          "blocks are skipped (higher skips more, at more loss)", default=0.05, minimum=0.0, maximum=1.0),
+    Field("interval", "integer", "taylorseer: a full pass every `interval` passes, the others predicted",
+          default=5, minimum=1, maximum=20),
+    Field("warmup", "integer", "taylorseer: passes computed in full before predicting starts", default=3,
+          minimum=1, maximum=MAX_STEPS),
+)
+CACHE_FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in CACHE_FIELDS}
+# The keys each method takes besides `method`.
+CACHE_KEYS: dict[str, tuple[str, ...]] = {"none": (), "first_block": ("threshold",),
+                                          "taylorseer": ("interval", "warmup"), "mag": ()}
+
 OPTIONS: tuple[Field, ...] = (
     Field("steps", "integer", "denoising steps", minimum=1, maximum=MAX_STEPS, profile_limit="max_steps"),
     Field("cfg_scale", "number", "classifier-free guidance (the high-noise expert's, for the A14B models)",
@@ -222,6 +244,9 @@ OPTIONS: tuple[Field, ...] = (
     Field("loras", "array", "LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high "
           "part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs)",
           nullable=True, fields=LORA, max_items=MAX_LORAS, profile_limit="max_loras"),
+    Field("cache", "object", "step caching, trading quality for speed (the result's metadata records the method, "
+          "its settings and the passes skipped); null: the preset's (none unless the profile names one)",
+          nullable=True, fields=CACHE_FIELDS),
 )
 
 REQUEST: tuple[Field, ...] = (
@@ -233,6 +258,9 @@ REQUEST: tuple[Field, ...] = (
     Field("quality", "string", "alias of quality_preset (quality_preset wins if both)", enum=PRESETS),
     Field("seed", "integer", "null or absent: a random seed (the result's metadata has it)", nullable=True,
           minimum=0, maximum=MAX_SEED),
+    Field("n", "integer", "variants: n jobs, one per seed seed..seed+n-1 (a random first seed without `seed`), "
+          "created together under one group_id; at most the profile's [admission] max_variants", default=1,
+          minimum=1, maximum=MAX_VARIANTS, profile_limit="max_variants"),
     Field("priority", "integer", "higher runs first", default=0, minimum=-10, maximum=10),
     Field("custom_options", "object", "overrides of the preset", nullable=True, fields=OPTIONS),
     Field("webhook_url", "string", "POSTed the job's final state (video.completed, video.failed, video.cancelled), "
@@ -249,6 +277,7 @@ OPTION_FIELDS: dict[str, Field] = {f.name: f for f in OPTIONS}
 JOB_STATUSES: tuple[str, ...] = ("queued", "processing", "completed", "failed", "cancelled")
 LIST_QUERY: tuple[Field, ...] = (
     Field("status", "string", "only jobs with this status", enum=JOB_STATUSES),
+    Field("group_id", "string", "only the jobs of this group (the n variants of one request)", max_length=64),
     Field("limit", "integer", "jobs per page", default=20, minimum=1, maximum=100),
     Field("offset", "integer", "jobs to skip", default=0, minimum=0, maximum=10**9),
 )
@@ -294,6 +323,28 @@ def check(spec: Field, value: Any, where: str | None = None, *, maximum: float |
         raise _bad(where, f"{where} must be {spec.step}n+{lo} ({lo + spec.step}, {lo + 2 * spec.step}, ...), "
                           f"got {value}")
     return value if spec.kind == "integer" else float(value)
+
+
+def check_cache(value: Any, where: str = "custom_options.cache") -> dict[str, Any] | None:
+    """A cache option normalised ({method, and that method's keys with their defaults}), None for
+    none; a ValidationError naming the bad key otherwise."""
+    if not isinstance(value, dict):
+        raise _bad(where, f"{where} must be an object", got=type(value).__name__)
+    if "method" not in value:
+        raise _bad(f"{where}.method", f"{where}.method is required", allowed=list(CACHE_METHODS))
+    method = check(CACHE_FIELD_BY_NAME["method"], value["method"], f"{where}.method")
+    keys = CACHE_KEYS[method]
+    unknown = sorted(set(value) - {"method", *keys})
+    if unknown:
+        raise _bad(where, f"{where} with method {method} takes no {', '.join(unknown)[:100]}",
+                   allowed=["method", *keys])
+    if method == "none":
+        return None
+    out: dict[str, Any] = {"method": method}
+    for key in keys:
+        spec = CACHE_FIELD_BY_NAME[key]
+        out[key] = check(spec, value.get(key, spec.default), f"{where}.{key}")
+    return out
 
 
 def bounds(spec: Field, maximum: float | None = None) -> tuple[int | float, int | float]:
@@ -351,7 +402,7 @@ def _self_check() -> None:
     assert len(ALIASES) == len(CATALOG) and not set(ALIASES) & set(MODELS), "aliases must be unique"
     for model in CATALOG:
         assert {name for name, _ in model.inputs} <= set(INPUTS), f"{model.id} takes an input INPUTS lacks"
-    for spec in (*REQUEST, *OPTIONS, *LIST_QUERY, *LORA):
+    for spec in (*REQUEST, *OPTIONS, *LIST_QUERY, *LORA, *CACHE_FIELDS):
         if spec.kind in ("integer", "number"):
             lo, hi = bounds(spec)
             assert lo <= hi and (spec.default is None or lo <= spec.default <= hi), spec.name

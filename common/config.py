@@ -131,6 +131,7 @@ class AdmissionSection:
     max_queued: int = 100
     max_inflight_per_route: int = 4
     max_steps: int = 100
+    max_variants: int = 8  # the most `n` of one generate request (n jobs, seeds seed..seed+n-1)
     max_attempts: int = 3
     memory_check: bool = True
     # GiB a job may use per device (one for all, or by device).

@@ -75,6 +75,9 @@ class JobParams:
     # `transformer` (the high-noise one for A14B) or `transformer_2`, and file is relative to the
     # [loras] folder (broker/loras.py resolves a request's names; stages/lora.py loads them).
     loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Step caching in the DiT stages (stages/caching.py): {method, and its keys} as admission
+    # normalised it (common/catalog.py CACHE_FIELDS); None computes every pass.
+    cache: dict[str, Any] | None = None
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------
@@ -172,9 +175,11 @@ class ResumeJob(Message):
 @dataclass
 class StageReport(Message):
     """A job's progress through a stage. `event` is accepted | step | checkpoint | forwarded |
-    cancelled | preview; `to` names the stage a forwarded job was sent to, or whose checkpoint was
-    written (the job's spool folder holds the message sent to it: see `common.spool`); `preview`
-    names the preview image of `step` (event preview) in the job's spool previews folder."""
+    cancelled | preview | cache; `to` names the stage a forwarded job was sent to, or whose checkpoint
+    was written (the job's spool folder holds the message sent to it: see `common.spool`); `preview`
+    names the preview image of `step` (event preview) in the job's spool previews folder; a DiT's
+    `cache` report (stages/caching.py) has the passes skipped in `step`, the passes run in
+    `total_steps`, the method in `to`."""
 
     job_id: str
     attempt: int

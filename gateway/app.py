@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 JSON_TYPES = {"", "application/json", "text/json", "text/plain"}
 MULTIPART_OVERHEAD = 64 << 10  # part headers and boundaries around the request and the image
-STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error", "preview_url")
+STATUS_FIELDS = ("job_id", "status", "progress", "eta", "stage", "queue_position", "error", "preview_url",
+                 "group_id")
 ACTIVE = ("processing", "queued")
 SAFE_ID = re.compile(r"^[\w-]{1,80}$")  # what of a malformed job id may be echoed back (never a path)
 TOO_SLOW = "too slow: event queue full"
@@ -238,6 +239,8 @@ class Gateway:
         args: dict[str, Any] = {"limit": limit, "offset": offset, "owner": owner_of(request)}
         if "status" in q:
             args["status"] = q["status"]
+        if "group_id" in q:  # the n variants of one request, in seed order
+            args["group_id"] = q["group_id"]
         return JSONResponse(await self.call("list", **args))
 
     async def models(self, request: Request) -> Response:

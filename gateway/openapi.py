@@ -108,6 +108,7 @@ STATUS = {
         "error": {"type": "object"},
         "preview_url": {"type": ["string", "null"],
                         "description": "the latest live preview image (while running; kept once completed)"},
+        "group_id": {"type": ["string", "null"], "description": "the n variants' group; null for n = 1"},
     },
 }
 
@@ -120,6 +121,10 @@ SUBMITTED = {
         "created_at": {"type": "number"},
         "eta_seconds": {"type": ["number", "null"]},
         "queue_position": {"type": ["integer", "null"]},
+        "group_id": {"type": ["string", "null"], "description": "the n variants' group; null for n = 1"},
+        "job_ids": {"type": "array", "items": {"type": "string"}, "description": "every job made, job_id first"},
+        "seeds": {"type": "array", "items": {"type": "integer"}, "description": "each job's seed, in job_ids order"},
+        "jobs": {"type": "array", "items": {"type": "object"}, "description": "with n > 1: each job's submit status"},
     },
 }
 

@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages import schedule
+from stages import caching, schedule
 from stages.base import Stage
 from stages.lora import LoraCache
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
@@ -165,6 +165,8 @@ class DitStage(Stage):
             mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
         preview: torch.Tensor | None = None
         previewer = self.previewer if self.previewer is not None and self.previewer.serves(p.model) else None
+        step_cache = caching.for_stage(self)  # the job's cache hooks, with fresh state (stages/caching.py)
+        step_cache.start(experts.values(), p.cache)
         for i in steps:
             self.check_cancelled(msg.job_id)
             t = timesteps[i]
@@ -185,14 +187,14 @@ class DitStage(Stage):
             else:
                 timestep = t.expand(latents.shape[0])
             cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-            with model.cache_context("cond", **cache_kwargs):
+            with step_cache.context(model, "cond", **cache_kwargs):
                 noise_pred = model(
                     hidden_states=model_input, timestep=timestep, encoder_hidden_states=cond, return_dict=False
                 )[0]
             if do_cfg:
                 assert msg.negative_prompt_embeds is not None  # refused before the loop otherwise
                 uncond = msg.negative_prompt_embeds.to(self.device, model.dtype)
-                with model.cache_context("uncond", **cache_kwargs):
+                with step_cache.context(model, "uncond", **cache_kwargs):
                     noise_uncond = model(
                         hidden_states=model_input, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
                     )[0]
@@ -212,6 +214,9 @@ class DitStage(Stage):
             if preview is not None:
                 self.send_preview(msg, preview, i + 1, len(timesteps))
                 preview = None
+        cache_report = step_cache.finish(experts.values(), msg.job_id, msg.attempt, self.name)
+        if cache_report is not None:
+            self.emit(cache_report)
 
         common: dict[str, Any] = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p)
         if steps.stop < len(timesteps):

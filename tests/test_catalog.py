@@ -47,6 +47,7 @@ def ceiling(tmp_path_factory: pytest.TempPathFactory) -> Config:
     text = (PROFILES_DIR / "tiny.toml").read_text()
     raised = re.sub(r"^max_frames = 33$", f"max_frames = {catalog.MAX_FRAMES}", text, flags=re.MULTILINE)
     raised = re.sub(r"^max_steps = \d+$", f"max_steps = {catalog.MAX_STEPS}", raised, flags=re.MULTILINE)
+    raised = re.sub(r"^max_variants = \d+", f"max_variants = {catalog.MAX_VARIANTS}", raised, flags=re.MULTILINE)
     assert raised.count(f"max_frames = {catalog.MAX_FRAMES}") == 3
     path = tmp_path_factory.mktemp("profile") / "ceiling.toml"
     path.write_text(raised)
@@ -134,11 +135,11 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
     config = tiny()
     request = {
         "prompt": "a cat", "negative_prompt": "blur", "model": "ti2v", "quality_preset": "pro", "quality": "draft",
-        "seed": 7, "priority": 3, "webhook_url": "https://hooks.example.com/wan?token=1",
+        "seed": 7, "priority": 3, "webhook_url": "https://hooks.example.com/wan?token=1", "n": 2,
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
                            "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
                            "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p",
-                           "loras": []},  # tests/test_lora.py: LoRAs
+                           "loras": [], "cache": {"method": "first_block", "threshold": 0.1}},
     }
     assert set(request) == set(REQUEST_SCHEMA["properties"])
     assert set(request["custom_options"]) == set(OPTIONS_SCHEMA["properties"])
@@ -181,7 +182,7 @@ NUMERIC = [("field", n) for n in numeric(REQUEST_SCHEMA["properties"])] + \
 
 def test_every_number_has_both_bounds_in_the_schema():
     """So the fuzzer tries one past each (the review found steps and num_frames without a maximum)."""
-    assert {n for _, n in NUMERIC} == {"seed", "priority", "steps", "cfg_scale", "cfg_scale_2", "shift", "fps",
+    assert {n for _, n in NUMERIC} == {"seed", "n", "priority", "steps", "cfg_scale", "cfg_scale_2", "shift", "fps",
                                       "duration", "num_frames", "crf", "bit_depth", "interpolate_fps", "upscale"}
     for where, name in NUMERIC:
         schema = prop(where, name)
