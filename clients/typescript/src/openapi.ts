@@ -38,6 +38,8 @@ export interface paths {
                             /** @description the n variants' group; null for n = 1 */
                             group_id?: string | null;
                             job_id: string;
+                            /** @description the latest live preview image (while running; kept once completed) */
+                            preview_url?: string | null;
                             progress: number;
                             queue_position?: number | null;
                             stage?: string | null;
@@ -150,6 +152,138 @@ export interface paths {
                 };
             };
         };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/files/{job_id}.mkv": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The lossless master (FFV1 in Matroska) of a completed job that asked for one (custom_options.lossless_master; HTTP Range supported) */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    job_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Matroska */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "video/x-matroska": unknown;
+                    };
+                };
+                /** @description partial Matroska */
+                206: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "video/x-matroska": unknown;
+                    };
+                };
+                /** @description error */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
@@ -316,6 +450,11 @@ export interface paths {
                     "application/json": {
                         /** @description overrides of the preset */
                         custom_options?: {
+                            /**
+                             * @description 8 or 10 (10-bit H.264 is High 10, which few hardware players decode: prefer h265 or av1)
+                             * @default 8
+                             */
+                            bit_depth?: number;
                             /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
                             cache?: {
                                 /**
@@ -343,10 +482,35 @@ export interface paths {
                             cfg_scale?: number;
                             /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
                             cfg_scale_2?: number | null;
+                            /**
+                             * @description video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)
+                             * @default h264
+                             * @enum {string}
+                             */
+                            codec?: "h264" | "h265" | "av1";
+                            /** @description constant rate factor, 0 (best) .. 51 for every codec (for av1, that part of SVT-AV1's 0..63 scale); null: the muxer's configured default for the codec */
+                            crf?: number | null;
                             /** @description seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both) */
                             duration?: number;
                             /** @description frames per second of the video */
                             fps?: number;
+                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                            interpolate_fps?: number | null;
+                            /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                            loras?: {
+                                /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                name: string;
+                                /**
+                                 * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                 * @default 1
+                                 */
+                                scale?: number;
+                            }[] | null;
+                            /**
+                             * @description also write an FFV1 (RGB) Matroska master, bit-identical to the decoded frames, served at /api/v1/files/{job_id}.mkv
+                             * @default false
+                             */
+                            lossless_master?: boolean;
                             /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
                             num_frames?: number;
                             /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
@@ -355,6 +519,13 @@ export interface paths {
                             shift?: number | null;
                             /** @description denoising steps */
                             steps?: number;
+                            /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
+                            upscale?: number | null;
+                            /**
+                             * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
+                             * @enum {string|null}
+                             */
+                            upscale_to?: "1080p" | "4k" | "8k" | null;
                         } | null;
                         /** @description input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B; optional for ti2v-5B; refused by the other models */
                         image?: string | null;
@@ -400,6 +571,11 @@ export interface paths {
                         request: {
                             /** @description overrides of the preset */
                             custom_options?: {
+                                /**
+                                 * @description 8 or 10 (10-bit H.264 is High 10, which few hardware players decode: prefer h265 or av1)
+                                 * @default 8
+                                 */
+                                bit_depth?: number;
                                 /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
                                 cache?: {
                                     /**
@@ -427,10 +603,35 @@ export interface paths {
                                 cfg_scale?: number;
                                 /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
                                 cfg_scale_2?: number | null;
+                                /**
+                                 * @description video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)
+                                 * @default h264
+                                 * @enum {string}
+                                 */
+                                codec?: "h264" | "h265" | "av1";
+                                /** @description constant rate factor, 0 (best) .. 51 for every codec (for av1, that part of SVT-AV1's 0..63 scale); null: the muxer's configured default for the codec */
+                                crf?: number | null;
                                 /** @description seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both) */
                                 duration?: number;
                                 /** @description frames per second of the video */
                                 fps?: number;
+                                /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                                interpolate_fps?: number | null;
+                                /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                                loras?: {
+                                    /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                    name: string;
+                                    /**
+                                     * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                     * @default 1
+                                     */
+                                    scale?: number;
+                                }[] | null;
+                                /**
+                                 * @description also write an FFV1 (RGB) Matroska master, bit-identical to the decoded frames, served at /api/v1/files/{job_id}.mkv
+                                 * @default false
+                                 */
+                                lossless_master?: boolean;
                                 /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
                                 num_frames?: number;
                                 /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
@@ -439,6 +640,13 @@ export interface paths {
                                 shift?: number | null;
                                 /** @description denoising steps */
                                 steps?: number;
+                                /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
+                                upscale?: number | null;
+                                /**
+                                 * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
+                                 * @enum {string|null}
+                                 */
+                                upscale_to?: "1080p" | "4k" | "8k" | null;
                             } | null;
                             /**
                              * @description a model id or its alias
@@ -730,6 +938,110 @@ export interface paths {
                 };
                 /** @description error */
                 422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/loras": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The LoRAs of the server's folder: name, files, sha256, the models each fits (or why it is refused) */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description OK */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": Record<string, unknown>;
+                    };
+                };
+                /** @description error */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                403: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -1084,6 +1396,131 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/previews/{job_id}/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A live preview image of a job (JPEG or WebP, at most 512 px on its long side) */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    job_id: string;
+                    name: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description the image */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "image/jpeg": unknown;
+                        "image/webp": unknown;
+                    };
+                };
+                /** @description error */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/result/{job_id}": {
         parameters: {
             query?: never;
@@ -1114,6 +1551,16 @@ export interface paths {
                             job_id: string;
                             metadata: Record<string, unknown>;
                             output_url: string | null;
+                            /** @description every file of a completed job: the MP4, then the lossless master if asked for */
+                            outputs?: {
+                                bytes?: number;
+                                codec?: string;
+                                container?: string;
+                                fps?: number;
+                                height?: number;
+                                url?: string;
+                                width?: number;
+                            }[];
                             status: string;
                         };
                     };
@@ -1245,6 +1692,8 @@ export interface paths {
                             /** @description the n variants' group; null for n = 1 */
                             group_id?: string | null;
                             job_id: string;
+                            /** @description the latest live preview image (while running; kept once completed) */
+                            preview_url?: string | null;
                             progress: number;
                             queue_position?: number | null;
                             stage?: string | null;
@@ -1764,6 +2213,11 @@ export interface paths {
             requestBody: {
                 content: {
                     "application/json": {
+                        /**
+                         * @description 8 or 10 (10-bit H.264 is High 10, which few hardware players decode: prefer h265 or av1)
+                         * @default 8
+                         */
+                        bit_depth?: number;
                         /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
                         cache?: {
                             /**
@@ -1791,8 +2245,21 @@ export interface paths {
                         cfg_scale?: number;
                         /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
                         cfg_scale_2?: number | null;
+                        /**
+                         * @description video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)
+                         * @default h264
+                         * @enum {string}
+                         */
+                        codec?: "h264" | "h265" | "av1";
+                        /** @description constant rate factor, 0 (best) .. 51 for every codec (for av1, that part of SVT-AV1's 0..63 scale); null: the muxer's configured default for the codec */
+                        crf?: number | null;
                         /** @description overrides of the preset */
                         custom_options?: {
+                            /**
+                             * @description 8 or 10 (10-bit H.264 is High 10, which few hardware players decode: prefer h265 or av1)
+                             * @default 8
+                             */
+                            bit_depth?: number;
                             /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
                             cache?: {
                                 /**
@@ -1820,10 +2287,35 @@ export interface paths {
                             cfg_scale?: number;
                             /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
                             cfg_scale_2?: number | null;
+                            /**
+                             * @description video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)
+                             * @default h264
+                             * @enum {string}
+                             */
+                            codec?: "h264" | "h265" | "av1";
+                            /** @description constant rate factor, 0 (best) .. 51 for every codec (for av1, that part of SVT-AV1's 0..63 scale); null: the muxer's configured default for the codec */
+                            crf?: number | null;
                             /** @description seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both) */
                             duration?: number;
                             /** @description frames per second of the video */
                             fps?: number;
+                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                            interpolate_fps?: number | null;
+                            /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                            loras?: {
+                                /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                name: string;
+                                /**
+                                 * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                 * @default 1
+                                 */
+                                scale?: number;
+                            }[] | null;
+                            /**
+                             * @description also write an FFV1 (RGB) Matroska master, bit-identical to the decoded frames, served at /api/v1/files/{job_id}.mkv
+                             * @default false
+                             */
+                            lossless_master?: boolean;
                             /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
                             num_frames?: number;
                             /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
@@ -1832,6 +2324,13 @@ export interface paths {
                             shift?: number | null;
                             /** @description denoising steps */
                             steps?: number;
+                            /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
+                            upscale?: number | null;
+                            /**
+                             * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
+                             * @enum {string|null}
+                             */
+                            upscale_to?: "1080p" | "4k" | "8k" | null;
                         } | null;
                         /** @description frames per second of the video */
                         fps?: number;
@@ -1839,6 +2338,23 @@ export interface paths {
                         input_reference?: string | {
                             image_url?: string;
                         } | null;
+                        /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                        interpolate_fps?: number | null;
+                        /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                        loras?: {
+                            /** @description a LoRA of GET /api/v1/loras that fits the model */
+                            name: string;
+                            /**
+                             * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                             * @default 1
+                             */
+                            scale?: number;
+                        }[] | null;
+                        /**
+                         * @description also write an FFV1 (RGB) Matroska master, bit-identical to the decoded frames, served at /api/v1/files/{job_id}.mkv
+                         * @default false
+                         */
+                        lossless_master?: boolean;
                         /**
                          * @description a model id or its alias; default: the first model the profile serves
                          * @enum {string}
@@ -1881,6 +2397,13 @@ export interface paths {
                         size?: string | null;
                         /** @description denoising steps */
                         steps?: number;
+                        /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
+                        upscale?: number | null;
+                        /**
+                         * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
+                         * @enum {string|null}
+                         */
+                        upscale_to?: "1080p" | "4k" | "8k" | null;
                         /** @description POSTed the job's final state (video.completed, video.failed, video.cancelled), signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED) */
                         webhook_url?: string | null;
                     };
