@@ -72,9 +72,11 @@ class Progress:
             # The muxer finished a job deleted while it ran (DELETE /v1/videos): no one will fetch the MP4.
             if spool.remove_result(self.broker.config, msg.job_id):
                 log.info("removed the MP4 of job %s, deleted while it ran", msg.job_id)
-        if job is not None and job.final and isinstance(msg, m.StageReport) and msg.event == "preview":
-            # A DiT wrote a preview just after the job ended (and its spool folder went): remove it.
-            spool.remove_job(self.broker.config, job.id)
+        if (job is None or job.final) and isinstance(msg, m.StageReport) and msg.event in ("preview", "checkpoint"):
+            # A stage wrote into the job's spool folder (a DiT's preview, a checkpoint for the next
+            # stage) just after the job ended or was deleted (DELETE /v1/videos), and so made the
+            # folder again: remove it.
+            spool.remove_job(self.broker.config, msg.job_id)
             return
         if job is None or job.final or msg.attempt != job.attempt:
             return  # a stale attempt, a cancelled job, or a job we never had

@@ -212,3 +212,14 @@ def test_a_preview_written_after_the_cancel_is_removed_when_its_report_comes(bro
     broker.on_report(preview_report(job_id, attempt, 1))
     assert not path.exists() and not spool.job_dir(broker.config, job_id).exists()
     assert broker.api.status({"job_id": job_id})["preview_url"] is None
+
+
+def test_a_preview_written_after_the_job_was_deleted_is_removed(broker: Broker) -> None:
+    job_id = str(broker.api.submit({"request": {"prompt": "x", "model": "t2v", "quality": "draft"}})["job_id"])
+    attempt = broker.store.start(job_id)
+    assert attempt == 1
+    broker.api.cancel({"job_id": job_id})
+    assert broker.api.delete({"job_id": job_id})["deleted"] is True
+    path = spool.write_preview(broker.config, job_id, "step-0001.jpg", b"\xff\xd8")  # the DiT was mid-step
+    broker.on_report(preview_report(job_id, attempt, 1))
+    assert not path.exists() and not spool.job_dir(broker.config, job_id).exists()

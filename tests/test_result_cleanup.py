@@ -7,10 +7,12 @@ files, through the reports a muxer sends.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from broker.broker import Broker
 from common import messages as m
+from common import spool
 
 
 def submit(broker: Broker) -> str:
@@ -71,3 +73,17 @@ def test_the_sweep_removes_mp4s_of_jobs_that_did_not_complete_and_leaves_others(
     broker.dispatcher.sweep_spool()
     assert not orphan.exists()
     assert unknown.exists() and pending.exists()
+
+
+def test_a_checkpoint_written_after_the_cancel_is_removed_when_its_report_comes(broker: Broker) -> None:
+    """The text encoder does not look for a cancel in its one pass: it may write the DiT's
+    checkpoint after the job's spool folder went, and only its report says so."""
+    job_id = str(broker.api.submit({"request": {"prompt": "x", "model": "t2v", "quality": "draft"}})["job_id"])
+    attempt = broker.store.start(job_id)
+    assert attempt == 1
+    broker.api.cancel({"job_id": job_id})
+    path = spool.checkpoint_path(broker.config, job_id, "dit_high")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"checkpoint")
+    broker.on_report(m.StageReport(job_id, attempt, "text_encoder", "checkpoint", at=time.time(), to="dit_high"))
+    assert not spool.job_dir(broker.config, job_id).exists()

@@ -229,4 +229,5 @@ def test_upload_just_over_the_limit_refused_and_a_good_job_still_completes(syste
     png.write_bytes(picture(48, 32, "WEBP"))
     job = Client(system.url).generate("after the refusals", "i2v", "draft", image=png)
     assert system.wait_final(job["job_id"], timeout_s=180)["status"] == "completed"
-    assert not spool.exists() or not any(spool.iterdir())
+    left = sorted(str(p.relative_to(spool)) for p in spool.rglob("*")) if spool.exists() else []
+    assert not left, left
