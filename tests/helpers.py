@@ -69,6 +69,16 @@ def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, int
 
 # ---- private state folders and ports ----
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def short_tmpdir(prefix: str) -> Path:
     """ipc:// paths must stay under ~100 bytes, so stacks live directly under /tmp."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -29,7 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 from common.config import Config
 from gateway.app import TOO_SLOW, Gateway
 from tests.error_bodies import check_error_body
-from tests.helpers import ROOT, free_port, short_tmpdir, stack_env, wait_for
+from tests.helpers import ROOT, free_port, short_tmpdir, stack_env, stop_process, wait_for
 
 QUEUE_SIZE = 8  # events a WebSocket client may have unsent before it is dropped
 PAGE_SIZE = 2  # jobs per broker `list` call of the subscribe-all snapshot
@@ -93,20 +93,11 @@ def spawn(env: dict[str, str], module: str, log: Path, *args: str) -> subprocess
                                 stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def broker(env) -> Iterator[subprocess.Popen[bytes]]:
     proc = spawn(env, "broker.broker", Path(env["WAN_SERVER__RUNTIME__STATE_DIR"]) / "log" / "broker.log")
     yield proc
-    stop(proc)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +112,7 @@ def gateway(env, broker) -> Iterator[tuple[Http, subprocess.Popen[bytes]]]:
         wait_for(lambda: http.json("GET", "/api/v1/jobs")[0] == 200, 60, "the broker", interval_s=0.2)
         yield http, proc
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def test_gateway_does_not_load_torch(gateway):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, System, free_port, wait_for
+from tests.helpers import ROOT, System, free_port, stop_process, wait_for
 
 PKG = ROOT / "clients" / "typescript"
 NODE = shutil.which("node") or "/usr/bin/node"
@@ -74,12 +74,7 @@ def keyed_gateway(api_system: System) -> Iterator[tuple[str, str]]:
         wait_for(healthy, 60, "the keyed gateway to answer", interval_s=0.1)
         yield url, token
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def node_test(system: System, files: list[str], **env: str) -> subprocess.Popen[str]:
