@@ -97,9 +97,7 @@ class RuntimeSection:
     # Same-host (ipc://) hand-offs of at least shm_min_bytes of tensors go through shared memory
     # (common/shm.py): segments in <shm_dir>/<receiving stage>/, at most shm_pool_bytes of them per
     # sender and destination, kept and reused. shm_dir: default /dev/shm/wan-<uid>-<hash of socket_dir>.
-    # Off by default: the muxer's replay of a recorded job has differed from its live output in
-    # full-suite runs with it on (suspected segment reuse while a receiver still reads; under study).
-    shared_memory: bool = False
+    shared_memory: bool = True
     shm_dir: str | None = None
     shm_min_bytes: int = 1 << 20
     shm_pool_bytes: int = 4 << 30

@@ -279,25 +279,14 @@ def test_segments_of_a_killed_receiver_are_removed_when_it_starts_again(folder: 
     wait_for(lambda: not any(s.path.exists() for s in sender.segments), 5, "the segments to go")
 
 
-@pytest.fixture(scope="module")
-def shared_stack(model_cache: Path) -> Iterator[Any]:
-    """The five stage processes with shared memory on (it is off by default), recording their traffic."""
-    from tests.helpers import running_stack
-
-    with running_stack("wsh-", model_cache, WAN_SERVER__RUNTIME__RECORD_DIR="{state}/record",
-                       WAN_SERVER__RUNTIME__SHARED_MEMORY="true") as s:
-        yield s
-
-
-def test_a_job_through_the_stage_processes_hands_off_in_shared_memory(shared_stack: Any) -> None:
-    """With it on, the tiny profile shares every hand-off (shm_min_bytes = 0): after a job, each receiving
+def test_a_job_through_the_stage_processes_hands_off_in_shared_memory(stack: Any) -> None:
+    """The tiny profile shares every hand-off (shm_min_bytes = 0): after a job, each receiving
     stage's folder holds the segment its sender wrote and kept for the next job, and the frames are
     the pipeline's (tests/test_pipeline_exact.py checks them bit for bit over the same path)."""
     from broker.driver import default_params
     from stages.models import model_dir
     from tests.helpers import reference, vae_frames
 
-    stack = shared_stack
     p = default_params(stack.config, "t2v-A14B", prompt="shared memory", negative_prompt="", seed=5, steps=2,
                        height=32, width=32, num_frames=9)
     job_id = stack.driver.submit(p)
@@ -322,7 +311,7 @@ def test_each_deployment_has_its_own_segment_folder(tmp_path: Path) -> None:
     a = Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(tmp_path / "a")})
     b = Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(tmp_path / "b")})
     assert a.shm_dir != b.shm_dir and a.shm_dir.name.startswith(f"wan-{os.getuid()}-")
-    assert not a.runtime.shared_memory and a.runtime.shm_min_bytes == 0  # off by default; when on, shares all
+    assert a.runtime.shared_memory and a.runtime.shm_min_bytes == 0  # the tiny profile shares everything
     c = Config.load(environ={"WAN_SERVER__RUNTIME__SHM_DIR": str(tmp_path / "segments"),
-                             "WAN_SERVER__RUNTIME__SHARED_MEMORY": "true"})
-    assert c.shm_dir == tmp_path / "segments" and c.runtime.shared_memory
+                             "WAN_SERVER__RUNTIME__SHARED_MEMORY": "false"})
+    assert c.shm_dir == tmp_path / "segments" and not c.runtime.shared_memory
