@@ -3,9 +3,12 @@ environment share (each started on first use and stopped when the session ends).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,16 @@ if str(ROOT) not in sys.path:
 from broker.broker import Broker  # noqa: E402
 from broker.driver import Driver  # noqa: E402
 from common.config import Config  # noqa: E402
-from tests.helpers import StageStack, System, running_stack, running_system, short_tmpdir  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    KEYED_ORIGINS,
+    WEBHOOK_SECRET,
+    ForeignPage,
+    StageStack,
+    System,
+    running_stack,
+    running_system,
+    short_tmpdir,
+)
 
 # Stage processes run with one torch thread (the tiny profile's setting); in-process references
 # must use the same, or reductions may differ in the last bit.
@@ -60,6 +72,49 @@ def default_system(model_cache: Path) -> Iterator[System]:
     """The whole system under supervisord with the tiny profile's settings (no auth, default
     limits), for every module that needs nothing else. Use it through `api_system`."""
     with running_system("wsa-", model_cache) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def foreign_origins() -> Iterator[tuple[str, str]]:
+    """(allowed origin, refused origin): two tiny web servers on other loopback ports, each serving
+    a page of another web app (`ForeignPage`) that calls the gateway the way a browser does."""
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), ForeignPage) for _ in range(2)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield f"http://127.0.0.1:{servers[0].server_address[1]}", f"http://127.0.0.1:{servers[1].server_address[1]}"
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture(scope="session")
+def keyed_system(model_cache: Path, foreign_origins: tuple[str, str]) -> Iterator[System]:
+    """The whole system with API keys required, shared by the modules that need keys (test_auth,
+    test_cors, test_studio, test_webhooks: each takes it through `keyed_view`, with users of its
+    own): allowed origins for each of them, one job in the pipeline at a time (so the order jobs
+    are dispatched in shows, and a job behind another waits queued), webhooks signed with
+    WEBHOOK_SECRET with loopback allowed and a short backoff."""
+    def admin(s: System) -> None:
+        s.tokens["admin"] = s.create_key("admin", "--admin")
+        s.key_tokens.append(s.tokens["admin"])
+        s.headers = {"Authorization": f"Bearer {s.tokens['admin']}"}
+
+    with running_system(
+        "wsk-", model_cache, setup=admin,
+        WAN_SERVER__GATEWAY__AUTH='"required"',
+        WAN_SERVER__GATEWAY__ALLOWED_ORIGINS=json.dumps([*KEYED_ORIGINS, foreign_origins[0]]),
+        WAN_SERVER__ADMISSION__MAX_INFLIGHT_PER_ROUTE="1",
+        WAN_SERVER__WEBHOOKS__SECRET=WEBHOOK_SECRET,
+        WAN_SERVER__WEBHOOKS__ALLOWED_HOSTS='["127.0.0.1"]',
+        WAN_SERVER__WEBHOOKS__TIMEOUT_S="5",
+        WAN_SERVER__WEBHOOKS__BACKOFF_INITIAL_S="0.3",
+        WAN_SERVER__WEBHOOKS__BACKOFF_MAX_S="1",
+        WAN_SERVER__WEBHOOKS__RETRY_WINDOW_S="120",
+    ) as s:
         yield s
 
 

@@ -5,7 +5,9 @@ from one another."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -196,6 +199,7 @@ class System:
         self.headers: dict[str, str] = {}  # sent with every request (e.g. an API key), under per-call headers
         self.tokens: dict[str, str] = {}  # API keys a test made, by name
         self.key_tokens: list[str] = []  # every key token created: no error body may hold one
+        self.key_prefix = ""  # keyed_view: the prefix of the key names this module made
         self.conf = state_dir / "supervisord.conf"
         var = state_dir / "var"
         (var / "log").mkdir(parents=True, exist_ok=True)
@@ -473,3 +477,54 @@ def reference(folder: Path, p: m.JobParams, image: Image.Image | None = None,
     ).frames
     frames: np.ndarray = to_uint8(out)[0]
     return frames
+
+
+# ---- the keyed system: API keys required, shared by the auth, CORS, studio and webhook modules ----
+
+KEYED_ORIGINS = ("https://studio.example", "http://studio.example")  # test_auth's, test_cors's
+# The server-wide webhook secret the keyed system signs with (test_webhooks checks the signatures).
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"wan-server webhook test secret 32").decode()
+
+
+# A page of another web app: it calls the gateway from its own origin (with CORS, as a browser does).
+FOREIGN_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><title>another app</title><script>
+window.callGateway = async (url, init) => {
+  try {
+    const r = await fetch(url, init);
+    return {read: true, status: r.status, body: await r.json(), retryAfter: r.headers.get("Retry-After")};
+  } catch (e) {
+    return {read: false, error: e.name};
+  }
+};
+window.openSocket = (url, token) => new Promise((resolve) => {
+  const ws = new WebSocket(url, ["wan.bearer", token]);
+  ws.onopen = () => { resolve({open: true, protocol: ws.protocol}); ws.close(); };
+  ws.onclose = (e) => resolve({open: false, code: e.code});
+});
+</script></head><body>another app</body></html>"""
+
+
+class ForeignPage(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(FOREIGN_PAGE)))
+        self.end_headers()
+        self.wfile.write(FOREIGN_PAGE)
+
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def keyed_view(base: System, prefix: str) -> System:
+    """The session's keyed system as one module sees it: its own `tokens` (the admin key, then
+    what the module creates under names starting with `prefix`, so no module sees another's jobs
+    as its users') and `headers`; `key_tokens` stays shared (no error body may hold any key)."""
+    base.wait_ready()
+    base.wait_idle()
+    view = copy.copy(base)
+    view.tokens = {"admin": base.tokens["admin"]}
+    view.headers = {"Authorization": f"Bearer {base.tokens['admin']}"}
+    view.key_prefix = prefix
+    return view

@@ -17,9 +17,18 @@ from common.config import Config
 from common.errors import ConfigError
 from gateway.auth import auth_required
 from gateway.keys import KeyStore
-from tests.helpers import ROOT, System, free_port, running_system, short_tmpdir, stack_env, wait_for
+from tests.helpers import (
+    KEYED_ORIGINS,
+    ROOT,
+    System,
+    free_port,
+    keyed_view,
+    short_tmpdir,
+    stack_env,
+    wait_for,
+)
 
-ORIGIN = "https://studio.example"
+ORIGIN = KEYED_ORIGINS[0]  # allowed by the keyed system
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -27,31 +36,25 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def make_keys(s: System) -> None:
-    s.tokens = {"admin": s.create_key("admin", "--admin")}  # through the CLI; the rest straight in the store
+    # The admin key came through the CLI (tests/conftest.py); these go straight in the store.
     store = KeyStore(s.state_dir / "keys.sqlite3")
     try:
         # name, rate_per_minute, max_active_jobs
         for name, rate, active in [("alice", None, None), ("bob", None, None), ("slow", 3, None),
                                    ("busy", None, 2), ("revoked", None, None)]:
-            s.tokens[name] = store.create(name, rate_per_minute=rate, max_active_jobs=active)[1]
+            s.tokens[name] = store.create(s.key_prefix + name, rate_per_minute=rate, max_active_jobs=active)[1]
     finally:
         store.close()
-    s.key_tokens.extend(s.tokens.values())  # no error body may hold any of them
-    s.headers = bearer(s.tokens["admin"])  # wait_ready / wait_final see every job
+    s.key_tokens.extend(v for k, v in s.tokens.items() if k != "admin")  # no error body may hold any of them
 
 
 @pytest.fixture(scope="module")
-def system(model_cache):
-    with running_system(
-        "wsk-",
-        model_cache,
-        setup=make_keys,
-        WAN_SERVER__GATEWAY__AUTH="required",
-        WAN_SERVER__GATEWAY__ALLOWED_ORIGINS=f'["{ORIGIN}"]',
-        # One job in the pipeline at a time, so the order jobs are dispatched in shows.
-        WAN_SERVER__ADMISSION__MAX_INFLIGHT_PER_ROUTE="1",
-    ) as s:
-        yield s
+def system(keyed_system):
+    """The session's keyed system: ORIGIN allowed, one job in the pipeline at a time (so the order
+    jobs are dispatched in shows); the admin key in `headers` (wait_ready / wait_final see every job)."""
+    view = keyed_view(keyed_system, "auth-")
+    make_keys(view)
+    return view
 
 
 def as_user(system, name, method, path, body=None, headers=None, **kw):
@@ -123,10 +126,11 @@ def test_keys_are_stored_hashed_listed_without_tokens_and_revocable(system):
     listed = subprocess.run([sys.executable, "-m", "gateway.keys", "list"], cwd=ROOT, env=system.env,
                             capture_output=True, text=True, timeout=60, check=True).stdout
     keys = {k["name"]: k for k in json.loads(listed)}
-    assert keys["admin"]["admin"] and not keys["alice"]["admin"] and keys["slow"]["rate_per_minute"] == 3
+    p = system.key_prefix
+    assert keys["admin"]["admin"] and not keys[p + "alice"]["admin"] and keys[p + "slow"]["rate_per_minute"] == 3
     assert all(t not in listed for t in system.tokens.values()) and "salt" not in listed and "digest" not in listed
     assert as_user(system, "revoked", "GET", "/api/v1/jobs")[0] == 200
-    subprocess.run([sys.executable, "-m", "gateway.keys", "revoke", "revoked"], cwd=ROOT, env=system.env,
+    subprocess.run([sys.executable, "-m", "gateway.keys", "revoke", p + "revoked"], cwd=ROOT, env=system.env,
                    capture_output=True, timeout=60, check=True)
     status, _, content = as_user(system, "revoked", "GET", "/api/v1/jobs")  # at once, no restart
     assert status == 401 and json.loads(content)["error"]["code"] == "UNAUTHORIZED"
@@ -409,7 +413,7 @@ def test_logs_never_print_keys(system):
     assert "unknown or revoked API key" in logs["gateway.log"]  # refusals are logged, without the key
     store = KeyStore(system.state_dir / "keys.sqlite3")
     try:
-        alice = next(k for k in store.list() if k.name == "alice")
+        alice = next(k for k in store.list() if k.name == system.key_prefix + "alice")
     finally:
         store.close()
     assert f"for key {alice.id}" in logs["broker.log"]  # jobs are logged with their owner's key id

@@ -5,15 +5,13 @@ other origin gets no CORS header and the structured 403."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from gateway.keys import KeyStore
-from tests.helpers import System, running_system
+from tests.helpers import KEYED_ORIGINS, System, keyed_view
 
-ORIGIN = "http://studio.example"
+ORIGIN = KEYED_ORIGINS[1]  # allowed by the keyed system
 REFUSED = "http://evil.example"
 
 
@@ -22,22 +20,21 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def make_keys(s: System) -> None:
-    s.tokens = {"admin": s.create_key("admin", "--admin")}
     store = KeyStore(s.state_dir / "keys.sqlite3")
     try:
-        s.tokens["slow"] = store.create("slow", rate_per_minute=1)[1]
+        s.tokens["slow"] = store.create(s.key_prefix + "slow", rate_per_minute=1)[1]
     finally:
         store.close()
-    s.key_tokens.extend(s.tokens.values())
-    s.headers = bearer(s.tokens["admin"])  # for wait_ready
+    s.key_tokens.append(s.tokens["slow"])
 
 
 @pytest.fixture(scope="module")
-def system(model_cache: Path) -> Iterator[System]:
-    with running_system("wsc-", model_cache, setup=make_keys, WAN_SERVER__GATEWAY__AUTH="required",
-                        WAN_SERVER__GATEWAY__ALLOWED_ORIGINS=f'["{ORIGIN}"]') as s:
-        s.headers = {}  # every test says which key, if any, it sends
-        yield s
+def system(keyed_system: System) -> System:
+    """The session's keyed system (ORIGIN allowed), with this module's rate-limited key."""
+    view = keyed_view(keyed_system, "cors-")
+    make_keys(view)
+    view.headers = {}  # every test says which key, if any, it sends
+    return view
 
 
 def call(system: System, method: str, path: str, origin: str, body: object = None,

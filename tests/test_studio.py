@@ -11,11 +11,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
 import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatch
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,77 +23,37 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gateway.keys import KeyStore
 from gateway.web import STUDIO_DIR
-from tests.helpers import ROOT, System, running_system
+from tests.helpers import ROOT, System, keyed_view
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
 
-# A page of another web app: it calls the gateway from its own origin (with CORS, as a browser does).
-FOREIGN_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><title>another app</title><script>
-window.callGateway = async (url, init) => {
-  try {
-    const r = await fetch(url, init);
-    return {read: true, status: r.status, body: await r.json(), retryAfter: r.headers.get("Retry-After")};
-  } catch (e) {
-    return {read: false, error: e.name};
-  }
-};
-window.openSocket = (url, token) => new Promise((resolve) => {
-  const ws = new WebSocket(url, ["wan.bearer", token]);
-  ws.onopen = () => { resolve({open: true, protocol: ws.protocol}); ws.close(); };
-  ws.onclose = (e) => resolve({open: false, code: e.code});
-});
-</script></head><body>another app</body></html>"""
-
-
-class ForeignPage(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(FOREIGN_PAGE)))
-        self.end_headers()
-        self.wfile.write(FOREIGN_PAGE)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def origins() -> Iterator[tuple[str, str]]:
-    """(allowed origin, refused origin): two tiny web servers on other loopback ports."""
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), ForeignPage) for _ in range(2)]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for thread in threads:
-        thread.start()
-    try:
-        yield tuple(f"http://127.0.0.1:{s.server_address[1]}" for s in servers)  # type: ignore[misc]
-    finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
 
 
 def make_keys(s: System) -> None:
     store = KeyStore(s.state_dir / "keys.sqlite3")
     try:
         for name in ("alice", "bob"):
-            s.tokens[name] = store.create(name)[1]
+            s.tokens[name] = store.create(s.key_prefix + name)[1]
     finally:
         store.close()
-    s.tokens["admin"] = s.create_key("admin", "--admin")
-    s.key_tokens.extend(s.tokens.values())
-    s.headers = {"Authorization": f"Bearer {s.tokens['admin']}"}
+    s.key_tokens.extend(v for k, v in s.tokens.items() if k != "admin")
 
 
 @pytest.fixture(scope="module")
-def system(model_cache: Path, origins: tuple[str, str]) -> Iterator[System]:
-    with running_system("wsw-", model_cache, setup=make_keys, WAN_SERVER__GATEWAY__AUTH="required",
-                        WAN_SERVER__GATEWAY__ALLOWED_ORIGINS=json.dumps([origins[0]]),
-                        # One job in the pipeline at a time: a job submitted behind another waits queued.
-                        WAN_SERVER__ADMISSION__MAX_INFLIGHT_PER_ROUTE="1") as s:
-        yield s
+def system(keyed_system: System) -> System:
+    """The session's keyed system (one job in the pipeline at a time, so a job submitted behind
+    another waits queued; `origins[0]` allowed), with this module's own users."""
+    view = keyed_view(keyed_system, "studio-")
+    make_keys(view)
+    return view
+
+
+@pytest.fixture(scope="module")
+def origins(foreign_origins: tuple[str, str]) -> tuple[str, str]:
+    return foreign_origins
 
 
 @pytest.fixture(scope="module")

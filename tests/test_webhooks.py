@@ -32,9 +32,9 @@ from broker import webhooks
 from broker.store import JobStore, Outbox
 from common.config import WebhooksSection
 from common.errors import ConfigError, ValidationError, WebhookNotAllowed
-from tests.helpers import ROOT, System, kill9, running_system, wait_for
+from tests.helpers import ROOT, WEBHOOK_SECRET, System, keyed_view, kill9, wait_for
 
-SECRET = "whsec_" + base64.b64encode(b"wan-server webhook test secret 32").decode()
+SECRET = WEBHOOK_SECRET  # the keyed system signs with it (tests/conftest.py)
 LOOPBACK = WebhooksSection(secret=SECRET, allowed_hosts=("127.0.0.1",), timeout_s=5.0, retry_window_s=60.0,
                            backoff_initial_s=0.2, backoff_max_s=1.0)
 
@@ -372,30 +372,21 @@ def test_a_redirect_is_a_failed_attempt_and_410_stops_the_deliveries(store, rece
 # ---- the whole system: real tiny jobs, a real receiver ----
 
 def make_keys(system: System) -> None:
-    """An admin key for the tests' own requests, and a user key with its own webhook secret."""
-    system.tokens["admin"] = system.create_key("hooks-admin", "--admin")
+    """A user key with its own webhook secret."""
     out = subprocess.run([sys.executable, "-m", "gateway.keys", "create", "hooks-own", "--webhook-secret", "--json"],
                          cwd=ROOT, env=system.env, capture_output=True, text=True, timeout=60, check=True).stdout
     created = json.loads(out)
     system.tokens["own"], system.tokens["own-secret"] = created["token"], created["webhook_secret"]
     system.key_tokens += [created["token"], created["webhook_secret"]]
-    system.headers = {"Authorization": f"Bearer {system.tokens['admin']}"}
 
 
 @pytest.fixture(scope="module")
-def system(model_cache: Path) -> Iterator[System]:
-    """The tiny system with keys required and webhooks on: this test secret, loopback allowed, short backoff."""
-    with running_system(
-        "wsh-", model_cache, setup=make_keys,
-        WAN_SERVER__GATEWAY__AUTH='"required"',
-        WAN_SERVER__WEBHOOKS__SECRET=SECRET,
-        WAN_SERVER__WEBHOOKS__ALLOWED_HOSTS='["127.0.0.1"]',
-        WAN_SERVER__WEBHOOKS__TIMEOUT_S="5",
-        WAN_SERVER__WEBHOOKS__BACKOFF_INITIAL_S="0.3",
-        WAN_SERVER__WEBHOOKS__BACKOFF_MAX_S="1",
-        WAN_SERVER__WEBHOOKS__RETRY_WINDOW_S="120",
-    ) as s:
-        yield s
+def system(keyed_system: System) -> System:
+    """The session's keyed system (webhooks on: WEBHOOK_SECRET, loopback allowed, short backoff),
+    with this module's admin and user keys."""
+    view = keyed_view(keyed_system, "hooks-")
+    make_keys(view)
+    return view
 
 
 def outbox_row(system: System, job_id: str) -> dict[str, Any] | None:
