@@ -48,6 +48,7 @@ from common.logs import job_context
 
 if TYPE_CHECKING:
     from broker.broker import Broker
+    from common.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ def cache_metadata(job: Job) -> dict[str, Any] | None:
     stages = job.timings.get("cache") or {}
     return {**cache, "passes": sum(int(s.get("passes", 0)) for s in stages.values()),
             "skipped": sum(int(s.get("skipped", 0)) for s in stages.values()), "stages": stages}
+
+
+def compute_metadata(config: Config, route: list[str]) -> dict[str, str] | None:
+    """The stages of `route` that compute quantized (`compute_dtype`: fp8 / int8), by name; None: none."""
+    quantized = {name: spec.compute_dtype for name in route
+                 if (spec := config.stages.get(name)) is not None and spec.compute_dtype is not None}
+    return quantized or None
 
 
 class Api:
@@ -366,6 +374,8 @@ class Api:
                                 "applied": (job.outputs or {}).get("postprocess") or {} if done else {}},
                 # Step caching trades quality for speed: the method, its settings and the passes skipped.
                 "cache": cache_metadata(job),
+                # Quantized compute trades quality for speed too: the stages that ran fp8 or int8 matmuls.
+                "compute": compute_metadata(self.config, job.route),
                 "route": job.route,
                 "attempts": job.attempt,
                 "timings": job.timings,

@@ -39,6 +39,9 @@ STAGE_KINDS = ("text_encoder", "dit", "vae", "muxer")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Weights stored in these and cast layer by layer to the compute dtype (diffusers' layerwise casting).
 STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+# Quantized compute of a DiT's transformer-block matmuls (torchao, dynamic activations and weights):
+# fp8 on Hopper/Ada (CUDA capability 8.9+), int8 on Ampere (8.0+) or the CPU.
+QUANTIZED_COMPUTE = ("fp8", "int8")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 MAX_IPC_PATH = 100  # sockaddr_un allows 107 bytes; keep a margin
@@ -235,6 +238,7 @@ class StageSpec:
     device: str = "cpu"
     dtype: str = "float32"
     storage_dtype: str | None = None  # weights stored in fp8, cast layer by layer to `dtype`
+    compute_dtype: str | None = None  # dit: "fp8" | "int8" quantized block matmuls (torchao); None: in `dtype`
     attention: str = "auto"
     models: tuple[str, ...] | None = None  # None: every served model
     address_space_headroom_mib: int | None = None  # cap RLIMIT_AS at the size after setup plus this
@@ -252,7 +256,7 @@ class StageSpec:
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
 STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
-    "dit": _COMMON_STAGE_KEYS | {"part"},
+    "dit": _COMMON_STAGE_KEYS | {"part", "compute_dtype"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
     "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset"},
 }
@@ -464,6 +468,12 @@ class Config:
         _choice(spec.vae_dtype, COMPUTE_DTYPES, self.source, section, "vae_dtype")
         if spec.storage_dtype is not None:
             _choice(spec.storage_dtype, STORAGE_DTYPES, self.source, section, "storage_dtype")
+        if spec.compute_dtype is not None:
+            _choice(spec.compute_dtype, QUANTIZED_COMPUTE, self.source, section, "compute_dtype")
+            if spec.storage_dtype is not None:
+                where = {"file": str(self.source) if self.source else "<memory>", "section": section}
+                raise ConfigError(f"{where['file']}: [{section}] sets both storage_dtype and compute_dtype: quantized "
+                                  "compute stores its own weights (int8 or fp8); choose one", where)
         _choice(spec.attention, ATTENTION_BACKENDS, self.source, section, "attention")
         _choice(spec.part, DIT_PARTS, self.source, section, "part")
         return spec

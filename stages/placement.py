@@ -27,6 +27,7 @@ import torch
 
 from common.config import StageSpec
 from common.errors import ModelLoadError
+from stages import quantize
 from stages.models import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class Placement:
     attention: str | None  # None: this stage's models have no configurable attention
     attention_why: str = ""
     components: dict[str, int] = field(default_factory=dict)  # label -> bytes of weights on the device
+    compute: str | None = None  # "fp8" | "int8": quantized block matmuls (stages/quantize.py)
 
     @classmethod
     def from_spec(cls, spec: StageSpec, attention: bool = False) -> Placement:
@@ -131,10 +133,14 @@ class Placement:
                 f"stage {spec.name}: attention = {spec.attention!r} is only configurable for dit stages",
                 {"stage": spec.name, "attention": spec.attention},
             )
-        return cls(spec.name, device, torch_dtype(spec.dtype), storage, backend, why)
+        compute = getattr(spec, "compute_dtype", None)
+        if compute is not None:
+            quantize.check_supported(compute, device, spec.name)
+        return cls(spec.name, device, torch_dtype(spec.dtype), storage, backend, why, compute=compute)
 
     def place(self, model: Any, label: str) -> Any:
-        """Storage dtype (on the CPU, before moving), attention backend, device; returns the model."""
+        """Storage dtype (on the CPU, before moving), attention backend, device, quantized compute
+        (on the device); returns the model."""
         if self.storage_dtype is not None:
             if hasattr(model, "enable_layerwise_casting"):  # a diffusers model: its own skip patterns
                 model.enable_layerwise_casting(storage_dtype=self.storage_dtype, compute_dtype=self.dtype)
@@ -150,6 +156,8 @@ class Placement:
         if self.attention is not None and hasattr(model, "set_attention_backend"):
             model.set_attention_backend(DIFFUSERS_BACKENDS[self.attention])
         model = model.to(self.device).eval()
+        if self.compute is not None:
+            quantize.quantize(model, self.compute)
         self.components[label] = module_bytes(model)
         return model
 
