@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -76,12 +77,12 @@ def measure(env: Env, P: dict[str, Any], key: str, reps: int) -> dict[str, Any]:
 
     ref = forward(model)  # warm-up, and the exact output
     res: dict[str, Any] = {"model": sp["name"], "size": f"{sp['width']}x{sp['height']}x{sp['frames']}",
-                           "dtype": P["dtype"], "exact": timed(env, lambda m=model: forward(m), reps)}
+                           "dtype": P["dtype"], "exact": timed(env, functools.partial(forward, model), reps)}
     for kind in kinds_here(env.device):
         q = copy.deepcopy(model)
         layers = quantize(q, kind)
         out = forward(q)  # warm-up
-        res[kind] = {"layers": layers, **timed(env, lambda q=q: forward(q), reps), **error(out, ref)}
+        res[kind] = {"layers": layers, **timed(env, functools.partial(forward, q), reps), **error(out, ref)}
         res[kind]["speedup"] = round(res["exact"]["median_s"] / res[kind]["median_s"], 3)
         say(f"{key} {kind}: {res[kind]}")
         del q, out
