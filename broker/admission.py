@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from broker import loras
+from broker import distill, loras
 from common import catalog
 from common import messages as m
 from common.catalog import (  # broker.broker and the tests read these from here
@@ -58,8 +58,9 @@ def resolve_model(config: Config, value: Any) -> str:
 
 
 def preset_table(config: Config, model: str) -> dict[str, dict[str, Any]]:
+    """The model's presets as configured, with each one's sampler (a distilled draft: broker/distill.py)."""
     table = config.presets.get(model, {})
-    return {p: dict(table[p]) for p in PRESETS if p in table}
+    return distill.apply(config, model, {p: dict(table[p]) for p in PRESETS if p in table})
 
 
 def check_presets(config: Config) -> None:
@@ -224,6 +225,7 @@ def resolve(
     if unknown:
         raise ValidationError(f"unknown custom option(s): {', '.join(unknown)[:200]}", {"fields": unknown[:20]})
 
+    distill.check_options(base, options)
     steps = _option(options, "steps", base["steps"], maximum=max_steps(config))
     guidance = _option(options, "cfg_scale", base["guidance_scale"])
     shift = _option(options, "shift", base.get("shift"))
@@ -251,12 +253,15 @@ def resolve(
     else:
         cache = check_cache(base["cache"], "cache") if base.get("cache") is not None else None
     postprocess = resolve_postprocess(options, base, width, height, fps)
+    # A distilled draft's LoRA goes first, at scale 1, before the request's own.
+    distilling = loras.resolve(config, model, [{"name": base["distill_lora"], "scale": 1.0}]) \
+        if base.get("distill_lora") else []
     params = m.JobParams(
         model=model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, height=height, width=width,
         num_frames=frames, fps=fps, guidance_scale=guidance, guidance_scale_2=guidance_2, shift=shift,
         image_sha256=image_sha256, postprocess=postprocess,
         encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
-        loras=loras.check_request(config, model, options), cache=cache,
+        loras=distilling + loras.check_request(config, model, options), cache=cache, sigmas=base.get("sigmas"),
     )
     return preset, params, priority
 

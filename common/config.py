@@ -227,6 +227,8 @@ class ModelSpec:
     boundary_ratio: float | None = None  # None: the checkpoint's own
     flow_shift: float | None = None  # None: the checkpoint's scheduler config
     split_fraction: float = 0.5  # one expert: where the two DiT processes split its steps
+    # A step-distillation LoRA (a name in the LoRA folder) the draft preset runs with (broker/distill.py).
+    distill_lora: str | None = None
 
 
 @dataclass(frozen=True)

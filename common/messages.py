@@ -78,6 +78,9 @@ class JobParams:
     # Step caching in the DiT stages (stages/caching.py): {method, and its keys} as admission
     # normalised it (common/catalog.py CACHE_FIELDS); None computes every pass.
     cache: dict[str, Any] | None = None
+    # The noise levels of a distilled sampler (broker/distill.py), before `shift`: one Euler
+    # flow-matching step each (stages/schedule.py); None: UniPC over `steps`.
+    sigmas: list[float] | None = None
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------

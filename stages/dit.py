@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import torch
-from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from common import messages as m
@@ -130,12 +130,13 @@ class DitStage(Stage):
             self.lora_cache = LoraCache(self.config.lora_dir, self.config.loras.max_resident)
         self.lora_cache.apply(experts, p.loras)
 
-        # The job's shift (its preset's) replaces the checkpoint's flow_shift; None keeps it.
-        shift = {} if p.shift is None else {"flow_shift": p.shift}
-        scheduler = UniPCMultistepScheduler.from_config(entry["scheduler_config"], **shift)
-        scheduler.set_timesteps(p.steps, device=self.device)
+        # The job's shift (its preset's) replaces the checkpoint's flow_shift; None keeps it. A
+        # distilled draft gives its sigmas: Euler steps at those noise levels instead of UniPC.
+        try:
+            scheduler = schedule.make_scheduler(entry["scheduler_config"], p.steps, p.shift, p.sigmas, self.device)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), {"steps": p.steps}) from None
         timesteps = scheduler.timesteps
-        scheduler.set_begin_index(0)
         condition, first_frame_mask = self.check_condition(info, msg)
         if msg.latents is None:
             latents = self.prepare_latents(info, p)

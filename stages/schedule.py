@@ -17,6 +17,26 @@ _STATE_ATTRS = ("model_outputs", "timestep_list", "lower_order_nums", "this_orde
 PARTS = ("high", "low", "all")
 
 
+def make_scheduler(config: dict[str, Any], steps: int, shift: float | None, sigmas: list[float] | None,
+                   device: torch.device) -> Any:
+    """The job's scheduler, its timesteps set: UniPC from the checkpoint's scheduler config (the job's
+    shift replacing its flow_shift), or, given `sigmas` (a distilled sampler, broker/distill.py),
+    an Euler flow-matching step at each of those noise levels after `shift`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if sigmas is None:
+        scheduler = UniPCMultistepScheduler.from_config(config, **({} if shift is None else {"flow_shift": shift}))
+        scheduler.set_timesteps(steps, device=device)
+    else:
+        if len(sigmas) != steps:
+            raise ValueError(f"{len(sigmas)} sigmas for {steps} steps")
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)), shift=1.0 if shift is None else shift)
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+    scheduler.set_begin_index(0)
+    return scheduler
+
+
 def export_state(scheduler: Any) -> dict[str, Any]:
     state: dict[str, Any] = {"step_index": scheduler.step_index, "begin_index": scheduler.begin_index}
     for attr in _STATE_ATTRS:

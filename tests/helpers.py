@@ -528,3 +528,26 @@ def keyed_view(base: System, prefix: str) -> System:
     view.headers = {"Authorization": f"Bearer {base.tokens['admin']}"}
     view.key_prefix = prefix
     return view
+
+
+# ---- LoRAs: tiny ones made with peft for the tiny models ----
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def make_lora(folder: Path, expert: str, out: Path, seed: int, rank: int = 4, targets: list[str] = ATTENTION,
+              alpha: int | None = None) -> dict[str, torch.Tensor]:
+    """A random (non-zero) LoRA for one expert of a tiny model, saved as diffusers saves LoRAs."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    transformer = WanTransformer3DModel.from_pretrained(folder, subfolder=expert)
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(seed)
+    transformer.add_adapter(config)
+    state = get_peft_model_state_dict(transformer)
+    WanPipeline.save_lora_weights(out.parent, transformer_lora_layers=state, weight_name=out.name,
+                                  transformer_lora_adapter_metadata=config.to_dict())
+    return load_file(out)

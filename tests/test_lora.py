@@ -24,10 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline, WanTransformer3DModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from diffusers import WanTransformer3DModel
+from safetensors.torch import save_file
 
 from broker import loras
 from broker.driver import default_params
@@ -36,22 +34,7 @@ from common.config import Config
 from common.errors import ConfigError, JobFailedError
 from stages.lora import LoraCache
 from stages.models import model_dir
-from tests.helpers import reference, vae_frames
-
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def make_lora(folder: Path, expert: str, out: Path, seed: int, rank: int = 4, targets: list[str] = ATTENTION,
-              alpha: int | None = None) -> dict[str, torch.Tensor]:
-    """A random (non-zero) LoRA for one expert of a tiny model, saved as diffusers saves LoRAs."""
-    transformer = WanTransformer3DModel.from_pretrained(folder, subfolder=expert)
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, init_lora_weights=False)
-    torch.manual_seed(seed)
-    transformer.add_adapter(config)
-    state = get_peft_model_state_dict(transformer)
-    WanPipeline.save_lora_weights(out.parent, transformer_lora_layers=state, weight_name=out.name,
-                                  transformer_lora_adapter_metadata=config.to_dict())
-    return load_file(out)
+from tests.helpers import ATTENTION, make_lora, reference, vae_frames
 
 
 def fill(lora_dir: Path, t2v: Path, ti2v: Path) -> None:
