@@ -13,7 +13,7 @@ weights give no picture to judge, so the output error is the figure; the suite c
     python3 bench/quantized.py --small       # tiny sizes on the CPU, int8 only (a smoke test)
 
 Results go to $OUT (or --out) as quantized.json and quantized.md. On a lent machine, carry the
-wheels the way bench/gpu_stage_check.py says, plus torchao (`pip download --no-deps torchao==0.18.0`).
+wheels the way bench/gpu_stage_check.py says, plus torchao (`pip download --no-deps torchao==0.16.0`).
 """
 
 from __future__ import annotations
