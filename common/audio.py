@@ -53,6 +53,7 @@ TYPE_ALIASES = {
     "audio/opus": "audio/ogg", "audio/vorbis": "audio/ogg", "application/ogg": "audio/ogg", "audio/x-ogg": "audio/ogg",
     "audio/m4a": "audio/mp4", "audio/x-m4a": "audio/mp4", "audio/aac": "audio/mp4", "audio/x-aac": "audio/mp4",
 }
+IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"}  # ISO BMFF, not audio
 UNTYPED = {"", "application/octet-stream"}  # no useful declared type: the magic bytes decide
 ALLOWED_TYPES = sorted(kind for kind, _, _ in FORMATS.values())
 FIELD = "audio"
@@ -91,7 +92,7 @@ def sniff(data: bytes) -> str | None:
         return "flac"
     if data.startswith(b"OggS"):
         return "ogg"
-    if len(data) >= 12 and data[4:8] == b"ftyp":
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] not in IMAGE_BRANDS:
         return "m4a"
     body = data[id3_end(data):]
     if body.startswith(b"fLaC") and body is not data:

@@ -124,6 +124,7 @@ def test_sniff_names_each_format(files: dict[str, Path]) -> None:
     assert sniff(b"\x89PNG\r\n\x1a\n" + bytes(64)) is None
     assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") is None  # RIFF, but not WAVE
     assert sniff(b"\xff\xf1\x50\x80" + bytes(64)) is None  # an ADTS (AAC) header, not MPEG layer III
+    assert sniff(b"\x00\x00\x00\x1cftypavif" + bytes(64)) is None  # an AVIF image is ISO BMFF too
     assert sniff(b"") is None
 
 
