@@ -223,11 +223,16 @@ def _frames(container: av.container.InputContainer, stream: av.AudioStream) -> I
 def _declared_samples(data: bytes, fmt: str, stream: av.AudioStream) -> int | None:
     """The length the file states for itself, where it states one that can be trusted, less a
     margin for what decoders trim (an MP3 frame of encoder delay and padding)."""
+    if fmt == "flac":  # STREAMINFO's total samples (36 bits; 0: not known), read here: ffmpeg guesses when 0
+        start = id3_end(data)
+        if data[start:start + 4] != b"fLaC" or len(data) < start + 26 or data[start + 4] & 0x7F != 0:
+            return None  # the first metadata block is STREAMINFO in every valid file
+        info = data[start + 8:start + 26]
+        total = ((info[13] & 0x0F) << 32) | int.from_bytes(info[14:18], "big")
+        return total or None
     if stream.duration is None or stream.time_base is None or stream.duration <= 0:
         return None
     samples = int(stream.duration * stream.time_base * stream.codec_context.sample_rate)
-    if fmt == "flac":  # STREAMINFO's total samples
-        return samples
     if fmt == "mp3":  # only a Xing / Info / VBRI header counts the frames; otherwise ffmpeg guesses from the size
         head = data[id3_end(data):][:256]
         if any(tag in head for tag in (b"Xing", b"Info", b"VBRI")):

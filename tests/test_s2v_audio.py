@@ -192,6 +192,19 @@ def test_a_truncated_file_is_refused(files: dict[str, Path], name: str) -> None:
     assert "truncated" in err.message
 
 
+def test_a_flac_cut_between_frames_is_refused(files: dict[str, Path]) -> None:
+    """Whole frames decode without a complaint: STREAMINFO's sample count is what tells."""
+    data = files["flac-44100-2"].read_bytes()
+    with av.open(io.BytesIO(data), mode="r") as container:
+        starts = [p.pos for p in container.demux(container.streams.audio[0]) if p.pos is not None and p.pos > 0]
+    cut = data[:starts[len(starts) // 2]]
+    with av.open(io.BytesIO(cut), mode="r") as container:
+        decoded = sum(f.samples for f in container.decode(container.streams.audio[0]))  # no error: whole frames
+    assert 0 < decoded < SECONDS * 44100
+    err = refusal(cut)
+    assert err.code == "INVALID_AUDIO" and "truncated" in err.message
+
+
 def test_a_corrupt_stream_is_refused(files: dict[str, Path]) -> None:
     data = bytearray(files["flac-44100-2"].read_bytes())
     data[len(data) // 2:len(data) // 2 + 400] = bytes(range(200)) * 2
