@@ -134,7 +134,6 @@ class WanS2VTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         "trainable_cond_mask",
         "adain",
     ]
-    ignore_for_config = ["text_dim", "patch_size", "window_size", "qk_norm", "cross_attn_norm"]
 
     @register_to_config
     def __init__(
