@@ -25,8 +25,8 @@ from tests import wan_reference
 
 SIZE = 64  # pixels: the smallest side FramePack's 4x bucket (8 latent pixels) allows
 LATENT = SIZE // 8
-TEXT_DIM = tiny_models.TINY_S2V_CONFIG["text_dim"]
-AUDIO_DIM = tiny_models.TINY_S2V_CONFIG["audio_dim"]
+TEXT_DIM: int = tiny_models.TINY_S2V_CONFIG["text_dim"]
+AUDIO_DIM: int = tiny_models.TINY_S2V_CONFIG["audio_dim"]
 MOTION = (5, 2)  # a short motion window (pixel, latent frames) for tiny clips; the release's is (73, 19)
 
 
