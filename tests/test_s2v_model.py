@@ -113,6 +113,12 @@ def test_release_layout_round_trip_and_refusals(tmp_path):
     index = json.loads((folder / official.INDEX_NAME).read_text())["weight_map"]
     assert sorted(set(index.values())) == [f"diffusion_pytorch_model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
 
+    again = tiny_models.write_s2v_transformer(tmp_path / "again", seed=0)
+    other = tiny_models.write_s2v_transformer(tmp_path / "other", seed=1)
+    for name in index.values():
+        assert (folder / name).read_bytes() == (again / name).read_bytes()  # same seed, same files
+    assert any((folder / n).read_bytes() != (other / n).read_bytes() for n in set(index.values()))
+
     model = official.load_component(folder, "transformer", torch.float32)
     built = tiny_models.build_s2v_transformer(0)
     assert isinstance(model, WanS2VTransformer)
@@ -143,6 +149,36 @@ def test_release_layout_round_trip_and_refusals(tmp_path):
     with pytest.raises(ModelLoadError) as unsupported:
         official.load_component(folder, "transformer", torch.float32)
     assert "config.json" in str(unsupported.value)
+
+
+def test_fp8_storage_through_the_stage_placement(tmp_path, models):
+    """As for the other DiTs: weights stored in float8, cast layer by layer to bf16 for compute."""
+    from stages.placement import Placement
+
+    folder = tiny_models.write_s2v_transformer(tmp_path / "s2v", seed=0)
+    inp = _inputs(9)
+    args = (
+        inp["x"][None],
+        torch.tensor([500]),
+        inp["context"][None],
+        inp["ref"][None],
+        inp["motion"][None],
+        inp["audio"],
+        None,
+    )
+    outs = {}
+    for storage in (None, torch.float8_e4m3fn):
+        placement = Placement("dit", torch.device("cpu"), torch.bfloat16, storage, "sdpa")
+        model = placement.place(official.load_component(folder, "transformer", torch.bfloat16), "s2v-14B")
+        with torch.no_grad():
+            outs[storage] = model(*args, motion_frames=MOTION)
+    stored = {p.dtype for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith(".q.weight")}
+    assert stored == {torch.float8_e4m3fn}
+    with torch.no_grad():
+        full = models[0](*args, motion_frames=MOTION)
+    assert not torch.equal(outs[None], outs[torch.float8_e4m3fn])
+    for out in outs.values():
+        assert out.dtype == torch.float32 and (out - full).abs().max() < 0.25 * full.abs().max()
 
 
 def test_scheduler_is_the_reference_unipc():
