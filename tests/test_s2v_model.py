@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import ModelLoadError
 from stages import official, official_keys, tiny_models
-from stages.s2v import sampler
+from stages.s2v import rope, sampler
 from stages.s2v.transformer import WanS2VTransformer
 from tests import wan_reference
 
@@ -57,9 +57,11 @@ def _inputs(seed: int, latent_frames: int = 2, motion_latents: int = 3) -> dict[
 
 @pytest.mark.parametrize("pose", [False, True], ids=["no-pose", "pose"])
 @pytest.mark.parametrize("first_clip", [True, False], ids=["clip0", "later-clip"])
-def test_forward_is_the_reference_forward_bit_for_bit(models, pose, first_clip):
+def test_forward_is_the_reference_forward_bit_for_bit(models, pose, first_clip, monkeypatch):
     """Clip 0 drops the motion tokens (the release's drop_first_motion); a later clip packs its
-    motion latents. Without pose the release passes zero pose latents through cond_encoder."""
+    motion latents. Without pose the release passes zero pose latents through cond_encoder. The
+    rotary embedding runs in chunks of 7 tokens (8192 in use), so the chunking is exact too."""
+    monkeypatch.setattr(rope, "ROPE_CHUNK", 7)
     ours, reference = models
     inp = _inputs(1 + 2 * pose + first_clip)
     cond = inp["pose"] if pose else torch.zeros_like(inp["pose"])
@@ -195,6 +197,36 @@ def test_scheduler_is_the_reference_unipc():
             a = ref.step(out, t, a, return_dict=False)[0]
             b = ours.step(out, t, b, return_dict=False)[0]
         assert torch.equal(a, b)
+
+
+def test_a_clip_split_between_two_processes_is_exact(models):
+    """The DiT processes share a clip's steps: the first runs steps 0..1 and exports the clip, the
+    second prepares the same clip from the same inputs, resumes, and finishes: as one process."""
+    ours, _ = models
+    settings = sampler.S2VSettings(seed=3, steps=4, frames_per_clip=8, motion_frames=MOTION[0])
+    inp = _inputs(11)
+    args = (
+        ours,
+        settings,
+        1,
+        inp["context"][None],
+        inp["context"][:3][None],
+        inp["ref"][None],
+        inp["motion"][:, :2][None],
+        inp["audio"],
+    )
+    whole = sampler.prepare_clip(*args)
+    while not whole.done:
+        sampler.denoise_step(ours, whole)
+    first = sampler.prepare_clip(*args)
+    for _ in range(2):
+        sampler.denoise_step(ours, first)
+    handed = sampler.export_clip(first)
+    second = sampler.prepare_clip(*args, resume=handed)
+    assert second.step == 2 and not second.done
+    while not second.done:
+        sampler.denoise_step(ours, second)
+    assert torch.equal(second.latents, whole.latents)
 
 
 def _reference_vae(vae):
