@@ -251,14 +251,14 @@ def _reference_vae(vae):
     return wrapper
 
 
-def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels, audio_emb, num_repeat):
+def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels, audio_emb, num_repeat, pose):
     """wan/speech2video.py `WanS2V.generate`'s loop from "extract audio emb" on, with the release's
     model class, scheduler and VAE code. Replicated rather than called, because generate reads the
     image and audio from files (PIL, librosa + its wav2vec2), loads its own T5/VAE/DiT from a
     14B-sized checkpoint folder and allocates CUDA generators; the statements below are generate's,
     with the inputs given (the audio features, the prompts' embeddings, the fitted image) and float32
-    on the CPU. Without a pose video generate's cond latents are `COND[0] * 0`: zeros whatever the
-    VAE gives, so they are built as zeros here."""
+    on the CPU. The pose video is given as frames in [-1, 1] of the job's size (generate reads,
+    resizes and crops it with decord and torchvision); from there `load_pose_cond`'s statements."""
     ref_cls = wan_reference.unipc_scheduler_class()
     infer_frames, motion_frames = settings.frames_per_clip, settings.motion_frames
     height, width = ref_pixels.shape[-2:]
@@ -268,6 +268,10 @@ def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels
     videos_last_frames = motion_latents.detach()
     drop_first_motion = settings.drop_first_motion
     motion_latents = torch.stack(vae.encode(motion_latents))
+    cond_list = []  # load_pose_cond
+    for cond in torch.chunk(pose, num_repeat, dim=2):
+        cond = torch.cat([cond[:, :, 0:1].repeat(1, 1, 1, 1, 1), cond], dim=2)
+        cond_list.append(torch.stack(vae.encode(cond.to(dtype=torch.float32)))[:, :, 1:].cpu())
     out, all_latents = [], []
     for r in range(num_repeat):
         seed_g = torch.Generator(device="cpu")
@@ -277,7 +281,7 @@ def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels
         scheduler = ref_cls(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
         scheduler.set_timesteps(settings.steps, device="cpu", shift=settings.shift)
         latents = deepcopy(noise)
-        cond_latents = torch.zeros(1, 16, lat_target_frames, height // 8, width // 8)
+        cond_latents = cond_list[r]
         audio_input = audio_emb[..., r * infer_frames : r * infer_frames + infer_frames]
         common = {
             "seq_len": None,
@@ -316,8 +320,9 @@ def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels
 
 def test_clip_loop_is_the_reference_loop(models):
     """Two clips (clip 0 without motion tokens, clip 1 with the motion latents of clip 0's last
-    frames) of 8 frames with a 5-frame motion window, 3 steps, CFG 4.5: our in-process loop (diffusers'
-    AutoencoderKLWan and UniPC) gives the reference loop's latents and frames bit for bit."""
+    frames) of 8 frames with a 5-frame motion window, 3 steps, CFG 4.5, a pose video: our in-process
+    loop (diffusers' AutoencoderKLWan and UniPC) gives the reference loop's latents and frames bit for
+    bit. (The loop without pose differs only by zero pose latents, which the forward test covers.)"""
     ours, reference = models
     vae = tiny_models.build_vae(30, False)
     settings = sampler.S2VSettings(seed=42, steps=3, frames_per_clip=8, motion_frames=MOTION[0])
@@ -326,10 +331,13 @@ def test_clip_loop_is_the_reference_loop(models):
     context, context_null = torch.randn(6, TEXT_DIM, generator=g), torch.randn(4, TEXT_DIM, generator=g)
     ref_pixels = torch.rand(1, 3, 1, SIZE, SIZE, generator=g) * 2 - 1
     audio = torch.randn(1, 25, AUDIO_DIM, 2 * settings.frames_per_clip, generator=g)
+    pose = torch.rand(1, 3, 2 * settings.frames_per_clip, SIZE, SIZE, generator=g) * 2 - 1
 
-    got = sampler.run_job(ours, vae, settings, context[None], context_null[None], ref_pixels, audio, num_clips=2)
+    got = sampler.run_job(
+        ours, vae, settings, context[None], context_null[None], ref_pixels, audio, num_clips=2, pose_pixels=pose
+    )
     want, want_latents = _reference_clip_loop(
-        reference, _reference_vae(vae), settings, [context], [context_null], ref_pixels, audio, 2
+        reference, _reference_vae(vae), settings, [context], [context_null], ref_pixels, audio, 2, pose
     )
     assert [c.frames.shape[2] for c in got.clips] == [settings.frames_of_clip(0), settings.frames_of_clip(1)] == [5, 8]
     for ours_latents, ref_latents in zip(got.final_latents, want_latents, strict=True):
