@@ -140,7 +140,14 @@ def test_release_layout_round_trip_and_refusals(tmp_path):
     assert "blocks.1.ffn.0.weight" in str(missing.value) and str(shard) in str(missing.value)
     assert missing.value.code == "MODEL_LOAD_ERROR"
 
-    bad = dict(tensors, **{"blocks.1.ffn.0.weight": torch.zeros(31, 24)})
+    extra = dict(tensors, **{"blocks.1.ffn.0.weight": torch.zeros(32, 24), "blocks.1.gate.weight": torch.zeros(2)})
+    save_file(extra, shard, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as unexpected:
+        official.load_component(folder, "transformer", torch.float32)
+    assert f"blocks.1.gate.weight (in {shard})" in str(unexpected.value)
+    extra.pop("blocks.1.gate.weight")
+
+    bad = dict(extra, **{"blocks.1.ffn.0.weight": torch.zeros(31, 24)})
     save_file(bad, shard, metadata={"format": "pt"})
     with pytest.raises(ModelLoadError) as wrong:
         official.load_component(folder, "transformer", torch.float32)
