@@ -23,6 +23,9 @@ from stages.s2v import rope, sampler
 from stages.s2v.transformer import WanS2VTransformer
 from tests import wan_reference
 
+# the official code's torch.cuda.amp.autocast calls are deprecated: its warnings, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:wan")
+
 SIZE = 64  # pixels: the smallest side FramePack's 4x bucket (8 latent pixels) allows
 LATENT = SIZE // 8
 TEXT_DIM: int = tiny_models.TINY_S2V_CONFIG["text_dim"]
