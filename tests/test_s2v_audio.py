@@ -4,8 +4,8 @@ against the official `AudioEncoder`.
 
 The oracle is the official Wan2.2 code (`wan22` from PyPI, import name `wan`, installed --no-deps).
 Its package `__init__`s import decord and torchvision, which do not import beside the CPU torch here,
-so `reference_audio_encoder` registers empty package modules for `wan`, `wan.modules` and
-`wan.modules.s2v` (with the real folders as their `__path__`) and imports only
+so `reference_audio_encoder` loads it through tests/wan_reference.py, which registers empty package
+modules for `wan` and its subpackages (with the real folders as their `__path__`), and imports only
 `wan.modules.s2v.audio_encoder`, which needs librosa, numpy, torch and transformers. It reads the
 files with librosa itself and loads the tiny folder with `Wav2Vec2Processor` / `Wav2Vec2ForCTC`.
 
@@ -14,10 +14,7 @@ The test audio is made here with PyAV: 3 s of tones plus noise, 44.1 kHz stereo 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import io
-import sys
 import types
 import wave
 from pathlib import Path
@@ -39,6 +36,7 @@ from stages.s2v.audio_features import (
     with_motion_prefix,
     write_tiny_wav2vec2,
 )
+from tests import wan_reference
 from tests.error_bodies import check_error_body
 
 SECONDS = 3.0
@@ -247,17 +245,8 @@ def test_16k_mono_of_ogg_and_m4a(files: dict[str, Path]) -> None:
 
 
 def reference_audio_encoder() -> Any:
-    """wan.modules.s2v.audio_encoder without running the `wan` package's __init__ (see the docstring)."""
-    if "wan.modules.s2v.audio_encoder" not in sys.modules:
-        spec = importlib.util.find_spec("wan")
-        assert spec is not None and spec.submodule_search_locations
-        root = Path(list(spec.submodule_search_locations)[0])
-        for name, sub in [("wan", ""), ("wan.modules", "modules"), ("wan.modules.s2v", "modules/s2v")]:
-            if name not in sys.modules:
-                package = types.ModuleType(name)
-                package.__path__ = [str(root / sub)]
-                sys.modules[name] = package
-    return importlib.import_module("wan.modules.s2v.audio_encoder")
+    """wan.modules.s2v.audio_encoder without running the `wan` package's __init__ (tests/wan_reference.py)."""
+    return wan_reference.load("wan.modules.s2v.audio_encoder")
 
 
 @pytest.fixture(scope="module")
