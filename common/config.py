@@ -247,6 +247,7 @@ class StageSpec:
     crf_h265: int = 22  # muxer: HEVC's crf, unless the job gives one
     crf_av1: int = 32  # muxer: AV1's crf (0..63), unless the job gives one
     av1_preset: int = 8  # muxer: SVT-AV1 speed preset, 0 (slowest) .. 13
+    audio_bitrate: int = 192_000  # muxer: the AAC bit rate of a speech-to-video job's audio track
 
 
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
@@ -254,7 +255,7 @@ STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
     "dit": _COMMON_STAGE_KEYS | {"part"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
-    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset"},
+    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate"},
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")
