@@ -145,6 +145,8 @@ class GatewaySection:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 2 << 20
     max_image_pixels: int = 4096 * 4096
+    max_audio_bytes: int = 32 << 20  # an input audio file (s2v): WAV, FLAC, MP3, OGG/Opus or M4A/AAC
+    max_audio_seconds: float = 60.0  # its duration, counted while it is decoded
     max_concurrent_decodes: int = 2
     auth: str = "auto"
     allowed_origins: tuple[str, ...] = ()
