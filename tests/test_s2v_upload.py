@@ -35,6 +35,7 @@ from broker.broker import Broker
 from common import audio, catalog
 from common.config import PROFILES_DIR, Config
 from common.errors import ServerError
+from gateway.client import ApiError, Client
 from gateway.uploads import UploadLimits, check_video
 from tests.helpers import System, short_tmpdir
 from tests.test_uploads import multipart, post_multipart
@@ -93,7 +94,8 @@ REQUEST = json.dumps(S2V).encode()
 
 
 def spool_entries(system: System) -> list[str]:
-    spool = system.state_dir / "var" / "spool"
+    spool = system.config.spool_dir
+    assert spool.is_relative_to(system.state_dir)
     return sorted(str(p.relative_to(spool)) for p in spool.rglob("*")) if spool.exists() else []
 
 
@@ -148,10 +150,11 @@ def test_good_audio_passes_the_gateway_by_multipart_and_base64(system, name, how
     job = body["job_id"]
     stored = system.stored_job(job)
     assert stored is not None
-    params = json.loads(stored["params"]) if isinstance(stored["params"], str) else stored["params"]
+    params = stored["params"]
     kind = "wav" if "wav" in name else "flac"
     data = GOOD_WAV if kind == "wav" else GOOD_FLAC
     assert params["audio"]["sha256"] == hashlib.sha256(data).hexdigest() and params["audio"]["format"] == kind
+    assert (system.config.job_spool(job) / f"audio.{kind}").read_bytes() == data
     system.request("POST", f"/api/v1/cancel/{job}")
     assert system.wait_final(job)["status"] == "cancelled"
 
@@ -299,3 +302,26 @@ def test_the_broker_refuses_what_the_audio_cannot_give_and_writes_nothing(s2v_br
         s2v_broker.api.submit(without)
     assert (info.value.code, info.value.details.get("field")) == ("VALIDATION_ERROR", "audio")
     assert not (spool.exists() and any(spool.iterdir()))
+
+
+def test_the_python_client_uploads_image_audio_and_pose_as_multipart(system, tmp_path):
+    files = {"image": tmp_path / "face.png", "audio": tmp_path / "speech.m4a", "pose_video": tmp_path / "pose.mp4"}
+    files["image"].write_bytes(IMAGE)
+    files["pose_video"].write_bytes(POSE)
+    client = Client(system.url)
+    # A part the gateway refuses comes back as the client's ApiError with the structured code.
+    files["audio"].write_bytes(TEXT)
+    with pytest.raises(ApiError) as info:
+        client.generate("a woman speaks", "s2v", "draft", **files)
+    assert (info.value.status, info.value.code) == (415, "UNSUPPORTED_MEDIA_TYPE")
+    files["audio"].write_bytes(GOOD_WAV)  # a WAV under an .m4a name: the client lets the bytes decide
+    served = s2v_served(system)
+    try:
+        job = client.generate("a woman speaks", "s2v", "draft", **files)
+    except ApiError as exc:
+        assert not served and (exc.status, exc.code) == (422, "MODEL_NOT_SERVED"), exc.body
+        assert spool_entries(system) == []
+        return
+    assert served
+    client.cancel(job["job_id"])
+    assert system.wait_final(job["job_id"])["status"] == "cancelled"
