@@ -268,7 +268,9 @@ def gateway_args(request: dict[str, Any], data: bytes, pose: bytes | None = None
 
 def test_the_broker_stores_the_audio_and_resolves_clips_and_size(s2v_broker):
     data = flac(12.0)  # 12 s at 44.1 kHz: the official count gives int(12 / 5) + 1 = 3 clips of 80 frames
-    request = {**S2V, "quality_preset": "standard", "seed": 3, "custom_options": {"max_area": 128 * 64}}
+    # every option given, so the profile's presets do not matter
+    options = {"max_area": 128 * 64, "frames_per_clip": 80, "steps": 4, "cfg_scale": 4.5, "shift": 3.0}
+    request = {**S2V, "quality_preset": "standard", "seed": 3, "custom_options": options}
     job_id = s2v_broker.api.submit(gateway_args(request, data, POSE))["job_id"]
     job = s2v_broker.store.get(job_id)
     assert job is not None and job.status in ("queued", "processing")
@@ -288,7 +290,8 @@ def test_the_broker_stores_the_audio_and_resolves_clips_and_size(s2v_broker):
 def test_the_broker_refuses_what_the_audio_cannot_give_and_writes_nothing(s2v_broker):
     spool = s2v_broker.config.spool_dir
     cases = [
-        ({**S2V, "custom_options": {"num_clips": 3}}, GOOD_WAV, "custom_options.num_clips"),  # 1 s gives 1 clip
+        ({**S2V, "custom_options": {"num_clips": 2, "frames_per_clip": 80}}, GOOD_WAV,
+         "custom_options.num_clips"),  # 1 s gives 1 clip of 80 frames
         ({**S2V, "custom_options": {"num_frames": 33}}, GOOD_WAV, "custom_options.num_frames"),
         ({**S2V, "custom_options": {"frames_per_clip": 10}}, GOOD_WAV, "custom_options.frames_per_clip"),
     ]
