@@ -24,6 +24,7 @@ import shutil
 import wave
 from collections.abc import Iterator
 from fractions import Fraction
+from types import SimpleNamespace
 from typing import Any
 
 import av
@@ -328,3 +329,26 @@ def test_the_python_client_uploads_image_audio_and_pose_as_multipart(system, tmp
     assert served
     client.cancel(job["job_id"])
     assert system.wait_final(job["job_id"])["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("rate,seconds,per_clip", [(16000, 5.0, 80), (44100, 9.99, 80), (48000, 12.3, 8),
+                                                    (22050, 0.37, 12), (8000, 20.0, 80)])
+def test_the_clip_count_admission_predicts_is_the_one_the_audio_features_give(rate, seconds, per_clip):
+    """Admission counts clips from the sample count (catalog.s2v_clips); the text encoder's features
+    count them from the decoded 16 kHz audio's wav2vec2 frames (stages/s2v/audio_features.py): the
+    two must agree, or a job would be admitted for clips it does not get."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from stages.s2v.audio_features import clip_count
+
+    data = wav(seconds, rate)
+    info = audio.probe(data, "", audio.AudioLimits())
+    samples = round(info.duration_s * info.sample_rate)
+    mono = audio.load_16k_mono(data)
+    assert len(mono) == catalog.s2v_audio_samples(samples, rate)
+    # transformers' own length rule for wav2vec2's feature encoder (the release's config: the defaults)
+    lengths = Wav2Vec2Model._get_feat_extract_output_lengths
+    frames50 = int(lengths(SimpleNamespace(config=Wav2Vec2Config()), torch.tensor(len(mono))))
+    frames30 = int(frames50 / 50.0 * 30)
+    assert catalog.s2v_clips(samples, rate, per_clip, 16) == clip_count(frames30, per_clip, 16)
