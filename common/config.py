@@ -150,6 +150,8 @@ class GatewaySection:
     max_image_pixels: int = 4096 * 4096
     max_audio_bytes: int = 32 << 20  # an input audio file (s2v): WAV, FLAC, MP3, OGG/Opus or M4A/AAC
     max_audio_seconds: float = 60.0  # its duration, counted while it is decoded
+    max_video_bytes: int = 32 << 20  # an input video file (s2v's pose video): MP4 or WebM
+    max_video_frames: int = 2000  # its frames, counted while it is decoded (each within max_image_pixels)
     max_concurrent_decodes: int = 2
     auth: str = "auto"
     allowed_origins: tuple[str, ...] = ()
@@ -255,6 +257,7 @@ class StageSpec:
     crf_h265: int = 22  # muxer: HEVC's crf, unless the job gives one
     crf_av1: int = 32  # muxer: AV1's crf (0..63), unless the job gives one
     av1_preset: int = 8  # muxer: SVT-AV1 speed preset, 0 (slowest) .. 13
+    audio_bitrate: int = 192_000  # muxer: the AAC bit rate of a speech-to-video job's audio track
 
 
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
@@ -262,7 +265,7 @@ STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
     "dit": _COMMON_STAGE_KEYS | {"part", "compute_dtype"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
-    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset"},
+    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate"},
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")

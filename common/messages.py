@@ -81,6 +81,16 @@ class JobParams:
     # The noise levels of a distilled sampler (broker/distill.py), before `shift`: one Euler
     # flow-matching step each (stages/schedule.py); None: UniPC over `steps`.
     sigmas: list[float] | None = None
+    # Speech to video (s2v-14B). `audio`: the job's audio as the gateway received it, stored by the
+    # broker in the job's spool folder under `file` (`audio.<ext>`): {file, sha256, format,
+    # sample_rate, channels, samples, duration_s, start_s}, where `start_s` is the time of the audio
+    # that the video's frame 0 shows (catalog.S2V_DROPPED_FRAMES / fps): the muxer's AAC track starts
+    # there. `pose_video`: {file (`pose.<ext>`), sha256, format, width, height, frames, fps}, or None.
+    # `num_frames` is the video's frames_per_clip x num_clips - 3 (catalog.s2v_frames).
+    audio: dict[str, Any] | None = None
+    pose_video: dict[str, Any] | None = None
+    frames_per_clip: int = 0
+    num_clips: int = 0
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------
@@ -201,7 +211,9 @@ class JobDone(Message):
     """muxer -> tracker: the MP4 is in place (and the job's other outputs). `width`, `height`, `fps`
     and `num_frames` are the MP4's, after post-processing. `outputs` describes each file written
     (`file`: its name in the results folder, `codec`, `container`, `width`, `height`, `fps`,
-    `bytes`); `postprocess` what post-processing ran (empty: none)."""
+    `bytes`); `postprocess` what post-processing ran (empty: none); `audio` the MP4's audio track
+    (empty: none): {sha256 and duration_s of the job's audio, start_s, codec, sample_rate, channels,
+    track_duration_s, padded_s (silence added at the end)}."""
 
     job_id: str
     attempt: int
@@ -212,6 +224,7 @@ class JobDone(Message):
     fps: int
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+    audio: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
