@@ -20,7 +20,6 @@ import re
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
-from stat import S_ISREG
 from typing import Any
 
 import uvicorn
@@ -53,7 +52,7 @@ from gateway.broker_client import BrokerClient
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import OpenAIApi, OpenAIErrors
 from gateway.openapi import openapi_document
-from gateway.previews import preview_file
+from gateway.previews import open_regular, preview_file
 from gateway.uploads import (
     FILE_PARTS,
     UploadLimits,
@@ -334,15 +333,12 @@ class Gateway:
         candidate = Path(path)
         if candidate.name != f"{job_id}{suffix}" or candidate.parent.resolve() != self.config.results_dir.resolve():
             return None
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+        opened = open_regular(candidate)
+        if opened is None:
             return None
-        try:
-            stat = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return (candidate, stat) if S_ISREG(stat.st_mode) else None
+        fd, stat = opened
+        os.close(fd)
+        return candidate, stat
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(auth=self.auth))

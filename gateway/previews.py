@@ -38,14 +38,31 @@ def preview_file(config: Config, job_id: str, name: str, status: str) -> tuple[b
     return None if data is None else (data, spool.PREVIEW_TYPES[name.rsplit(".", 1)[1]])
 
 
-def read_regular(path: Path) -> bytes | None:
+def open_regular(path: Path) -> tuple[int, os.stat_result] | None:
+    """`path` opened read-only without following a symlink in its last part (nor blocking on a
+    FIFO), with its stat, if it is a regular file; None otherwise. The caller closes the fd."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
         stat = os.fstat(fd)
-        if not S_ISREG(stat.st_mode) or stat.st_size > MAX_PREVIEW_BYTES:
+    except OSError:
+        os.close(fd)
+        return None
+    if not S_ISREG(stat.st_mode):
+        os.close(fd)
+        return None
+    return fd, stat
+
+
+def read_regular(path: Path) -> bytes | None:
+    opened = open_regular(path)
+    if opened is None:
+        return None
+    fd, stat = opened
+    try:
+        if stat.st_size > MAX_PREVIEW_BYTES:
             return None
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(MAX_PREVIEW_BYTES + 1)
