@@ -310,6 +310,7 @@ def resolve(
         image_sha256=image_sha256, postprocess=postprocess,
         encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
         loras=distilling + loras.check_request(config, model, options), cache=cache, sigmas=base.get("sigmas"),
+        sampler="dmd" if base.get("sampler") == "dmd" else None,
         audio=audio, pose_video=pose_video, **clips,
     )
     return preset, params, priority

@@ -233,6 +233,10 @@ class ModelSpec:
     split_fraction: float = 0.5  # one expert: where the two DiT processes split its steps
     # A step-distillation LoRA (a name in the LoRA folder) the draft preset runs with (broker/distill.py).
     distill_lora: str | None = None
+    # "dmd": the checkpoint is a few-step DMD distillation (FastWan-style TI2V-5B): every preset of
+    # the model samples at `dmd_timesteps` (broker/distill.py, stages/schedule.py DmdSampler).
+    sampler: str | None = None
+    dmd_timesteps: tuple[int, ...] = (1000, 757, 522)
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,7 @@ STAGE_KEYS: dict[str, set[str]] = {
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")
+SAMPLERS = ("dmd",)  # [models.<id>] sampler: a distilled checkpoint's own sampler (broker/distill.py)
 AUTH_MODES = ("auto", "required", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -415,6 +420,15 @@ class Config:
             spec = build_section(ModelSpec, table, source, f"models.{name}", name=name)
             if spec.layout is not None:
                 _choice(spec.layout, MODEL_LAYOUTS, source, f"models.{name}", "layout")
+            if spec.sampler is not None:
+                _choice(spec.sampler, SAMPLERS, source, f"models.{name}", "sampler")
+                ts = spec.dmd_timesteps
+                if not ts or any(not 0 < t <= 1000 for t in ts) or list(ts) != sorted(set(ts), reverse=True):
+                    raise ConfigError(f"{self._file}: [models.{name}] dmd_timesteps must be decreasing, in 1..1000",
+                                      {"file": self._file, "section": f"models.{name}", "key": "dmd_timesteps"})
+                if spec.distill_lora is not None:
+                    raise ConfigError(f"{self._file}: [models.{name}] sets both sampler and distill_lora",
+                                      {"file": self._file, "section": f"models.{name}"})
             self.models[name] = spec
         self.stages: dict[str, StageSpec] = {}
         for name, table in self._tables("stages").items():

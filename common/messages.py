@@ -79,8 +79,10 @@ class JobParams:
     # normalised it (common/catalog.py CACHE_FIELDS); None computes every pass.
     cache: dict[str, Any] | None = None
     # The noise levels of a distilled sampler (broker/distill.py), before `shift`: one Euler
-    # flow-matching step each (stages/schedule.py); None: UniPC over `steps`.
+    # flow-matching step each (stages/schedule.py), or with `sampler` "dmd" one DMD step each;
+    # None: UniPC over `steps`.
     sigmas: list[float] | None = None
+    sampler: str | None = None
     # Speech to video (s2v-14B). `audio`: the job's audio as the gateway received it, stored by the
     # broker in the job's spool folder under `file` (`audio.<ext>`): {file, sha256, format,
     # sample_rate, channels, samples, duration_s, start_s}, where `start_s` is the time of the audio

@@ -133,7 +133,8 @@ class DitStage(Stage):
         # The job's shift (its preset's) replaces the checkpoint's flow_shift; None keeps it. A
         # distilled draft gives its sigmas: Euler steps at those noise levels instead of UniPC.
         try:
-            scheduler = schedule.make_scheduler(entry["scheduler_config"], p.steps, p.shift, p.sigmas, self.device)
+            scheduler = schedule.make_scheduler(entry["scheduler_config"], p.steps, p.shift, p.sigmas, self.device,
+                                                p.sampler, p.seed)
         except ValueError as exc:
             raise InvalidRequest(str(exc), {"steps": p.steps}) from None
         timesteps = scheduler.timesteps

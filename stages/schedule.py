@@ -8,6 +8,8 @@ sample, step index); restarting a fresh scheduler at the hand-off changes the re
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,13 +19,69 @@ _STATE_ATTRS = ("model_outputs", "timestep_list", "lower_order_nums", "this_orde
 PARTS = ("high", "low", "all")
 
 
+def dmd_noise_seed(seed: int, step: int) -> int:
+    """The seed of the fresh noise a DMD step adds after step `step` of a job seeded `seed`: a hash,
+    so it is the same in whichever process runs the step, and unlike any job's own seed (n variants
+    take seed, seed + 1, ...)."""
+    digest = hashlib.sha256(f"wan-server dmd {seed} {step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class DmdSampler:
+    """Few-step DMD sampling (a FastWan-style distilled checkpoint): at each sigma the model's flow
+    prediction v gives the clean latents x0 = x - sigma * v; x0 is then noised again to the next
+    sigma with fresh noise, x' = (1 - sigma') * x0 + sigma' * noise; the last step returns x0.
+    The interface is the part of a diffusers scheduler the DiT stage uses (timesteps, sigmas,
+    step, the step/begin index export_state carries)."""
+
+    def __init__(self, sigmas: list[float], seed: int, num_train_timesteps: int, device: torch.device):
+        self.sigmas = torch.tensor([*sigmas, 0.0], dtype=torch.float32, device=device)
+        self.timesteps = self.sigmas[:-1] * num_train_timesteps
+        self.seed = seed
+        self.config = SimpleNamespace(num_train_timesteps=num_train_timesteps)
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
+             return_dict: bool = False) -> tuple[torch.Tensor]:
+        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        sigma, following = self.sigmas[i], self.sigmas[i + 1]
+        x0 = sample.float() - sigma * model_output.float()
+        if float(following) > 0:
+            g = torch.Generator(device="cpu").manual_seed(dmd_noise_seed(self.seed, i))
+            noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.device)
+            x0 = (1 - following) * x0 + following * noise
+        self._step_index = i + 1
+        return (x0,)
+
+
 def make_scheduler(config: dict[str, Any], steps: int, shift: float | None, sigmas: list[float] | None,
-                   device: torch.device) -> Any:
+                   device: torch.device, sampler: str | None = None, seed: int = 0) -> Any:
     """The job's scheduler, its timesteps set: UniPC from the checkpoint's scheduler config (the job's
     shift replacing its flow_shift), or, given `sigmas` (a distilled sampler, broker/distill.py),
-    an Euler flow-matching step at each of those noise levels after `shift`."""
+    an Euler flow-matching step at each of those noise levels after `shift`, or with `sampler`
+    "dmd" a DmdSampler at them."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+    if sampler == "dmd":
+        if not sigmas or len(sigmas) != steps:
+            raise ValueError(f"a dmd job needs one sigma per step ({steps})")
+        dmd = DmdSampler(list(sigmas), seed, int(config.get("num_train_timesteps", 1000)), device)
+        dmd.set_begin_index(0)
+        return dmd
+    if sampler is not None:
+        raise ValueError(f"unknown sampler {sampler[:16]!r}")
     if sigmas is None:
         scheduler = UniPCMultistepScheduler.from_config(config, **({} if shift is None else {"flow_shift": shift}))
         scheduler.set_timesteps(steps, device=device)

@@ -1,5 +1,9 @@
-"""Distilled drafts (broker/distill.py, stages/schedule.py): a profile that names a step-distillation
-LoRA for T2V-A14B gets a draft preset of 4 Euler steps at the LoRA's sigmas, guidance 1 and shift 5.
+"""Distilled sampling (broker/distill.py, stages/schedule.py): a profile that names a step-distillation
+LoRA for T2V-A14B gets a draft preset of 4 Euler steps at the LoRA's sigmas, guidance 1 and shift 5;
+a TI2V-5B marked as a DMD checkpoint samples every preset in 3 DMD steps.
+
+- DMD through the stage processes: the frames equal WanPipeline driven by a DMD scheduler written
+  out step by step here (predict x0, re-noise it with fresh noise of the README's seed rule).
 
 - Through the real stage processes (the shared `stack`; a tiny two-part LoRA made here with peft
   plays the distillation LoRA): the job admission resolves for that draft gives the frames of
@@ -12,10 +16,13 @@ LoRA for T2V-A14B gets a draft preset of 4 Euler steps at the LoRA's sigmas, gui
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from broker import admission, distill
@@ -107,3 +114,75 @@ def test_sigmas_travel_in_the_job_params():
     p = m.JobParams(model="t2v-A14B", prompt="x", negative_prompt="", seed=1, steps=4, height=32, width=32,
                     num_frames=5, fps=16, guidance_scale=1.0, sigmas=list(distill.SIGMAS))
     assert m.JobParams(**p.__dict__).sigmas == [1.0, 0.75, 0.5, 0.25]
+
+
+DMD_ENV = {"WAN_SERVER__MODELS__TI2V_5B__SAMPLER": '"dmd"'}
+
+
+class StepByStepDmd:
+    """The DMD sampler as the README states it, for WanPipeline's loop: sigma_i = t_i / 1000; after
+    each step x0 = x - sigma_i * v, then x = (1 - sigma_next) * x0 + sigma_next * noise_i, with
+    noise_i drawn on the CPU from a generator seeded by the first 8 bytes (little-endian, >> 1) of
+    sha256("wan-server dmd <seed> <i>"); the last step leaves x0."""
+
+    order = 1
+
+    def __init__(self, timesteps: list[int], seed: int):
+        self.sigmas = [t / 1000 for t in timesteps] + [0.0]
+        self.seed = seed
+        self.config = SimpleNamespace(num_train_timesteps=1000)
+        self.i = 0
+
+    def set_timesteps(self, num_inference_steps, device=None, **kwargs):
+        assert num_inference_steps == len(self.sigmas) - 1
+        self.timesteps = torch.tensor([s * 1000 for s in self.sigmas[:-1]], dtype=torch.float32)
+
+    def set_begin_index(self, begin_index=0):
+        self.i = begin_index
+
+    def step(self, v, t, x, return_dict=False):
+        sigma, following = self.sigmas[self.i], self.sigmas[self.i + 1]
+        x0 = x.float() - torch.tensor(sigma, dtype=torch.float32) * v.float()
+        if following > 0:
+            digest = hashlib.sha256(f"wan-server dmd {self.seed} {self.i}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            f = torch.tensor(following, dtype=torch.float32)
+            x0 = (1 - f) * x0 + f * torch.randn(x0.shape, generator=g, dtype=torch.float32)
+        self.i += 1
+        return (x0,)
+
+
+def test_dmd_checkpoint_frames_equal_the_step_by_step_sampler(stack):
+    config = Config.load(environ={**stack.env, **DMD_ENV})
+    table = admission.preset_table(config, "ti2v-5B")
+    assert {row["sampler"] for row in table.values()} == {"dmd"} and table["pro"]["steps"] == 3
+    _, p, _ = admission.resolve(config, {"model": "ti2v-5B", "prompt": "a lighthouse in fog", "seed": 4,
+                                         "quality_preset": "standard",
+                                         "custom_options": {"resolution": "32x32", "num_frames": 5}})
+    assert (p.sampler, p.steps, p.guidance_scale, p.sigmas) == ("dmd", 3, 1.0, [1.0, 0.757, 0.522])
+    outcome = stack.driver.run(p, timeout_s=300)
+    assert sorted(r.step for r in outcome.reports if r.event == "step") == [1, 2, 3]
+    ours = vae_frames(stack, outcome.done.job_id)
+
+    def prepare(pipe: Any) -> None:
+        pipe.scheduler = StepByStepDmd([1000, 757, 522], p.seed)
+
+    ref = reference(model_dir(stack.config, p.model), p, prepare=prepare)
+    assert ours.shape == ref.shape and ours.std() > 1.0
+    assert np.array_equal(ours, ref), f"max |diff| {np.abs(ours.astype(int) - ref).max()}"
+    plain = reference(model_dir(stack.config, p.model), m.JobParams(**{**p.__dict__, "sampler": None,
+                                                                      "sigmas": None}))
+    assert not np.array_equal(ours, plain)  # the sampler really changed the frames
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"WAN_SERVER__MODELS__TI2V_5B__SAMPLER": '"lcm"'}, "is not one of"),
+    ({**DMD_ENV, "WAN_SERVER__MODELS__TI2V_5B__DMD_TIMESTEPS": "[500, 900]"}, "decreasing"),
+    ({**DMD_ENV, "WAN_SERVER__MODELS__TI2V_5B__DISTILL_LORA": '"x"'}, "both sampler and distill_lora"),
+])
+def test_bad_sampler_settings_are_config_errors(env, words):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        Config.load(environ=env)
+    assert words in caught.value.message
