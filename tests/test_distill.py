@@ -17,6 +17,7 @@ a TI2V-5B marked as a DMD checkpoint samples every preset in 3 DMD steps.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,14 +37,16 @@ DISTILL_ENV = {"WAN_SERVER__MODELS__T2V_A14B__DISTILL_LORA": '"lightning"'}
 
 
 @pytest.fixture(scope="module")
-def distilled(stack) -> Config:
+def distilled(stack) -> Iterator[Config]:
     """The stack's config with the distillation LoRA named, and that LoRA (a high- and a low-noise
     file, as Wan2.2-Lightning ships them) in the stack's LoRA folder."""
     folder, t2v = stack.config.lora_dir, model_dir(stack.config, "t2v-A14B")
     folder.mkdir(parents=True, exist_ok=True)
     make_lora(t2v, "transformer", folder / "lightning.high.safetensors", seed=11)
     make_lora(t2v, "transformer_2", folder / "lightning.low.safetensors", seed=12)
-    return Config.load(environ={**stack.env, **DISTILL_ENV})
+    yield Config.load(environ={**stack.env, **DISTILL_ENV})
+    for part in ("high", "low"):  # the stack's LoRA folder is shared: test_lora lists it
+        (folder / f"lightning.{part}.safetensors").unlink()
 
 
 def request(**options: Any) -> dict[str, Any]:
