@@ -72,18 +72,31 @@ log = logging.getLogger(__name__)
 REMEMBERED = 10_000  # job ids kept for dedupe and cancellation
 
 
+def is_clip(msg: m.Message) -> bool:
+    return isinstance(msg, (m.ClipDenoiseJob, m.ClipDecodeJob))
+
+
+def clip_of(msg: m.Message) -> int:
+    """The S2V clip a job message carries (0 for every other message)."""
+    return msg.clip if isinstance(msg, (m.ClipDenoiseJob, m.ClipDecodeJob)) else 0
+
+
 class SetupAborted(BaseException):
     """Raised by the SIGTERM handler while `setup()` runs. A BaseException, so that the loaders'
     `except Exception` (which turn failures into MODEL_LOAD_ERROR) let it through."""
 
 
-def next_stage(config: Config, route: list[str], current: str, kind: str) -> str | None:
-    """The first stage of `kind` after `current` on `route`."""
+def next_stage(config: Config, route: list[str], current: str, kind: str, cycle: bool = False) -> str | None:
+    """The first stage of `kind` after `current` on `route`; with `cycle` (a message that starts
+    an S2V job's next clip, `JobMessage.starts_cycle`) the first on the route when none follows."""
     try:
         i = route.index(current)
     except ValueError:
         raise ServerError(f"stage {current!r} is not on the job's route {route}", {"route": route}) from None
-    return next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
+    after = next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
+    if after is None and cycle:
+        return next((s for s in route[: i + 1] if config.stage(s).kind == kind), None)
+    return after
 
 
 def limit_address_space(headroom_mib: int) -> int:
@@ -240,7 +253,7 @@ class StageRuntime:
             log.warning("no listener for reports; dropped %s", msg.type_name)
 
     def _forward(self, msg: m.JobMessage, frames: list[Any]) -> None:
-        dest = next_stage(self.config, msg.route, self.name, msg.stage_kind)
+        dest = next_stage(self.config, msg.route, self.name, msg.stage_kind, msg.starts_cycle)
         if dest is None:
             raise ServerError(
                 f"no {msg.stage_kind} stage after {self.name} on the route {msg.route}", {"route": msg.route}
@@ -265,8 +278,11 @@ class StageRuntime:
             if time.monotonic() > deadline:
                 raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest})
             sock.poll(200, zmq.POLLOUT)
-        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
-        log.info("attempt %d: %s sent to %s", msg.attempt, msg.type_name, dest)
+        clip = clip_of(msg)
+        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest,
+                                       clip=clip))
+        log.info("attempt %d: %s%s sent to %s", msg.attempt, msg.type_name, f" (clip {clip})" if is_clip(msg) else "",
+                 dest)
 
     def _checkpoint(self, msg: m.JobMessage, dest: str, frames: list[Any]) -> None:
         """Keep the message for `dest` in the job's spool folder. Best effort: without it the job
@@ -278,9 +294,10 @@ class StageRuntime:
             log.warning("attempt %d: no checkpoint for %s: %s",
                         msg.attempt, dest, getattr(exc, "strerror", None) or exc)
             return
-        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest))
-        log.info("attempt %d: checkpoint for %s written (%d bytes, %.3f s)", msg.attempt, dest, path.stat().st_size,
-                 time.monotonic() - started)
+        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest,
+                                       clip=clip_of(msg)))
+        log.info("attempt %d: checkpoint for %s%s written (%d bytes, %.3f s)", msg.attempt, dest,
+                 f" (clip {clip_of(msg)})" if is_clip(msg) else "", path.stat().st_size, time.monotonic() - started)
 
     def _resume(self, resume: m.ResumeJob) -> m.JobMessage:
         """The job message of a checkpoint written for this stage, as attempt `resume.attempt`."""
@@ -293,7 +310,8 @@ class StageRuntime:
         if not isinstance(msg, m.JobMessage) or msg.job_id != resume.job_id:
             raise CheckpointError(f"the checkpoint for {self.name} holds another job", {"stage": self.name})
         msg.attempt = resume.attempt
-        log.info("attempt %d: resumed from the checkpoint for %s", resume.attempt, self.name)
+        log.info("attempt %d: resumed from the checkpoint for %s%s", resume.attempt, self.name,
+                 f" at clip {clip_of(msg)}" if is_clip(msg) else "")
         return msg
 
     # ---- threads ----
@@ -387,7 +405,8 @@ class StageRuntime:
                 self.busy_job = None
                 return
             if job_id is not None:
-                self.send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
+                self.send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time(),
+                                               clip=clip_of(msg)))
             outputs: list[list[Any]] = []
             oom = None
             try:

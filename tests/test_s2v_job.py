@@ -1,0 +1,239 @@
+"""An S2V job through the stage processes: clips round the route's DiT..VAE cycle.
+
+The route of s2v-14B is the usual one (text_encoder, dit_high, dit_low, vae, muxer); the job goes
+round its DiT..VAE part once per clip: the VAE sends the next clip back to the first DiT
+(`ClipDenoiseJob.starts_cycle`). These tests check what the processes must agree on for that: the
+clip messages on the wire, where each goes next, and the broker's idea of the job (progress over
+all clips that never goes backwards; the checkpoint it resumes from, with its clip; the stages a
+job still needs).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from broker.broker import Broker
+from broker.dispatch import stages_ahead
+from common import messages as m
+from common import wire
+from common.config import Config
+from common.errors import FieldError
+from stages.runtime import next_stage
+from tests.helpers import short_tmpdir
+
+ROUTE = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
+LIMITS = wire.Limits(max_message_bytes=64 << 20, max_header_bytes=64 << 10, max_frames=64)
+
+
+def s2v_params(clips: int = 3, frames_per_clip: int = 8) -> m.JobParams:
+    return m.JobParams(
+        model="s2v-14B", prompt="a woman sings", negative_prompt="", seed=5, steps=4, height=64, width=64,
+        num_frames=frames_per_clip * clips - 3, fps=16, guidance_scale=4.5, shift=3.0, image_sha256="ab" * 32,
+        audio={"file": "audio.wav", "sha256": "cd" * 32, "format": "wav", "sample_rate": 16000, "channels": 1,
+               "samples": 16000, "duration_s": 1.0, "start_s": 3 / 16},
+        frames_per_clip=frames_per_clip, num_clips=clips,
+    )
+
+
+def conditions(pose: bool) -> m.ClipConditions:
+    g = torch.Generator().manual_seed(0)
+    return m.ClipConditions(
+        prompt_embeds=torch.randn(1, 512, 32, generator=g),
+        negative_prompt_embeds=torch.randn(1, 512, 32, generator=g),
+        ref_latents=torch.randn(1, 16, 1, 8, 8, generator=g),
+        audio_features=torch.randn(1, 25, 32, 16, generator=g),
+        pose_latents=torch.randn(1, 16, 4, 8, 8, generator=g) if pose else None,
+    )
+
+
+def roundtrip(msg: m.Message) -> m.Message:
+    return m.decode([bytes(p) if not isinstance(p, bytes) else p for p in m.encode(msg)], LIMITS)
+
+
+def same_tensors(a: object, b: object) -> None:
+    for name in vars(a):
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), name
+        elif isinstance(x, m.ClipConditions):
+            same_tensors(x, y)
+        else:
+            assert x == y, name
+
+
+@pytest.mark.parametrize("pose", [False, True], ids=["no-pose", "pose"])
+def test_clip_messages_round_trip_on_the_wire(pose: bool) -> None:
+    """Both clip messages, with the nested conditions, come back equal, tensors bit for bit; the
+    hand-off within a clip keeps the scheduler state."""
+    p = s2v_params()
+    g = torch.Generator().manual_seed(1)
+    denoise = m.ClipDenoiseJob(
+        job_id="j1", attempt=2, route=ROUTE, params=p, clip=1, conditions=conditions(pose),
+        motion_latents=torch.randn(1, 16, 19, 8, 8, generator=g), latents=torch.randn(1, 16, 2, 8, 8, generator=g),
+        scheduler_state={"step_index": 2, "begin_index": 0, "model_outputs": [None, torch.ones(2)],
+                         "lower_order_nums": 2},
+        step=2,
+    )
+    back = roundtrip(denoise)
+    assert isinstance(back, m.ClipDenoiseJob) and back.clip == 1 and back.step == 2
+    assert back.params == p and (back.conditions.pose_latents is None) == (not pose)
+    same_tensors(denoise.conditions, back.conditions)
+    assert torch.equal(back.motion_latents, denoise.motion_latents) and back.latents is not None
+    assert torch.equal(back.latents, denoise.latents)  # type: ignore[arg-type]
+    assert back.scheduler_state is not None and torch.equal(back.scheduler_state["model_outputs"][1], torch.ones(2))
+
+    decode = m.ClipDecodeJob(job_id="j1", attempt=2, route=ROUTE, params=p, clip=2, conditions=conditions(pose),
+                             motion_latents=torch.zeros(1, 16, 19, 8, 8), latents=torch.ones(1, 16, 2, 8, 8))
+    back2 = roundtrip(decode)
+    assert isinstance(back2, m.ClipDecodeJob) and back2.clip == 2
+    same_tensors(decode.conditions, back2.conditions)
+
+
+def test_clip_messages_refuse_what_they_do_not_know() -> None:
+    """The decoder checks the nested conditions like any field: a missing tensor, a wrong type, an
+    unknown key are refused with a typed error."""
+    msg = m.ClipDecodeJob(job_id="j1", attempt=1, route=ROUTE, params=s2v_params(), clip=0,
+                          conditions=conditions(False), motion_latents=torch.zeros(1), latents=torch.zeros(1))
+    header, *frames = m.encode(msg)
+    fields = wire.unpack([bytes(header), *map(bytes, frames)], LIMITS)
+    fields.pop("v"), fields.pop("type")
+    for broken in ({"audio_features": None}, {"ref_latents": "x"}, {"extra": 1}):
+        cond = {**fields["conditions"], **broken}
+        if broken == {"audio_features": None}:
+            del cond["audio_features"]
+        with pytest.raises(FieldError):
+            m._build(m.ClipDecodeJob, {**fields, "conditions": cond}, "ClipDecodeJob")
+    with pytest.raises(FieldError):
+        m._build(m.ClipDecodeJob, {**fields, "clip": "1"}, "ClipDecodeJob")
+
+
+def test_the_next_clip_goes_back_to_the_first_dit() -> None:
+    """A ClipDenoiseJob sent by the VAE goes round to the route's first DiT; the hand-off within a
+    clip to the next DiT; a plain DenoiseJob never goes back."""
+    config = Config.load(environ={})
+    assert next_stage(config, ROUTE, "vae", "dit", m.ClipDenoiseJob.starts_cycle) == "dit_high"
+    assert next_stage(config, ROUTE, "dit_high", "dit", m.ClipDenoiseJob.starts_cycle) == "dit_low"
+    assert next_stage(config, ROUTE, "text_encoder", "dit", True) == "dit_high"
+    assert next_stage(config, ROUTE, "vae", "dit", m.DenoiseJob.starts_cycle) is None
+    assert next_stage(config, ROUTE, "dit_low", "vae", m.ClipDecodeJob.starts_cycle) == "vae"
+
+
+# ---- the broker's idea of an S2V job -------------------------------------------------------------
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    state = short_tmpdir("wsv-")
+    b = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(state)}))
+    try:
+        yield b
+    finally:
+        b.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def started(broker: Broker, clips: int, job_id: str = "s2vjob") -> str:
+    """An S2V job in the store, dispatched (attempt 1): the reports below are what its stages send."""
+    p = s2v_params(clips)
+    broker.store.add(job_id, "", p.model, "standard", vars(p), ROUTE, 0)
+    attempt = broker.store.start(job_id)
+    assert attempt == 1
+    broker.inflight.dispatched(job_id, 1, ROUTE, "text_encoder")
+    return job_id
+
+
+def clip_reports(job_id: str, clips: int, steps: int, attempt: int = 1, first_clip: int = 0) -> list[m.StageReport]:
+    """The reports of an uninterrupted S2V job from clip `first_clip` on, in the order the stages
+    send them (steps split between dit_high and dit_low)."""
+    def r(stage: str, event: str, clip: int, **kw: object) -> m.StageReport:
+        return m.StageReport(job_id=job_id, attempt=attempt, stage=stage, event=event, clip=clip,
+                             total_steps=steps, **kw)  # type: ignore[arg-type]
+
+    out: list[m.StageReport] = []
+    if first_clip == 0:
+        out += [r("text_encoder", "accepted", 0), r("text_encoder", "checkpoint", 0, to="dit_high"),
+                r("text_encoder", "forwarded", 0, to="dit_high")]
+    half = steps // 2
+    for clip in range(first_clip, clips):
+        out.append(r("dit_high", "accepted", clip))
+        out += [r("dit_high", "step", clip, step=i + 1) for i in range(half)]
+        out += [r("dit_high", "checkpoint", clip, to="dit_low"), r("dit_high", "forwarded", clip, to="dit_low")]
+        out.append(r("dit_low", "accepted", clip))
+        out += [r("dit_low", "step", clip, step=i + 1) for i in range(half, steps)]
+        out += [r("dit_low", "checkpoint", clip, to="vae"), r("dit_low", "forwarded", clip, to="vae")]
+        out.append(r("vae", "accepted", clip))
+        if clip + 1 < clips:  # the next clip goes back to the first DiT; the report names that clip
+            out += [r("vae", "checkpoint", clip + 1, to="dit_high"), r("vae", "forwarded", clip + 1, to="dit_high")]
+        else:
+            out += [r("vae", "forwarded", clip, to="muxer")]
+    out.append(r("muxer", "accepted", clips - 1))
+    return out
+
+
+def test_progress_runs_over_all_clips_and_never_back(broker: Broker) -> None:
+    """Progress rises with every step of every clip, from the text encoder to the muxer, reaching
+    past 0.9 only after the last clip's VAE; each clip takes an equal share."""
+    clips, steps = 3, 4
+    job_id = started(broker, clips)
+    seen: list[tuple[float, m.StageReport]] = []
+    for report in clip_reports(job_id, clips, steps):
+        broker.on_report(report)
+        job = broker.store.get(job_id)
+        assert job is not None
+        seen.append((job.progress, report))
+    values = [v for v, _ in seen]
+    assert values == sorted(values), values
+    steps_seen = [v for v, r in seen if r.event == "step"]
+    assert len(set(steps_seen)) == len(steps_seen) == clips * steps  # every step moves it on
+    # Each clip's last step lands at the same share: 0.05 + 0.8 * (c+1)/3 + 0.1 * c/3.
+    last_steps = [v for v, r in seen if r.event == "step" and r.step == steps]
+    expected = [0.05 + 0.8 * (c + 1) / clips + 0.1 * c / clips for c in range(clips)]
+    assert last_steps == pytest.approx(expected)
+    assert values[-1] == pytest.approx(0.95)
+    job = broker.store.get(job_id)
+    assert job is not None and job.checkpoint == "vae" and job.checkpoint_clip == clips - 1
+
+
+def test_late_reports_of_an_earlier_clip_move_nothing_back(broker: Broker) -> None:
+    """Reports of two processes arrive out of order: dit_high's report of clip 1 after dit_low's of
+    clip 1, or the VAE's of clip 0 after clip 1 started, leave the job, its progress and its
+    checkpoint where the newest put them."""
+    job_id = started(broker, 3)
+    reports = clip_reports(job_id, 3, 4)
+    for report in reports:
+        if report.stage == "dit_low" and report.clip == 1 and report.event == "checkpoint":
+            break
+        broker.on_report(report)
+    job = broker.store.get(job_id)
+    assert job is not None and (job.checkpoint, job.checkpoint_clip) == ("dit_low", 1)
+    progress = job.progress
+    late = [
+        m.StageReport(job_id=job_id, attempt=1, stage="vae", event="checkpoint", clip=1, to="dit_high"),
+        m.StageReport(job_id=job_id, attempt=1, stage="dit_low", event="checkpoint", clip=0, to="vae"),
+        m.StageReport(job_id=job_id, attempt=1, stage="vae", event="accepted", clip=0),
+        m.StageReport(job_id=job_id, attempt=1, stage="dit_high", event="step", clip=0, step=2, total_steps=4),
+    ]
+    for report in late:
+        broker.on_report(report)
+    job = broker.store.get(job_id)
+    assert job is not None and (job.checkpoint, job.checkpoint_clip) == ("dit_low", 1)
+    assert job.progress == progress and job.stage == "dit_low"
+    record = broker.inflight.jobs[job_id]
+    assert (record.stage, record.clip) == ("dit_low", 1)
+
+
+def test_a_resumed_s2v_job_needs_the_whole_cycle(broker: Broker) -> None:
+    """A job resuming at its VAE with clips to go still needs the DiTs (its next clips pass them); a
+    one-shot job resuming at the VAE needs only what follows."""
+    job_id = started(broker, 3)
+    job = broker.store.get(job_id)
+    assert job is not None
+    assert stages_ahead(broker.config, job, "vae") == ["dit_high", "dit_low", "vae", "muxer"]
+    assert stages_ahead(broker.config, job, "dit_high") == ["dit_high", "dit_low", "vae", "muxer"]
+    one = started(broker, 1, "oneclip")
+    job = broker.store.get(one)
+    assert job is not None and stages_ahead(broker.config, job, "vae") == ["vae", "muxer"]
