@@ -173,6 +173,54 @@ def check_image_input(model: str, image_sha256: str | None) -> None:
         )
 
 
+def check_input(model: str, name: str, given: bool) -> None:
+    """A file input (`audio`, `pose_video`) given to a model that takes none, or missing where required."""
+    takes = catalog.BY_ID[model].takes(name)
+    if not given and takes == "required":
+        raise _bad(name, f"{model} needs {name} (multipart part `{name}`, or base64 in `{name}`)")
+    if given and takes == "none":
+        raise _bad(name, f"{model} takes no {name}", models=sorted(catalog.models_taking(name)))
+
+
+S2V_ONLY = ("max_area", "frames_per_clip", "num_clips")
+S2V_REFUSED = ("num_frames", "duration")  # its length follows the audio
+
+
+def resolve_s2v(config: Config, model: str, options: dict[str, Any], base: dict[str, Any],
+                image_size: tuple[int, int] | None, audio: dict[str, Any], fps: int) -> dict[str, Any]:
+    """An s2v-14B job's size, clips and frames: {width, height, frames_per_clip, num_clips, num_frames}.
+
+    Without `custom_options.resolution`, the size keeps the reference image's aspect within
+    `max_area` (catalog.s2v_size); the clips are what the audio gives (catalog.s2v_clips), or fewer."""
+    for name in S2V_REFUSED:
+        if options.get(name) is not None:
+            raise _bad(f"custom_options.{name}", f"{model}'s length follows its audio: give num_clips, not {name}")
+    allowed = supported_resolutions(config, model)
+    largest = max((int(w) * int(h) for w, h in (r.split("x") for r in allowed)), default=catalog.S2V_MAX_AREA)
+    if options.get("resolution") is not None:
+        resolution = _option(options, "resolution", None)
+        if resolution not in allowed:
+            raise _bad("custom_options.resolution", f"resolution {resolution[:32]!r} is not supported by {model}",
+                       allowed=allowed)
+        width, height = (int(x) for x in resolution.split("x"))
+    else:
+        bw, bh = (int(x) for x in base["resolution"].split("x"))
+        area = _option(options, "max_area", base.get("max_area", bw * bh), maximum=largest)
+        iw, ih = image_size if image_size is not None else (bw, bh)
+        width, height = catalog.s2v_size(iw, ih, area)
+    per_clip = _option(options, "frames_per_clip", base.get("frames_per_clip", catalog.S2V_FRAMES_PER_CLIP))
+    per_clip = catalog.S2V_FRAMES_PER_CLIP if per_clip is None else per_clip
+    available = catalog.s2v_clips(int(audio["samples"]), int(audio["sample_rate"]), per_clip, fps)
+    clips = _option(options, "num_clips", None)
+    if clips is None:
+        clips = min(available, catalog.S2V_MAX_CLIPS)
+    elif clips > available:
+        raise _bad("custom_options.num_clips", f"the audio gives {available} clips of {per_clip} frames, not {clips}",
+                   max=available)
+    return {"width": width, "height": height, "frames_per_clip": per_clip, "num_clips": clips,
+            "num_frames": catalog.s2v_frames(per_clip, clips)}
+
+
 def oriented(resolution: str, image_size: tuple[int, int] | None, allowed: list[str]) -> str:
     """The preset's resolution turned to the input image's orientation (a portrait photo gives a
     portrait video), when the model supports the turned size; the image is then cropped far less."""
@@ -187,11 +235,14 @@ def oriented(resolution: str, image_size: tuple[int, int] | None, allowed: list[
 
 
 def resolve(
-    config: Config, request: Any, image_sha256: str | None = None, image_size: tuple[int, int] | None = None
+    config: Config, request: Any, image_sha256: str | None = None, image_size: tuple[int, int] | None = None,
+    audio: dict[str, Any] | None = None, pose_video: dict[str, Any] | None = None,
 ) -> tuple[str, m.JobParams, int]:
     """Validate `request` and resolve it against the model's preset; returns (preset, params, priority).
     `image_sha256` and `image_size` (width, height) describe the request's input image, if it has one:
     without a resolution in `custom_options`, the preset's resolution follows the image's orientation.
+    `audio` and `pose_video` describe the files of an s2v-14B request as the broker stored them
+    (JobParams.audio / pose_video, less `start_s`).
     Each field is checked against its catalog entry (common/catalog.py), narrowed by the profile."""
     if not isinstance(request, dict):
         raise ValidationError("the request body must be a JSON object", {"got": type(request).__name__})
@@ -203,6 +254,8 @@ def resolve(
         raise _bad("model", "model is required", allowed=list(MODELS))
     model = resolve_model(config, request["model"])
     check_image_input(model, image_sha256)
+    check_input(model, "audio", audio is not None)
+    check_input(model, "pose_video", pose_video is not None)
     prompt = catalog.check(fields["prompt"], request.get("prompt"))
     negative = catalog.check(fields["negative_prompt"], request.get("negative_prompt")) or ""
     preset = request.get("quality_preset", request.get("quality", catalog.DEFAULT_PRESET))
@@ -224,28 +277,23 @@ def resolve(
     if unknown:
         raise ValidationError(f"unknown custom option(s): {', '.join(unknown)[:200]}", {"fields": unknown[:20]})
 
+    s2v = audio is not None
+    for name in S2V_ONLY:  # checked for every model (as cfg_scale_2 is), used by those that take audio
+        _option(options, name, None)
+
     steps = _option(options, "steps", base["steps"], maximum=max_steps(config))
     guidance = _option(options, "cfg_scale", base["guidance_scale"])
     shift = _option(options, "shift", base.get("shift"))
     guidance_2 = _option(options, "cfg_scale_2", base.get("guidance_scale_2"))
-    allowed = supported_resolutions(config, model)
-    resolution = _option(options, "resolution", oriented(base["resolution"], image_size, allowed))
-    if resolution not in allowed:
-        raise _bad("custom_options.resolution", f"resolution {resolution[:32]!r} is not supported by {model}",
-                   allowed=allowed)
-    width, height = (int(x) for x in resolution.split("x"))
     fps = _option(options, "fps", base["fps"])
-    limit = max_frames(config, model)
-    if "num_frames" in options:
-        frames = _option(options, "num_frames", None, maximum=limit)
-    elif "duration" in options:
-        duration = _option(options, "duration", None)
-        frames = round_frames(duration * fps)
-        if frames > limit:
-            raise _bad("custom_options.duration",
-                       f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}", max_frames=limit)
+    clips: dict[str, Any] = {}
+    if s2v:
+        assert audio is not None
+        clips = resolve_s2v(config, model, options, base, image_size, audio, fps)
+        width, height, frames = clips.pop("width"), clips.pop("height"), clips.pop("num_frames")
+        audio = {**audio, "start_s": catalog.S2V_DROPPED_FRAMES / fps}
     else:
-        frames = int(base["num_frames"])
+        width, height, frames = resolve_size_and_frames(config, model, options, base, image_size, fps)
     if options.get("cache") is not None:
         cache = check_cache(options["cache"])
     else:
@@ -257,8 +305,32 @@ def resolve(
         image_sha256=image_sha256, postprocess=postprocess,
         encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
         loras=loras.check_request(config, model, options), cache=cache,
+        audio=audio, pose_video=pose_video, **clips,
     )
     return preset, params, priority
+
+
+def resolve_size_and_frames(config: Config, model: str, options: dict[str, Any], base: dict[str, Any],
+                            image_size: tuple[int, int] | None, fps: int) -> tuple[int, int, int]:
+    """(width, height, num_frames) of a job of the models that take no audio."""
+    allowed = supported_resolutions(config, model)
+    resolution = _option(options, "resolution", oriented(base["resolution"], image_size, allowed))
+    if resolution not in allowed:
+        raise _bad("custom_options.resolution", f"resolution {resolution[:32]!r} is not supported by {model}",
+                   allowed=allowed)
+    width, height = (int(x) for x in resolution.split("x"))
+    limit = max_frames(config, model)
+    if "num_frames" in options:
+        frames: int = _option(options, "num_frames", None, maximum=limit)
+    elif "duration" in options:
+        duration = _option(options, "duration", None)
+        frames = round_frames(duration * fps)
+        if frames > limit:
+            raise _bad("custom_options.duration",
+                       f"{duration} s at {fps} fps is {frames} frames; {model} allows {limit}", max_frames=limit)
+    else:
+        frames = int(base["num_frames"])
+    return width, height, frames
 
 
 def resolve_postprocess(options: dict[str, Any], base: dict[str, Any], width: int, height: int,

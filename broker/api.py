@@ -66,6 +66,14 @@ def cache_metadata(job: Job) -> dict[str, Any] | None:
             "skipped": sum(int(s.get("skipped", 0)) for s in stages.values()), "stages": stages}
 
 
+def audio_metadata(job: Job, done: bool) -> dict[str, Any]:
+    """The job's audio (its sha256, duration, format) and, once completed, the MP4's track (JobDone.audio)."""
+    audio = job.params["audio"]
+    keys = ("sha256", "duration_s", "format", "sample_rate", "channels", "start_s")
+    return {**{k: audio.get(k) for k in keys}, "clips": job.params.get("num_clips"),
+            "track": (job.outputs or {}).get("audio") or {} if done else {}}
+
+
 class Api:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -366,6 +374,8 @@ class Api:
                                 "applied": (job.outputs or {}).get("postprocess") or {} if done else {}},
                 # Step caching trades quality for speed: the method, its settings and the passes skipped.
                 "cache": cache_metadata(job),
+                # s2v-14B: the job's audio (sha256, duration) and the MP4's AAC track made of it.
+                **({"audio": audio_metadata(job, done)} if job.params.get("audio") else {}),
                 "route": job.route,
                 "attempts": job.attempt,
                 "timings": job.timings,

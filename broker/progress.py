@@ -208,7 +208,7 @@ class Progress:
             self.broker.metrics.busy(last, now - started)
         if job.started_at:
             timings["total_seconds"] = round(now - job.started_at, 4)
-        outputs = {"files": done.outputs, "postprocess": done.postprocess}
+        outputs = {"files": done.outputs, "postprocess": done.postprocess, "audio": done.audio}
         if self.store.finish(job.id, "completed", attempt=done.attempt, output_path=done.path, timings=timings,
                              outputs=outputs):
             log.info("completed: %s", done.path)

@@ -49,6 +49,13 @@ class Model:
 INPUTS: dict[str, Input] = {
     "image": Input("image", ("image/png", "image/jpeg", "image/webp"),
                    "input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted)"),
+    "audio": Input("audio", ("audio/wav", "audio/flac", "audio/mpeg", "audio/ogg", "audio/mp4"),
+                   "speech audio, WAV/FLAC/MP3/OGG (Vorbis, Opus)/M4A (AAC), recognised by its bytes; decoded "
+                   "completely before admission (in a JSON body base64, a data:audio/...;base64, URL is accepted); "
+                   "the video's length follows it and the MP4 carries it as AAC"),
+    "pose_video": Input("pose_video", ("video/mp4", "video/webm"),
+                        "pose video (e.g. DW-pose skeletons) that drives the body's pose, MP4/WebM, decoded "
+                        "completely before admission (in a JSON body base64)"),
 }
 
 CATALOG: tuple[Model, ...] = (
@@ -56,8 +63,8 @@ CATALOG: tuple[Model, ...] = (
     Model("i2v-A14B", "i2v", "image to video, two 14B experts", inputs=(("image", "required"),)),
     Model("ti2v-5B", "ti2v", "text to video, or text and image to video, one 5B model",
           inputs=(("image", "optional"),)),
-    # S2V takes an image and a speech track; its inputs are declared here when it is served.
-    Model("s2v-14B", "s2v", "speech to video (not served yet)"),
+    Model("s2v-14B", "s2v", "speech to video: a reference image and a speech track (and optionally a pose video), "
+          "one 14B model", inputs=(("image", "required"), ("audio", "required"), ("pose_video", "optional"))),
 )
 
 MODELS: tuple[str, ...] = tuple(x.id for x in CATALOG)
@@ -85,6 +92,8 @@ POSTPROCESS_FIELDS: tuple[str, ...] = ("interpolate_fps", "upscale", "upscale_to
 PRESET_OPTIONS: dict[str, str] = {
     "steps": "steps", "guidance_scale": "cfg_scale", "guidance_scale_2": "cfg_scale_2", "shift": "shift",
     "resolution": "resolution", "num_frames": "num_frames", "fps": "fps", "cache": "cache",
+    # s2v-14B only (optional in its rows): the size's pixel budget, and the frames of one clip.
+    "max_area": "max_area", "frames_per_clip": "frames_per_clip",
 }
 PRESET_REQUIRED: tuple[str, ...] = ("steps", "guidance_scale", "resolution", "num_frames", "fps")
 PRESET_FIELDS: frozenset[str] = frozenset({*PRESET_OPTIONS, *POSTPROCESS_FIELDS})
@@ -115,8 +124,9 @@ class Field:
     max_items: int | None = None  # an array's
     # The profile narrows this bound at run time: "max_steps" ([admission] max_steps), "max_variants"
     # ([admission] max_variants), "max_frames"
-    # ([models.<id>] max_frames), "resolutions" ([models.<id>] resolutions), "lora_scale" ([loras]
-    # min_scale / max_scale) or "max_loras" ([loras] max_per_job).
+    # ([models.<id>] max_frames), "resolutions" ([models.<id>] resolutions), "max_area" (the largest
+    # area of [models.<id>] resolutions), "lora_scale" ([loras] min_scale / max_scale) or "max_loras"
+    # ([loras] max_per_job).
     profile_limit: str | None = None
 
 
@@ -129,6 +139,22 @@ RESOLUTION_PATTERN = "^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 MAX_URL_CHARS = 2048
 MAX_VARIANTS = 64  # the most any profile's [admission] max_variants may allow
 WEBHOOK_URL_PATTERN = "^https?://[^/?#@\\s]+([/?#][^\\s]*)?$"  # a host, no user:password@, no white space
+
+# ---- speech to video (s2v-14B) -----------------------------------------------------------------
+# The official clip loop: clips of `frames_per_clip` frames (80), whose audio features are the
+# audio's frames r*F .. r*F+F-1 at `fps` (video frame k <-> audio time k / fps); clip 0 is decoded
+# after the reference image's latent and its first S2V_DROPPED_FRAMES frames are dropped, so the
+# video has F x clips - 3 frames and its frame 0 shows audio time 3 / fps (what the muxer's audio
+# starts at: README "Speech to video").
+S2V_FRAMES_PER_CLIP = 80
+S2V_MAX_FRAMES_PER_CLIP = 120
+S2V_DROPPED_FRAMES = 3
+S2V_SIZE_DIVISOR = 64
+S2V_MAX_AREA = 1280 * 1280
+S2V_MAX_CLIPS = 64
+S2V_AUDIO_RATE = 16_000  # wav2vec2's input rate
+S2V_FEATURE_RATE = 30  # the audio features are interpolated from wav2vec2's 50 Hz to this rate
+WAV2VEC2_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))  # (kernel, stride) of its feature encoder
 
 # ---- encoders, containers and post-processing -------------------------------------------------
 
@@ -237,8 +263,20 @@ OPTIONS: tuple[Field, ...] = (
     # At 1 fps, MAX_FRAMES seconds are MAX_FRAMES frames: no longer duration can ever be admitted.
     Field("duration", "number", "seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both)",
           minimum=0.01, maximum=float(MAX_FRAMES)),
-    Field("num_frames", "integer", "4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile",
+    Field("num_frames", "integer", "4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile "
+          "(not for s2v-14B: its length follows the audio, see num_clips)",
           minimum=1, maximum=MAX_FRAMES, step=4, profile_limit="max_frames"),
+    Field("max_area", "integer", "s2v-14B: the most pixels (width x height) of the video, whose size keeps the "
+          "reference image's aspect with sides multiples of 64 (1024*704 = 720896 gives 1024x704 for a 16:11 "
+          "image); null: the preset's (its max_area, else its resolution's area); at most the largest area of the "
+          "model's resolutions in this profile; a `resolution` given wins", nullable=True,
+          minimum=S2V_SIZE_DIVISOR * S2V_SIZE_DIVISOR, maximum=S2V_MAX_AREA, profile_limit="max_area"),
+    Field("frames_per_clip", "integer", "s2v-14B: frames generated per clip, a multiple of 4 (the first clip "
+          "shows 3 fewer); null: the preset's, else 80", nullable=True, minimum=4,
+          maximum=S2V_MAX_FRAMES_PER_CLIP, step=4),
+    Field("num_clips", "integer", "s2v-14B: clips to generate, at most what the audio gives (one per "
+          "frames_per_clip / fps seconds of audio, plus one); null: all of them", nullable=True, minimum=1,
+          maximum=S2V_MAX_CLIPS),
     *ENCODING_OPTIONS,
     *POSTPROCESS_OPTIONS,
     Field("loras", "array", "LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high "
@@ -390,6 +428,54 @@ def _check_text(spec: Field, value: Any, where: str) -> str:
     if spec.pattern is not None and not re.search(spec.pattern, value):
         raise _bad(where, f"{where} must be {spec.pattern_hint}, got {value[:32]!r}")
     return value
+
+
+def s2v_size(width: int, height: int, max_area: int) -> tuple[int, int]:
+    """The (width, height) of an S2V video from a reference image of `width` x `height`: the largest
+    scale of the image (never above 1) whose sides, each rounded up to a multiple of 64, fit in
+    `max_area` pixels, tried from the largest scale down in 100 steps as the official code does
+    (the image is then scaled to cover that size and centre-cropped)."""
+    d = S2V_SIZE_DIVISOR
+    area = width * height
+    if area <= max_area:
+        low, high = 0.1, 1.0
+    else:  # the smallest scale at which even the most padding fits, and the scale with none
+        b, c = (d - 1) * (height + width), (d - 1) ** 2 - max_area
+        low = (-b + math.sqrt(b * b - 2 * area * c)) / (2 * area)
+        high = math.sqrt(max_area / area)
+    for i in range(100):
+        scale = high - (high - low) * i / 100
+        w, h = int(width * scale), int(height * scale)
+        w, h = w + (d - w % d) % d, h + (d - h % d) % d
+        if w * h <= max_area:
+            return w, h
+    aspect = width / height  # nothing fitted: the aspect on the divisor's grid, never above the image
+    w, h = int((max_area * aspect) ** 0.5 // d * d), int((max_area / aspect) ** 0.5 // d * d)
+    if w >= width or h >= height:
+        w, h = width // d * d, height // d * d
+    return w, h
+
+
+def s2v_audio_samples(samples: int, sample_rate: int) -> int:
+    """How many samples `samples` at `sample_rate` become at 16 kHz (soxr's output length: the
+    rounded ratio, halves up)."""
+    return (2 * samples * S2V_AUDIO_RATE + sample_rate) // (2 * sample_rate)
+
+
+def s2v_clips(samples: int, sample_rate: int, frames_per_clip: int = S2V_FRAMES_PER_CLIP, fps: int = 16) -> int:
+    """The clips an audio of `samples` at `sample_rate` gives, as the official code counts them:
+    wav2vec2's 50 Hz frames of the 16 kHz audio, interpolated to 30 Hz, over the 30 Hz frames of
+    one clip, plus one (so the last clip reaches past the audio; its frames there get zero audio)."""
+    n = s2v_audio_samples(samples, sample_rate)
+    for kernel, stride in WAV2VEC2_CONV:
+        n = (n - kernel) // stride + 1 if n >= kernel else 0
+    frames30 = int(n / 50.0 * S2V_FEATURE_RATE)
+    return int(frames30 / (frames_per_clip * (S2V_FEATURE_RATE / fps))) + 1
+
+
+def s2v_frames(frames_per_clip: int, clips: int) -> int:
+    """The video frames of `clips` clips: clip 0 drops its first S2V_DROPPED_FRAMES."""
+    return frames_per_clip * clips - S2V_DROPPED_FRAMES
 
 
 def round_frames(frames: float) -> int:

@@ -271,7 +271,9 @@ class JobDone(Message):
     """muxer -> tracker: the MP4 is in place (and the job's other outputs). `width`, `height`, `fps`
     and `num_frames` are the MP4's, after post-processing. `outputs` describes each file written
     (`file`: its name in the results folder, `codec`, `container`, `width`, `height`, `fps`,
-    `bytes`); `postprocess` what post-processing ran (empty: none)."""
+    `bytes`); `postprocess` what post-processing ran (empty: none); `audio` the MP4's audio track
+    (empty: none): {sha256 and duration_s of the job's audio, start_s, codec, sample_rate, channels,
+    track_duration_s, padded_s (silence added at the end)}."""
 
     job_id: str
     attempt: int
@@ -282,6 +284,7 @@ class JobDone(Message):
     fps: int
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+    audio: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass

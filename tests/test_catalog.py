@@ -139,7 +139,9 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
                            "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
                            "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p",
-                           "loras": [], "cache": {"method": "first_block", "threshold": 0.1}},
+                           "loras": [], "cache": {"method": "first_block", "threshold": 0.1},
+                           # s2v-14B's (checked, unused by ti2v): tests/test_s2v_upload.py resolves them
+                           "max_area": 4096, "frames_per_clip": 8, "num_clips": 1},
     }
     assert set(request) == set(REQUEST_SCHEMA["properties"])
     assert set(request["custom_options"]) == set(OPTIONS_SCHEMA["properties"])
@@ -183,7 +185,8 @@ NUMERIC = [("field", n) for n in numeric(REQUEST_SCHEMA["properties"])] + \
 def test_every_number_has_both_bounds_in_the_schema():
     """So the fuzzer tries one past each (the review found steps and num_frames without a maximum)."""
     assert {n for _, n in NUMERIC} == {"seed", "n", "priority", "steps", "cfg_scale", "cfg_scale_2", "shift", "fps",
-                                      "duration", "num_frames", "crf", "bit_depth", "interpolate_fps", "upscale"}
+                                      "duration", "num_frames", "crf", "bit_depth", "interpolate_fps", "upscale",
+                                      "max_area", "frames_per_clip", "num_clips"}
     for where, name in NUMERIC:
         schema = prop(where, name)
         assert isinstance(schema.get("minimum"), (int, float)) and isinstance(schema.get("maximum"), (int, float)), name
@@ -364,7 +367,10 @@ def test_document_structure_is_kept():
 
 def test_catalog_describes_which_models_take_an_image():
     assert {x.id: x.takes("image") for x in catalog.CATALOG} == \
-        {"t2v-A14B": "none", "i2v-A14B": "required", "ti2v-5B": "optional", "s2v-14B": "none"}
+        {"t2v-A14B": "none", "i2v-A14B": "required", "ti2v-5B": "optional", "s2v-14B": "required"}
+    assert {x.id: (x.takes("audio"), x.takes("pose_video")) for x in catalog.CATALOG} == \
+        {"t2v-A14B": ("none", "none"), "i2v-A14B": ("none", "none"), "ti2v-5B": ("none", "none"),
+         "s2v-14B": ("required", "optional")}
     config = tiny()
     refused(config, {**BASE, "model": "i2v"}, "image")
     refused(config, BASE, "image", image=IMAGE)
