@@ -16,16 +16,18 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from broker import admission, memory
 from broker.broker import Broker
 from broker.dispatch import stages_ahead
 from common import messages as m
 from common import wire
-from common.config import Config
-from common.errors import FieldError
+from common.config import Config, profile_path
+from common.errors import FieldError, InsufficientMemory
 from stages.runtime import next_stage
 from tests.helpers import short_tmpdir
 
 ROUTE = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
+GIB = 1 << 30
 LIMITS = wire.Limits(max_message_bytes=64 << 20, max_header_bytes=64 << 10, max_frames=64)
 
 
@@ -237,3 +239,64 @@ def test_a_resumed_s2v_job_needs_the_whole_cycle(broker: Broker) -> None:
     one = started(broker, 1, "oneclip")
     job = broker.store.get(one)
     assert job is not None and stages_ahead(broker.config, job, "vae") == ["vae", "muxer"]
+
+
+# ---- memory admission ------------------------------------------------------------------------------
+
+
+def test_s2v_tokens_count_the_clip_the_reference_and_the_motion_frames() -> None:
+    """At the reference's 1024x704 with 80 frames per clip: 20 latent frames of 44 x 64 tokens, one
+    for the reference image and FramePack's 1.5 frames' worth of motion: 63,360 (the ~63k of
+    issue 10); fewer frames per clip or a smaller area give fewer."""
+    assert memory.dit_tokens("s2v-14B", 1024, 704, 80) == 20 * 2816 + 2816 + 4224 == 63360
+    assert memory.dit_tokens("s2v-14B", 832, 448, 80) == 52 * 28 * 22.5 == 32760
+    assert memory.dit_tokens("s2v-14B", 1024, 704, 40) < 63360
+
+
+def s2v_job(width: int, height: int, frames_per_clip: int = 80, clips: int = 12) -> m.JobParams:
+    p = s2v_params(clips, frames_per_clip)
+    p.width, p.height = width, height
+    return p
+
+
+def served_alone(name: str) -> Config:
+    return Config.load(profile_path(name), environ={"WAN_SERVER__SERVING__MODELS": '["s2v-14B"]'})
+
+
+@pytest.mark.parametrize("name", ["single-gpu", "dual-gpu", "dual-3090"])
+def test_s2v_presets_fit_the_cards_their_profile_was_sized_for(name: str) -> None:
+    """Served alone (as each profile's comment says), every s2v-14B preset's peak per card, from the
+    nominal weights, fits the cards the profile describes, whatever the clip count: each clip's
+    peak is the same."""
+    cfg = served_alone(name)
+    cards = {d: g * GIB for d, g in (cfg.hardware.device_memory_gib or {}).items()}
+    weights = {s: memory.nominal_weight_bytes(cfg, s) for s in cfg.stage_names()}
+    for preset, row in admission.preset_table(cfg, "s2v-14B").items():
+        w, h = (int(x) for x in row["resolution"].split("x"))
+        for clips in (1, 12):
+            p = s2v_job(w, h, row["frames_per_clip"], clips)
+            for device, need in memory.estimate(cfg, p, weights, cfg.route("s2v-14B")).items():
+                if device.startswith("cuda"):
+                    assert need.total <= cards[device], (preset, device, need.total / GIB)
+
+
+def test_a_24gb_card_refuses_s2v_at_the_reference_area_with_a_suggestion() -> None:
+    """dual-3090 with the fp8 DiT (15.2 GiB per card): 832x448 fits each card, 1024x704 does not fit
+    cuda:1 (the DiT beside the VAE), refused with the S2V suggestion (max_area, frames_per_clip)."""
+    cfg = served_alone("dual-3090")
+    weights = {s: memory.nominal_weight_bytes(cfg, s) for s in ("dit_high", "dit_low")}
+    assert all(15.0 * GIB < b < 15.3 * GIB for b in weights.values()), weights
+    beats = {}
+    for stage in ("text_encoder", "dit_high", "dit_low", "vae"):
+        spec = cfg.stage(stage)
+        beats[stage] = m.Heartbeat(stage=stage, pid=1, ready=True, device=spec.device,
+                                   device_total_bytes=0 if spec.device == "cpu" else int(23.56 * GIB),
+                                   weight_bytes=memory.nominal_weight_bytes(cfg, stage))
+    route = cfg.route("s2v-14B")
+    report = memory.check(cfg, s2v_job(832, 448), route, beats)
+    assert report["cuda:1"]["needed_bytes"] > report["cuda:0"]["needed_bytes"] > 19 * GIB
+    with pytest.raises(InsufficientMemory) as info:
+        memory.check(cfg, s2v_job(1024, 704), route, beats)
+    d = info.value.to_dict()["error"]["details"]
+    assert d["device"] == "cuda:1" and d["tokens"] == 63360 and d["frames_per_clip"] == 80
+    assert "max_area" in d["suggestion"] and "80 frames per clip" in info.value.message
