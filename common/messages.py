@@ -182,7 +182,10 @@ class ClipDenoiseJob(JobMessage):
     whole UniPC state and `step`, as DenoiseJob); vae -> dit for the next clip (the route's cycle:
     `starts_cycle`), carrying the motion latents the VAE encoded from the last frames of the clip
     before. `motion_latents` is the normalised latent of the motion frames `(1, 16, m, h, w)`
-    (clip 0: of the zero frames the reference starts from)."""
+    (clip 0: of the zero frames the reference starts from). `motion_window` is those last pixel
+    frames, float in [-1, 1] `(1, 3, 73, H, W)`, carried only when this clip gives fewer frames
+    than the window holds (frames_per_clip under 73; else the VAE takes the window from this clip
+    alone and the field is None)."""
 
     stage_kind: ClassVar[str] = "dit"
     starts_cycle: ClassVar[bool] = True
@@ -190,6 +193,7 @@ class ClipDenoiseJob(JobMessage):
     clip: int
     conditions: ClipConditions
     motion_latents: Tensor
+    motion_window: Tensor | None = None
     latents: Tensor | None = None
     scheduler_state: dict[str, Any] | None = None
     step: int = 0
@@ -208,6 +212,7 @@ class ClipDecodeJob(JobMessage):
     conditions: ClipConditions
     motion_latents: Tensor
     latents: Tensor
+    motion_window: Tensor | None = None
 
 
 @dataclass
