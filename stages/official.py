@@ -267,11 +267,63 @@ def transformer_config(
     return official, keys.transformer_config_from_official(official, files.shapes), files
 
 
+def is_s2v(folder: Path) -> bool:
+    """The DiT at the top of `folder` is the S2V one (config.json: model_type s2v / WanModel_S2V)."""
+    path = Path(folder) / "config.json"
+    try:
+        return keys.is_s2v_config(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+S2V_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers")  # a config.json without them is not a release's
+
+
+def s2v_transformer_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], SafetensorsSet]:
+    """(release config.json, `WanS2VTransformer` config, the files) of the S2V DiT at the top of `folder`."""
+    path = folder / "config.json"
+    official = read_config(path, S2V_FIELDS)
+    files = SafetensorsSet(folder)
+    try:
+        config = keys.s2v_config_from_official(official, files.shapes)
+    except KeyError as exc:
+        need = exc.args[0] if exc.args else str(exc)
+        raise ModelLoadError(
+            f"{folder}: the S2V DiT weights lack {need}", {"path": str(folder), "missing": [need]}
+        ) from None
+    return official, config, files
+
+
+def load_s2v_transformer(folder: Path, dtype: torch.dtype | None) -> Any:
+    """The S2V DiT, checked tensor by tensor: its parameter names are the release's, so no renaming."""
+    from accelerate import init_empty_weights
+
+    from stages.s2v.transformer import WanS2VTransformer
+
+    _, config, files = s2v_transformer_config(folder)
+    what = f"transformer ({files.folder})"
+    try:
+        with init_empty_weights():
+            model = WanS2VTransformer.from_config(config)
+    except ValueError as exc:  # a config the release's code does not build as S2V-14B
+        raise ModelLoadError(f"{folder / 'config.json'}: {exc}", {"path": str(folder / "config.json")}) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_tensors(expected, files.shapes, files.file_of, what)
+    keep = list(WanS2VTransformer._keep_in_fp32_modules)
+    target = {k: torch.float32 if any(m in k.split(".") for m in keep) else (dtype or torch.float32) for k in expected}
+    state = files.tensors(target.__getitem__)
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    _no_meta(model, what)
+    return model.eval()
+
+
 def load_transformer(folder: Path, name: str, dtype: torch.dtype | None) -> Any:
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
+    if name == "transformer" and not (folder / EXPERT_DIRS["transformer"]).is_dir() and is_s2v(folder):
+        return load_s2v_transformer(folder, dtype)
     _, config, files = transformer_config(folder, name)
     what = f"{name} ({files.folder})"
     with init_empty_weights():

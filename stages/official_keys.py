@@ -309,3 +309,49 @@ def vae_config_from_official(shapes: dict[str, tuple[int, ...]], wan22: bool) ->
     else:
         config.update(scale_factor_spatial=2 ** (len(levels) - 1), scale_factor_temporal=2 ** sum(down))
     return config
+
+
+# ---- the S2V DiT (WanModel_S2V of wan/modules/s2v/model_s2v.py) ---------------------------------
+# Our `stages/s2v/transformer.WanS2VTransformer` keeps the release's parameter names, so its state
+# dict needs no map; only the config is read. The release's class fills a key its config.json lacks
+# with its own default (below; from WanModel_S2V.__init__), so the same defaults apply here. Its
+# `text_dim` and `patch_size` are not in the config (ignore_for_config): read from the shapes.
+
+S2V_CLASS_NAME = "WanModel_S2V"
+S2V_OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "cond_dim": 0, "audio_dim": 5120, "num_audio_token": 4, "enable_adain": False, "adain_mode": "attn_norm",
+    "audio_inject_layers": [0, 4, 8, 12, 16, 20, 24, 27], "zero_init": False, "zero_timestep": False,
+    "enable_motioner": True, "add_last_motion": True, "enable_tsm": False, "trainable_token_pos_emb": False,
+    "motion_token_num": 1024, "enable_framepack": False, "framepack_drop_mode": "drop", "model_type": "s2v",
+    "text_len": 512, "in_dim": 16, "dim": 2048, "ffn_dim": 8192, "freq_dim": 256, "out_dim": 16, "num_heads": 16,
+    "num_layers": 32, "eps": 1e-6,
+}
+
+
+def is_s2v_config(official: dict[str, Any]) -> bool:
+    return official.get("model_type") == "s2v" or official.get("_class_name") == S2V_CLASS_NAME
+
+
+def s2v_config_from_official(official: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """`WanS2VTransformer` kwargs for a release config.json and its tensors' shapes.
+
+    Raises KeyError naming a tensor the reading needs when the checkpoint lacks it.
+    """
+    config = {k: official.get(k, v) for k, v in S2V_OFFICIAL_DEFAULTS.items()}
+    config["audio_inject_layers"] = [int(i) for i in config["audio_inject_layers"]]
+    config["patch_size"] = [int(p) for p in shapes["patch_embedding.weight"][2:]]
+    config["text_dim"] = int(shapes["text_embedding.0.weight"][1])
+    config["audio_states"] = int(shapes["casual_audio_encoder.weights"][1])
+    return config
+
+
+def s2v_config_to_official(config: dict[str, Any]) -> dict[str, Any]:
+    """The release-style config.json of a `WanS2VTransformer` config (the inverse of the above)."""
+    from stages.s2v.audio_injection import WAV2VEC_STATES
+
+    if int(config.get("audio_states", WAV2VEC_STATES)) != WAV2VEC_STATES:
+        raise ValueError(f"the release's audio encoder averages {WAV2VEC_STATES} wav2vec2 hidden states")
+    out: dict[str, Any] = {"_class_name": S2V_CLASS_NAME, "_diffusers_version": "0.35.1"}
+    out |= {k: config[k] for k in S2V_OFFICIAL_DEFAULTS}
+    out["audio_inject_layers"] = list(out["audio_inject_layers"])
+    return out

@@ -282,6 +282,50 @@ def write_official(src: Path, out: Path, model_type: str, shards: int = 2) -> Pa
     return out
 
 
+# The tiny S2V DiT: the release's switches (AdaIN audio injection, zero_timestep, FramePack "padd"),
+# 16 latent channels, the audio encoder taking a tiny wav2vec2's 32-wide hidden states (25 of them),
+# three blocks with audio injected after the first and the last.
+TINY_S2V_CONFIG = {
+    "cond_dim": 16, "audio_dim": 32, "num_audio_token": 4, "enable_adain": True, "adain_mode": "attn_norm",
+    "audio_inject_layers": [0, 2], "zero_init": True, "zero_timestep": True, "enable_motioner": False,
+    "add_last_motion": True, "enable_framepack": True, "framepack_drop_mode": "padd", "in_dim": 16, "out_dim": 16,
+    "dim": 24, "ffn_dim": 32, "freq_dim": 32, "text_dim": TEXT_DIM, "num_heads": 2, "num_layers": 3,
+}
+
+
+def build_s2v_transformer(seed: int):
+    """The tiny S2V DiT (`stages/s2v/transformer.WanS2VTransformer`), random from `seed`.
+
+    The release initialises some weights to zero for training (the audio injectors' outputs, the
+    pose encoder, the token-kind embedding) and the layer weights of the audio average to equal
+    values; here every one is random, so audio, pose and token kinds all change the output.
+    """
+    from stages.s2v.transformer import WanS2VTransformer
+
+    torch.manual_seed(seed)
+    model = WanS2VTransformer(**TINY_S2V_CONFIG)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("weights", "padding_tokens", "trainable_cond_mask.weight")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def write_s2v_transformer(out: Path, seed: int, shards: int = 4) -> Path:
+    """Write the tiny S2V DiT into `out` as the release lays its DiT out at the top of the folder:
+    `diffusion_pytorch_model-0000N-of-0000M.safetensors`, the index json and `config.json`
+    (`_class_name` WanModel_S2V, model_type s2v). The rest of an S2V folder (VAE, T5, tokenizer,
+    wav2vec2) is written by the others' builders."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_s2v_transformer(seed)
+    _shards(dict(model.state_dict()), out, shards)
+    config = official_keys.s2v_config_to_official(dict(model.config))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
 def ensure(model: str, seed: int, cache_dir: Path, layout: str = "diffusers") -> Path:
     """The tiny model folder for (model, seed, layout) under `cache_dir`, built on first use.
 
