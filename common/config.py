@@ -145,6 +145,8 @@ class GatewaySection:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 2 << 20
     max_image_pixels: int = 4096 * 4096
+    max_audio_bytes: int = 32 << 20  # an input audio file (s2v): WAV, FLAC, MP3, OGG/Opus or M4A/AAC
+    max_audio_seconds: float = 60.0  # its duration, counted while it is decoded
     max_concurrent_decodes: int = 2
     auth: str = "auto"
     allowed_origins: tuple[str, ...] = ()
@@ -247,6 +249,7 @@ class StageSpec:
     crf_h265: int = 22  # muxer: HEVC's crf, unless the job gives one
     crf_av1: int = 32  # muxer: AV1's crf (0..63), unless the job gives one
     av1_preset: int = 8  # muxer: SVT-AV1 speed preset, 0 (slowest) .. 13
+    audio_bitrate: int = 192_000  # muxer: the AAC bit rate of a speech-to-video job's audio track
 
 
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
@@ -254,7 +257,7 @@ STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
     "dit": _COMMON_STAGE_KEYS | {"part"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
-    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset"},
+    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate"},
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")

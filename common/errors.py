@@ -224,6 +224,21 @@ class ImageTooLarge(ServerError):
     http_status = 413
 
 
+class InvalidAudio(InvalidRequest):
+    """The audio is not valid base64, is empty, does not decode completely (truncated or corrupt), or
+    has a channel count or sample rate outside the bounds (the details name the bound)."""
+
+    code = "INVALID_AUDIO"
+
+
+class AudioTooLong(ServerError):
+    """More seconds of audio than `[gateway] max_audio_seconds` (counted while decoding, not read from
+    the header)."""
+
+    code = "AUDIO_TOO_LONG"
+    http_status = 413
+
+
 class ResultNotAvailable(ServerError):
     """The job has no video (yet): not completed, or its file is gone."""
 

@@ -30,6 +30,7 @@ from common.config import StageSpec
 from common.errors import InvalidRequest, OutputError
 from common.spool import replace_durably
 from stages import postprocess
+from stages.soundtrack import AudioStream, Samples, window
 
 # FFmpeg's enum values (libavutil/pixfmt.h): AVCOL_PRI_BT709, AVCOL_TRC_BT709, AVCOL_SPC_RGB,
 # AVCOL_SPC_BT709, AVCOL_RANGE_MPEG (limited), AVCOL_RANGE_JPEG (full).
@@ -102,7 +103,7 @@ class VideoOutput:
     """One video file being written frame by frame to its temporary name; `commit()` puts it in place."""
 
     def __init__(self, path: Path, encoding: Encoding, width: int, height: int, fps: int,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, audio: Track | None = None):
         if encoding.codec != "ffv1" and (width % 2 or height % 2):
             raise InvalidRequest(f"yuv420p needs even width and height, got {width}x{height}")
         self.path, self.encoding = path, encoding
@@ -128,6 +129,11 @@ class VideoOutput:
                 cc.colorspace, cc.color_range = BT709, RANGE_LIMITED
             stream.options = dict[str, object](encoding.options(width, height))
             self.stream = stream
+            # The audio (s2v): AAC in the MP4, float PCM in the master; written once the frames are.
+            self.audio = audio
+            self.audio_stream = (None if audio is None else
+                                 AudioStream(self.container, encoding.codec == "ffv1", audio.samples, audio.bitrate))
+            self.audio_track: dict[str, Any] = {}
         except BaseException:
             self.discard()
             raise
@@ -148,6 +154,12 @@ class VideoOutput:
         """Flush the encoder and write the index (moov / cues); the file is complete but not in place."""
         for packet in self.stream.encode():
             self.container.mux(packet)
+        if self.audio is not None and self.audio_stream is not None:
+            # Exactly the video's duration of audio, from the audio time of frame 0 (README "Speech to video").
+            piece, padded = window(self.audio.samples, self.audio.start_s, self.frames / self.fps)
+            written = self.audio_stream.write(piece)
+            self.audio_track = {**self.audio_stream.describe(piece, written), "start_s": self.audio.start_s,
+                                "padded_s": round(padded / piece.rate, 6)}
         self.container.close()
         self.container = None
 
@@ -175,7 +187,18 @@ class VideoOutput:
         """What the result lists for this output (the broker turns `file` into a URL)."""
         return {"file": self.path.name, "codec": self.encoding.codec, "container": CONTAINERS[self.path.suffix[1:]],
                 "width": self.width, "height": self.height, "fps": self.fps, "frames": self.frames,
-                "pix_fmt": self.encoding.pix_fmt, "bytes": self.path.stat().st_size}
+                "pix_fmt": self.encoding.pix_fmt, "bytes": self.path.stat().st_size,
+                **({"audio": self.audio_track} if self.audio_track else {})}
+
+
+@dataclass(frozen=True)
+class Track:
+    """The audio an output carries: the job's decoded audio, the audio time of the video's frame 0,
+    and the AAC bit rate."""
+
+    samples: Samples
+    start_s: float
+    bitrate: int = 192_000
 
 
 MASTER = Encoding("ffv1")
@@ -197,20 +220,21 @@ def check_frames(frames: np.ndarray) -> None:
 def write_outputs(frames: np.ndarray, fps: int, path: Path, encoding: Encoding, *,
                   plan: postprocess.Plan | None = None, master: Path | None = None,
                   before_trailer: Callable[[], None] | None = None, between_frames: Callable[[], None] | None = None,
-                  metadata: dict[str, str] | None = None) -> list[VideoOutput]:
+                  metadata: dict[str, str] | None = None, audio: Track | None = None) -> list[VideoOutput]:
     """Encode (F, H, W, 3) uint8 `frames` through `plan` into `path` (an MP4), and untouched into
     `master` (an FFV1 .mkv) if given; every file is put in place only once all are complete.
     `before_trailer` is called once every frame is in the temporary files, before the index that
     makes them playable; `between_frames` after each frame written (a cancelled job stops there: an
-    8K frame takes seconds to encode on a CPU)."""
+    8K frame takes seconds to encode on a CPU). `audio`: every output also carries that audio, cut
+    to its own duration (stages/soundtrack.py)."""
     check_frames(frames)
     height, width = frames.shape[1:3]
     plan = plan or postprocess.Plan(width, height, fps, width, height, fps)
     outputs: list[VideoOutput] = []
     try:
-        main = VideoOutput(path, encoding, plan.out_width, plan.out_height, plan.out_fps, metadata)
+        main = VideoOutput(path, encoding, plan.out_width, plan.out_height, plan.out_fps, metadata, audio)
         outputs.append(main)
-        lossless = VideoOutput(master, MASTER, width, height, fps, metadata) if master is not None else None
+        lossless = VideoOutput(master, MASTER, width, height, fps, metadata, audio) if master is not None else None
         if lossless is not None:
             outputs.append(lossless)
         pipeline = postprocess.Pipeline(plan)

@@ -3,6 +3,9 @@
 Per job: the VAE's frames go through the job's post-processing (stages/postprocess.py:
 interpolation, upscaling), streamed frame by frame into the MP4's encoder (stages/encoders.py);
 with `lossless_master`, the same source frames also go, untouched, into an FFV1 Matroska file.
+A speech-to-video job (`JobParams.audio`) also gets its audio: the file the broker stored in the
+job's spool folder, checked against its sha256, cut to the video from the audio time of frame 0
+and encoded as AAC (stages/soundtrack.py; the master carries it as float PCM).
 Every file is written to a temporary name in the results folder, fsynced and renamed into place
 (and the folder fsynced) only once every output is complete, so a reader never sees a partial
 file, even after a crash or power loss, and a job that fails part way leaves none of its files.
@@ -19,6 +22,7 @@ import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +30,9 @@ from common import messages as m
 from common.errors import InvalidRequest
 from stages import postprocess
 from stages.base import Stage
-from stages.encoders import Encoding, check_frames, job_encoding, write_outputs
+from stages.encoders import Encoding, Track, check_frames, job_encoding, write_outputs
 from stages.runtime import stage_main
+from stages.soundtrack import Soundtrack, decode
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +111,18 @@ class MuxerStage(Stage):
         encoding = job_encoding(p.encoding, self.spec)
         path = self.results_dir / f"{msg.job_id}.mp4"
         master = self.results_dir / f"{msg.job_id}.mkv" if p.encoding.get("lossless_master") else None
+        sound = track = None
+        if p.audio is not None:  # s2v: the job's audio file, in its spool folder
+            sound = Soundtrack.of_job(self.config.job_spool(msg.job_id), p.audio, self.spec.audio_bitrate)
+            track = Track(decode(sound.path), sound.start_s, sound.bitrate)
         outputs = write_outputs(frames, p.fps, path, encoding, plan=plan, master=master,
                                 before_trailer=lambda: self.fault_point("write"),
                                 between_frames=lambda: self.check_cancelled(msg.job_id),
-                                metadata=postprocess_metadata(plan.applied()))
+                                metadata=postprocess_metadata(plan.applied()), audio=track)
         main = outputs[0]
+        audio: dict[str, Any] = {}
+        if sound is not None and track is not None:  # the job's audio, and the MP4's track made of it
+            audio = {"sha256": sound.sha256, "duration_s": round(track.samples.duration_s, 6), **main.audio_track}
         log.info("wrote %s (%d frames %dx%d @ %d fps, %s)%s", path, main.frames, main.width, main.height, main.fps,
                  encoding.codec, " and its lossless master" if master is not None else "")
         return [
@@ -124,6 +136,7 @@ class MuxerStage(Stage):
                 fps=main.fps,
                 outputs=[o.describe() for o in outputs],
                 postprocess=plan.applied(),
+                audio=audio,
             )
         ]
 
