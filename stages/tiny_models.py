@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -285,7 +286,7 @@ def write_official(src: Path, out: Path, model_type: str, shards: int = 2) -> Pa
 # The tiny S2V DiT: the release's switches (AdaIN audio injection, zero_timestep, FramePack "padd"),
 # 16 latent channels, the audio encoder taking a tiny wav2vec2's 32-wide hidden states (25 of them),
 # three blocks with audio injected after the first and the last.
-TINY_S2V_CONFIG = {
+TINY_S2V_CONFIG: dict[str, Any] = {
     "cond_dim": 16, "audio_dim": 32, "num_audio_token": 4, "enable_adain": True, "adain_mode": "attn_norm",
     "audio_inject_layers": [0, 2], "zero_init": True, "zero_timestep": True, "enable_motioner": False,
     "add_last_motion": True, "enable_framepack": True, "framepack_drop_mode": "padd", "in_dim": 16, "out_dim": 16,

@@ -66,6 +66,8 @@ def sdpa_attention(
 
 
 def _root() -> Path:
+    if "wan" in sys.modules:  # registered (by a previous load) or imported: its __path__ says where
+        return Path(list(sys.modules["wan"].__path__)[0])
     spec = importlib.util.find_spec("wan")
     if spec is None or spec.submodule_search_locations is None:
         raise ImportError("the official Wan2.2 code (wan22) is not installed")
