@@ -226,6 +226,9 @@ class ModelSpec:
     boundary_ratio: float | None = None  # None: the checkpoint's own
     flow_shift: float | None = None  # None: the checkpoint's scheduler config
     split_fraction: float = 0.5  # one expert: where the two DiT processes split its steps
+    # S2V: pixel frames of the motion window re-encoded for the next clip (the release's 73; a tiny
+    # model may use fewer, so its VAE passes stay small).
+    motion_frames: int = 73
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,7 @@ class DitStage(Stage):
             raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
         if p.loras or p.cache:
             raise InvalidRequest(f"{p.model} takes no LoRAs or step cache here", {"model": p.model})
-        s = route.settings(p)
+        s = route.settings(p, self.config.model(p.model).motion_frames)
         if not 0 <= msg.clip < p.num_clips:
             raise InvalidRequest(f"clip {msg.clip} is not one of the job's {p.num_clips}", {"clip": msg.clip})
         dit, c, dev = entry["dit"], msg.conditions, self.device

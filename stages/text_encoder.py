@@ -85,7 +85,7 @@ class TextEncoderStage(Stage):
         from stages.s2v import route, sampler
 
         p = msg.params
-        s = route.settings(p)
+        s = route.settings(p, self.config.model(p.model).motion_frames)
         features, vae = self.s2v_models[p.model]
         if msg.image_path is None or msg.audio_path is None:
             raise InvalidRequest(f"{p.model} needs a reference image and an audio", {"model": p.model})

@@ -100,7 +100,7 @@ class VaeStage(Stage):
         p = msg.params
         if p.model not in self.vaes:
             raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
-        s = route.settings(p)
+        s = route.settings(p, self.config.model(p.model).motion_frames)
         if not 0 <= msg.clip < p.num_clips:
             raise InvalidRequest(f"clip {msg.clip} is not one of the job's {p.num_clips}", {"clip": msg.clip})
         vae = self.vaes[p.model][0]

@@ -15,12 +15,14 @@ import torch
 from common import messages as m
 from common.errors import InvalidRequest
 from stages.s2v.sampler import S2VSettings
+from stages.s2v.transformer import MOTION_FRAMES
 
 RELEASE_SHIFT = 3.0  # wan/configs/wan_s2v_14B.py sample_shift
 
 
-def settings(p: m.JobParams) -> S2VSettings:
-    """The sampler's settings of an S2V job (the release's shift when the job names none)."""
+def settings(p: m.JobParams, motion_frames: int = MOTION_FRAMES) -> S2VSettings:
+    """The sampler's settings of an S2V job (the release's shift when the job names none), with
+    the model's motion window (`[models.<id>] motion_frames`)."""
     if p.num_clips < 1 or p.frames_per_clip < 1:
         raise InvalidRequest(f"{p.model} job has no clips", {"num_clips": p.num_clips,
                                                              "frames_per_clip": p.frames_per_clip})
@@ -29,7 +31,8 @@ def settings(p: m.JobParams) -> S2VSettings:
                              {"multiple": 64, "width": p.width, "height": p.height})
     try:
         return S2VSettings(seed=p.seed, steps=p.steps, shift=RELEASE_SHIFT if p.shift is None else p.shift,
-                           guidance=p.guidance_scale, frames_per_clip=p.frames_per_clip)
+                           guidance=p.guidance_scale, frames_per_clip=p.frames_per_clip,
+                           motion_frames=motion_frames)
     except ValueError as exc:
         raise InvalidRequest(str(exc), {"frames_per_clip": p.frames_per_clip, "steps": p.steps}) from None
 
