@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg", "m4a")  # common/audio.py's, the file's extension in the spool
+VIDEO_FORMATS = ("mp4", "webm")
+MEDIA_KEYS = ("format", "sample_rate", "channels", "samples", "duration_s", "width", "height", "frames", "fps")
 IDEMPOTENCY_TTL_S = 24 * 3600.0
 PAGE_LIMIT = next(f for f in catalog.LIST_QUERY if f.name == "limit")  # the same bounds as GET /api/v1/jobs
 
@@ -100,11 +103,12 @@ class Api:
     def submit(self, args: dict[str, Any]) -> dict[str, Any]:
         png = self.uploaded_image(args.get("image"))
         sha = None if png is None else hashlib.sha256(png).hexdigest()
+        media = self.uploaded_media(args)  # s2v: name -> (file name in the spool folder, bytes, JobParams entry)
         owner = str(args.get("owner") or "")
         key = args.get("idempotency_key")
         fingerprint = ""
         if isinstance(key, str):
-            fingerprint = self.fingerprint(args, sha)
+            fingerprint = self.fingerprint(args, sha, {name: entry["sha256"] for name, (_, _, entry) in media.items()})
             replay = self.replay(owner, key, fingerprint)
             if replay is not None:
                 return replay
@@ -112,8 +116,10 @@ class Api:
         image_size: tuple[int, int] | None = None
         if png is not None and isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
             image_size = (size[0], size[1])
+        entries = {name: entry for name, (_, _, entry) in media.items()}
         preset, params, priority = admission.resolve(self.config, args.get("request"), image_sha256=sha,
-                                                     image_size=image_size)
+                                                     image_size=image_size, audio=entries.get("audio"),
+                                                     pose_video=entries.get("pose_video"))
         route = self.config.route(params.model)
         request = args.get("request")
         assert isinstance(request, dict)  # resolve refused anything else
@@ -133,9 +139,16 @@ class Api:
         jobs = [(uuid.uuid4().hex, asdict(params) | {"seed": (params.seed + i) % (catalog.MAX_SEED + 1)})
                 for i in range(n)]
         group_id = uuid.uuid4().hex if n > 1 else None
-        if png is not None:
-            for job_id, _ in jobs:  # on disk before the job exists, so a queued job always has it
-                self.write_image(job_id, png)
+        try:
+            for job_id, _ in jobs:  # on disk before the job exists, so a queued job always has them
+                if png is not None:
+                    self.write_image(job_id, png)
+                for file_name, data, _ in media.values():
+                    spool.write_atomic(self.config.job_spool(job_id) / file_name, data)
+        except BaseException:
+            for job_id, _ in jobs:
+                spool.remove_job(self.config, job_id)
+            raise
         try:
             idempotency = (key, fingerprint, time.time() - IDEMPOTENCY_TTL_S) if isinstance(key, str) else None
             added = self.store.add_group(jobs, owner, params.model, preset, route, priority, webhook_url=webhook_url,
@@ -176,9 +189,12 @@ class Api:
         }
 
     @staticmethod
-    def fingerprint(args: dict[str, Any], image_sha256: str | None) -> str:
-        """What makes two create requests the same: the request object, the image, the API."""
-        what = {"api": str(args.get("api") or ""), "request": args.get("request"), "image": image_sha256}
+    def fingerprint(args: dict[str, Any], image_sha256: str | None, media: dict[str, str] | None = None) -> str:
+        """What makes two create requests the same: the request object, the input files, the API."""
+        what: dict[str, Any] = {"api": str(args.get("api") or ""), "request": args.get("request"),
+                                "image": image_sha256}
+        if media:
+            what["media"] = media
         text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -398,6 +414,24 @@ class Api:
         if not isinstance(value, bytes) or len(value) > limit or not value.startswith(PNG_MAGIC):
             raise ValidationError("the image must reach the broker as PNG bytes", {"field": "image"})
         return value
+
+    def uploaded_media(self, args: dict[str, Any]) -> dict[str, tuple[str, bytes, dict[str, Any]]]:
+        """s2v's audio and pose video as the gateway checked them (bytes as they came, and what
+        decoding them found): name -> (file name in the spool folder, bytes, its JobParams entry)."""
+        gw = self.config.gateway
+        out: dict[str, tuple[str, bytes, dict[str, Any]]] = {}
+        for name, stem, limit, formats in (("audio", "audio", gw.max_audio_bytes, AUDIO_FORMATS),
+                                           ("pose_video", "pose", gw.max_video_bytes, VIDEO_FORMATS)):
+            data, info = args.get(name), args.get(f"{name}_info")
+            if data is None:
+                continue
+            if (not isinstance(data, bytes) or not 0 < len(data) <= limit or not isinstance(info, dict)
+                    or info.get("format") not in formats):
+                raise ValidationError(f"the {name} must reach the broker as checked bytes", {"field": name})
+            file_name = f"{stem}.{info['format']}"
+            out[name] = file_name, data, {"file": file_name, "sha256": hashlib.sha256(data).hexdigest(),
+                                          **{k: v for k, v in info.items() if k in MEDIA_KEYS}}
+        return out
 
     def image_path(self, job_id: str) -> Path:
         return self.config.job_spool(job_id) / "image.png"

@@ -53,6 +53,7 @@ TYPE_ALIASES = {
     "audio/opus": "audio/ogg", "audio/vorbis": "audio/ogg", "application/ogg": "audio/ogg", "audio/x-ogg": "audio/ogg",
     "audio/m4a": "audio/mp4", "audio/x-m4a": "audio/mp4", "audio/aac": "audio/mp4", "audio/x-aac": "audio/mp4",
 }
+IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"}  # ISO BMFF, not audio
 UNTYPED = {"", "application/octet-stream"}  # no useful declared type: the magic bytes decide
 ALLOWED_TYPES = sorted(kind for kind, _, _ in FORMATS.values())
 FIELD = "audio"
@@ -91,7 +92,7 @@ def sniff(data: bytes) -> str | None:
         return "flac"
     if data.startswith(b"OggS"):
         return "ogg"
-    if len(data) >= 12 and data[4:8] == b"ftyp":
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] not in IMAGE_BRANDS:
         return "m4a"
     body = data[id3_end(data):]
     if body.startswith(b"fLaC") and body is not data:
@@ -222,11 +223,16 @@ def _frames(container: av.container.InputContainer, stream: av.AudioStream) -> I
 def _declared_samples(data: bytes, fmt: str, stream: av.AudioStream) -> int | None:
     """The length the file states for itself, where it states one that can be trusted, less a
     margin for what decoders trim (an MP3 frame of encoder delay and padding)."""
+    if fmt == "flac":  # STREAMINFO's total samples (36 bits; 0: not known), read here: ffmpeg guesses when 0
+        start = id3_end(data)
+        if data[start:start + 4] != b"fLaC" or len(data) < start + 26 or data[start + 4] & 0x7F != 0:
+            return None  # the first metadata block is STREAMINFO in every valid file
+        info = data[start + 8:start + 26]
+        total = ((info[13] & 0x0F) << 32) | int.from_bytes(info[14:18], "big")
+        return total or None
     if stream.duration is None or stream.time_base is None or stream.duration <= 0:
         return None
     samples = int(stream.duration * stream.time_base * stream.codec_context.sample_rate)
-    if fmt == "flac":  # STREAMINFO's total samples
-        return samples
     if fmt == "mp3":  # only a Xing / Info / VBRI header counts the frames; otherwise ffmpeg guesses from the size
         head = data[id3_end(data):][:256]
         if any(tag in head for tag in (b"Xing", b"Info", b"VBRI")):

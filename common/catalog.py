@@ -457,9 +457,11 @@ def s2v_size(width: int, height: int, max_area: int) -> tuple[int, int]:
 
 
 def s2v_audio_samples(samples: int, sample_rate: int) -> int:
-    """How many samples `samples` at `sample_rate` become at 16 kHz (soxr's output length: the
-    rounded ratio, halves up)."""
-    return (2 * samples * S2V_AUDIO_RATE + sample_rate) // (2 * sample_rate)
+    """How many samples `samples` at `sample_rate` become at 16 kHz: ceil(n x ratio), computed in
+    floating point as librosa.resample's length fix (and common/audio.py's) computes it."""
+    if sample_rate == S2V_AUDIO_RATE:
+        return samples
+    return math.ceil(samples * (float(S2V_AUDIO_RATE) / sample_rate))
 
 
 def s2v_clips(samples: int, sample_rate: int, frames_per_clip: int = S2V_FRAMES_PER_CLIP, fps: int = 16) -> int:

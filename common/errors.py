@@ -239,6 +239,13 @@ class AudioTooLong(ServerError):
     http_status = 413
 
 
+class InvalidVideo(InvalidRequest):
+    """An input video (s2v's pose video) is not valid base64, is empty, does not decode completely, or
+    has no frame, more frames or larger frames than the bounds (the details name the bound)."""
+
+    code = "INVALID_VIDEO"
+
+
 class ResultNotAvailable(ServerError):
     """The job has no video (yet): not completed, or its file is gone."""
 

@@ -32,6 +32,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from common import audio
 from common import messages as m
 from common.config import Config, load_or_exit
 from common.errors import (
@@ -53,7 +54,15 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_api import OpenAIApi, OpenAIErrors
 from gateway.openapi import openapi_document
 from gateway.previews import preview_file
-from gateway.uploads import UploadLimits, check_image, decode_base64_image, parse_multipart, too_large
+from gateway.uploads import (
+    FILE_PARTS,
+    UploadLimits,
+    check_image,
+    check_video,
+    decode_base64_file,
+    parse_multipart_files,
+    too_large,
+)
 from gateway.web import studio_routes
 
 log = logging.getLogger(__name__)
@@ -153,6 +162,7 @@ class Gateway:
         self.auth = auth_required(config, host)
         self.max_body = section.max_body_bytes
         self.uploads = UploadLimits.from_config(section)
+        self.audio_limits = audio.AudioLimits.from_config(section)
         # Decoding an image holds up to max_image_pixels x 4 bytes: bound how many run at once.
         self.decode_slots = asyncio.Semaphore(section.max_concurrent_decodes)
         # A WebSocket client whose queue of unsent events fills (it stopped reading) is dropped.
@@ -170,13 +180,17 @@ class Gateway:
 
     # ---- REST ----
     async def generate(self, request: Request) -> Response:
-        body, image = await self.read_generate(request)
-        result = await self.submit(request, body, image, api="api/v1")
+        body, files = await self.read_generate(request)
+        image = files.pop("image", None)
+        result = await self.submit(request, body, image, api="api/v1", media=files)
         return JSONResponse(result, status_code=202, headers=replay_headers(result))
 
-    async def submit(self, request: Request, body: Any, image: tuple[bytes, str] | None, api: str) -> dict[str, Any]:
+    async def submit(self, request: Request, body: Any, image: tuple[bytes, str] | None, api: str,
+                     media: dict[str, tuple[bytes, str]] | None = None) -> dict[str, Any]:
         """The broker's `submit` for the caller (its key, its limit, its Idempotency-Key), shared by
-        POST /api/v1/generate and POST /v1/videos; `api` tells the two apart in the key's fingerprint."""
+        POST /api/v1/generate and POST /v1/videos; `api` tells the two apart in the key's fingerprint.
+        `media`: s2v's `audio` and `pose_video` files, (bytes, declared type) each; every file is
+        checked (decoded to the end) here, before the broker sees the request."""
         who = principal_of(request.scope)
         limit = who.max_active_jobs if self.auth else None
         args: dict[str, Any] = {"request": body, "owner": who.key_id, "max_active": limit}
@@ -189,30 +203,44 @@ class Gateway:
                 png, width, height = await asyncio.to_thread(check_image, data, declared, self.uploads)
             args["image"] = png  # msgpack binary
             args["image_size"] = [width, height]
+        media = media or {}
+        if "audio" in media:
+            data, declared = media["audio"]
+            async with self.decode_slots:
+                info = await asyncio.to_thread(audio.probe, data, declared, self.audio_limits)
+            args["audio"] = data  # as it came: the muxer puts this very audio in the MP4
+            args["audio_info"] = {"format": info.format, "sample_rate": info.sample_rate, "channels": info.channels,
+                                  "samples": round(info.duration_s * info.sample_rate), "duration_s": info.duration_s}
+        if "pose_video" in media:
+            data, declared = media["pose_video"]
+            async with self.decode_slots:
+                args["pose_video_info"] = await asyncio.to_thread(check_video, data, declared, self.uploads)
+            args["pose_video"] = data
         return await self.call("submit", **args)
 
-    async def read_generate(self, request: Request) -> tuple[Any, tuple[bytes, str] | None]:
-        """(request object, (image bytes, declared type) or None) from a JSON or multipart body."""
+    async def read_generate(self, request: Request) -> tuple[Any, dict[str, tuple[bytes, str]]]:
+        """(request object, {input name: (file bytes, declared type)}) from a JSON or multipart body."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            limit = self.max_body + self.uploads.max_upload_bytes + MULTIPART_OVERHEAD
+            limit = self.max_body + self.uploads.max_files_bytes + MULTIPART_OVERHEAD
             raw = await read_body(request, limit)
-            body, data, declared = await parse_multipart(request.headers, raw, self.max_body, self.uploads)
-            return body, (data, declared)
+            return await parse_multipart_files(request.headers, raw, self.max_body, self.uploads)
         if ctype not in JSON_TYPES and not ctype.endswith("+json"):
             raise UnsupportedMediaType(
                 f"send application/json or multipart/form-data, not {ctype[:64]}",
                 {"allowed": ["application/json", "multipart/form-data"]},
             )
-        raw = await read_body(request, self.max_body + self.uploads.max_base64_chars)
+        raw = await read_body(request, self.max_body + self.uploads.max_files_base64_chars)
         body = parse_json(raw)
-        if isinstance(body, dict) and body.get("image") is not None:
-            return body, decode_base64_image(body.pop("image"), self.uploads)
+        files: dict[str, tuple[bytes, str]] = {}
         if isinstance(body, dict):
-            body.pop("image", None)  # "image": null is no image
-        if len(raw) > self.max_body:  # only an image may take a JSON body past max_body_bytes
+            for name in FILE_PARTS:
+                value = body.pop(name, None)  # "image": null is no image
+                if value is not None:
+                    files[name] = decode_base64_file(name, value, self.uploads)
+        if not files and len(raw) > self.max_body:  # only input files may take a JSON body past max_body_bytes
             raise too_large(self.max_body)
-        return body, None
+        return body, files
 
     async def status(self, request: Request) -> Response:
         body = await self.call("status", job_id=job_id_of(request), owner=owner_of(request))

@@ -44,11 +44,13 @@ class Client:
         self.timeout_s = timeout_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def _request(self, method: str, path: str, body: Any = None, image: Path | None = None) -> dict[str, Any]:
+    def _request(self, method: str, path: str, body: Any = None, image: Path | None = None,
+                 files: dict[str, Path] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
         headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
-        if image is not None:
-            data, headers["Content-Type"] = multipart_body(data or b"{}", Path(image))
+        files = {**({"image": Path(image)} if image is not None else {}), **(files or {})}
+        if files:
+            data, headers["Content-Type"] = multipart_body(data or b"{}", files=files)
         req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -62,11 +64,14 @@ class Client:
             raise ApiError(exc.code, payload) from None
 
     def generate(self, prompt: str, model: str = "t2v-A14B", quality_preset: str = "standard",
-                 image: Path | str | None = None, **extra: Any) -> dict[str, Any]:
-        """Submit a job; with `image` (a PNG, JPEG or WebP file) it is uploaded as multipart/form-data."""
+                 image: Path | str | None = None, audio: Path | str | None = None,
+                 pose_video: Path | str | None = None, **extra: Any) -> dict[str, Any]:
+        """Submit a job; with `image` (a PNG, JPEG or WebP file), and for s2v `audio` (WAV, FLAC, MP3,
+        OGG, M4A) and `pose_video` (MP4, WebM), the files are uploaded as multipart/form-data."""
+        given = {"image": image, "audio": audio, "pose_video": pose_video}
         return self._request("POST", "/api/v1/generate",
                              {"prompt": prompt, "model": model, "quality_preset": quality_preset, **extra},
-                             image=None if image is None else Path(image))
+                             files={k: Path(v) for k, v in given.items() if v is not None})
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/status/{job_id}")
@@ -117,18 +122,22 @@ class Client:
         raise TimeoutError(job_id)
 
 
-def multipart_body(request_json: bytes, image: Path) -> tuple[bytes, str]:
-    """The API's multipart form: a `request` part (the JSON request) and an `image` file part."""
+def multipart_body(request_json: bytes, image: Path | None = None,
+                   files: dict[str, Path] | None = None) -> tuple[bytes, str]:
+    """The API's multipart form: a `request` part (the JSON request) and a file part per input
+    (`image`; for s2v also `audio`, `pose_video`)."""
     boundary = uuid.uuid4().hex
-    ctype = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
-    name = image.name.replace('"', "_").replace("\r", "_").replace("\n", "_")
-    body = b"".join([
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n".encode(),
-        b"Content-Type: application/json\r\n\r\n", request_json, b"\r\n",
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n".encode(),
-        f"Content-Type: {ctype}\r\n\r\n".encode(), image.read_bytes(), b"\r\n",
-        f"--{boundary}--\r\n".encode(),
-    ])
+    files = {**({"image": image} if image is not None else {}), **(files or {})}
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n".encode(),
+             b"Content-Type: application/json\r\n\r\n", request_json, b"\r\n"]
+    for field, path in files.items():
+        # An image's type from its name; audio and video names map to many types: their bytes decide.
+        guessed = mimetypes.guess_type(path.name)[0] if field == "image" else None
+        ctype = guessed or "application/octet-stream"
+        name = path.name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        parts += [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n".encode(),
+                  f"Content-Type: {ctype}\r\n\r\n".encode(), path.read_bytes(), b"\r\n"]
+    body = b"".join([*parts, f"--{boundary}--\r\n".encode()])
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -159,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--resolution", help="WxH")
     gen.add_argument("--fps", type=int)
     gen.add_argument("--duration", type=float)
-    gen.add_argument("--image", type=Path, help="input image (PNG, JPEG, WebP): required by i2v, optional for ti2v")
+    gen.add_argument("--image", type=Path,
+                     help="input image (PNG, JPEG, WebP): required by i2v and s2v, optional for ti2v")
+    gen.add_argument("--audio", type=Path, help="speech (WAV, FLAC, MP3, OGG, M4A): required by s2v")
+    gen.add_argument("--pose-video", type=Path, help="pose video (MP4, WebM): optional for s2v")
     gen.add_argument("--wait", action="store_true", help="follow progress and download the video")
     gen.add_argument("-o", "--output", type=Path, help="where --wait writes the MP4")
     for name in ("status", "result", "cancel"):
@@ -180,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if options:
                 extra["custom_options"] = options
-            job = client.generate(args.prompt, args.model, args.quality, image=args.image, **extra)
+            job = client.generate(args.prompt, args.model, args.quality, image=args.image, audio=args.audio,
+                                  pose_video=args.pose_video, **extra)
             print(json.dumps(job))
             if args.wait:
                 final = client.wait(job["job_id"], on_event=_bar)

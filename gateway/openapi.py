@@ -85,7 +85,7 @@ GENERATE_JSON = {
 
 GENERATE_MULTIPART = {
     "type": "object",
-    "required": ["request", "image"],  # multipart exists to carry a file: today the image
+    "required": ["request"],  # and at least one file part: multipart exists to carry files
     "additionalProperties": False,
     "properties": {
         "request": {**GENERATE_REQUEST, "description": "the JSON request object (part Content-Type application/json)"},
@@ -324,14 +324,21 @@ def _document() -> dict[str, Any]:
         "info": {"title": "wan-server", "version": "1"},
         "paths": {
             "/api/v1/generate": {"post": {
-                "summary": "Submit a generation job (JSON, or multipart/form-data with an input image)",
+                "summary": "Submit a generation job (JSON, or multipart/form-data with input files: an image; for "
+                           "s2v-14B an image, an audio file and optionally a pose video)",
                 "description": "Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 "
                                "IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/"
                                "WebP by its magic bytes, or not what its declared type says; or a body that is "
                                "neither JSON nor multipart), 422 INVALID_IMAGE (bad base64, truncated or corrupt "
-                               "file), 400 INVALID_MULTIPART (parts other than request + image), 422 "
-                               "VALIDATION_ERROR (field image: i2v-A14B without an image, or a model that takes none "
-                               "given one).",
+                               "file), 400 INVALID_MULTIPART (parts other than request + image / audio / pose_video, "
+                               "each once), 422 VALIDATION_ERROR (field image: i2v-A14B without an image, or a model "
+                               "that takes none given one; field audio likewise for s2v-14B). Audio errors (field "
+                               "audio): 413 PAYLOAD_TOO_LARGE (over max_audio_bytes), 413 AUDIO_TOO_LONG (over "
+                               "max_audio_seconds, counted while decoding), 415 UNSUPPORTED_MEDIA_TYPE (not WAV/FLAC/"
+                               "MP3/OGG/M4A by its bytes, or not its declared type), 422 INVALID_AUDIO (bad base64, "
+                               "truncated or corrupt, channels or sample rate outside 1-8 / 8-192 kHz). Pose video "
+                               "errors (field pose_video): 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE (not "
+                               "MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames).",
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": GENERATE_JSON},
                     "multipart/form-data": {"schema": GENERATE_MULTIPART, "encoding": {

@@ -358,7 +358,8 @@ def test_document_structure_is_kept():
     assert error["required"] == ["success", "error"] and error["properties"]["error"]["required"] == \
         ["code", "message", "details"]
     assert doc["paths"]["/health"]["get"]["security"] == []
-    assert set(BODY["multipart/form-data"]["schema"]["required"]) == {"request", "image"}
+    assert set(BODY["multipart/form-data"]["schema"]["required"]) == {"request"}  # and a file part: image, audio, ...
+    assert set(BODY["multipart/form-data"]["schema"]["properties"]) == {"request", "image", "audio", "pose_video"}
     assert JSON_SCHEMA["properties"]["image"]["type"] == ["string", "null"]  # "image": null is no image
     jobs = {p["name"]: p["schema"] for p in doc["paths"]["/api/v1/jobs"]["get"]["parameters"]}
     assert (jobs["limit"]["minimum"], jobs["limit"]["maximum"], jobs["offset"]["minimum"]) == (1, 100, 0)

@@ -41,9 +41,10 @@ def tone_burst(rate: int, channels: int, seconds: float) -> np.ndarray:
 def write_audio(path: Path, samples: np.ndarray, rate: int, codec: str, fmt: str) -> None:
     channels = samples.shape[1]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, layout="mono" if channels == 1 else "stereo")
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.reshape(1, -1)), format=fmt,
-                                           layout=stream.layout.name)
+        layout = "mono" if channels == 1 else "stereo"
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        assert isinstance(stream, av.AudioStream)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.reshape(1, -1)), format=fmt, layout=layout)
         frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
@@ -79,6 +80,7 @@ def read_audio(path: Path) -> tuple[dict[str, Any], np.ndarray]:
                 "frames": video.frames}
         if path.suffix == ".mp4":  # Matroska keeps no per-stream duration
             assert stream.duration is not None and video.duration is not None
+            assert stream.time_base is not None and video.time_base is not None
             info.update(duration=float(stream.duration * stream.time_base),
                         video_duration=float(video.duration * video.time_base))
         pcm = np.concatenate([f.to_ndarray().reshape(stream.channels, -1) if f.format.is_planar

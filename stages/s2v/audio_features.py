@@ -139,9 +139,19 @@ class Wav2Vec2Features:
     """The audio-feature half of the text encoder stage for s2v: 16 kHz samples -> AudioFeatures."""
 
     def __init__(self, folder: Path, device: str | torch.device = "cpu"):
-        self.extractor, self.model = load_wav2vec2(folder, device)
-        self.num_states = int(self.model.config.num_hidden_layers) + 1
-        self.dim = int(self.model.config.hidden_size)
+        self._use(*load_wav2vec2(folder, device))
+
+    @classmethod
+    def from_parts(cls, extractor: Any, model: Any) -> Wav2Vec2Features:
+        """Around a feature extractor and a Wav2Vec2Model built elsewhere (the benchmark's random one)."""
+        self = cls.__new__(cls)
+        self._use(extractor, model.eval())
+        return self
+
+    def _use(self, extractor: Any, model: Any) -> None:
+        self.extractor, self.model = extractor, model
+        self.num_states = int(model.config.num_hidden_layers) + 1
+        self.dim = int(model.config.hidden_size)
 
     @property
     def device(self) -> torch.device:

@@ -432,8 +432,8 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Submit a generation job (JSON, or multipart/form-data with an input image)
-         * @description Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/WebP by its magic bytes, or not what its declared type says; or a body that is neither JSON nor multipart), 422 INVALID_IMAGE (bad base64, truncated or corrupt file), 400 INVALID_MULTIPART (parts other than request + image), 422 VALIDATION_ERROR (field image: i2v-A14B without an image, or a model that takes none given one).
+         * Submit a generation job (JSON, or multipart/form-data with input files: an image; for s2v-14B an image, an audio file and optionally a pose video)
+         * @description Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/WebP by its magic bytes, or not what its declared type says; or a body that is neither JSON nor multipart), 422 INVALID_IMAGE (bad base64, truncated or corrupt file), 400 INVALID_MULTIPART (parts other than request + image / audio / pose_video, each once), 422 VALIDATION_ERROR (field image: i2v-A14B without an image, or a model that takes none given one; field audio likewise for s2v-14B). Audio errors (field audio): 413 PAYLOAD_TOO_LARGE (over max_audio_bytes), 413 AUDIO_TOO_LONG (over max_audio_seconds, counted while decoding), 415 UNSUPPORTED_MEDIA_TYPE (not WAV/FLAC/MP3/OGG/M4A by its bytes, or not its declared type), 422 INVALID_AUDIO (bad base64, truncated or corrupt, channels or sample rate outside 1-8 / 8-192 kHz). Pose video errors (field pose_video): 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE (not MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames).
          */
         post: {
             parameters: {
@@ -448,6 +448,8 @@ export interface paths {
             requestBody: {
                 content: {
                     "application/json": {
+                        /** @description speech audio, WAV/FLAC/MP3/OGG (Vorbis, Opus)/M4A (AAC), recognised by its bytes; decoded completely before admission (in a JSON body base64, a data:audio/...;base64, URL is accepted); the video's length follows it and the MP4 carries it as AAC; required by s2v-14B; refused by the other models */
+                        audio?: string | null;
                         /** @description overrides of the preset */
                         custom_options?: {
                             /**
@@ -494,6 +496,8 @@ export interface paths {
                             duration?: number;
                             /** @description frames per second of the video */
                             fps?: number;
+                            /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
+                            frames_per_clip?: number | null;
                             /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
                             interpolate_fps?: number | null;
                             /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
@@ -511,7 +515,11 @@ export interface paths {
                              * @default false
                              */
                             lossless_master?: boolean;
-                            /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
+                            /** @description s2v-14B: the most pixels (width x height) of the video, whose size keeps the reference image's aspect with sides multiples of 64 (1024*704 = 720896 gives 1024x704 for a 16:11 image); null: the preset's (its max_area, else its resolution's area); at most the largest area of the model's resolutions in this profile; a `resolution` given wins */
+                            max_area?: number | null;
+                            /** @description s2v-14B: clips to generate, at most what the audio gives (one per frames_per_clip / fps seconds of audio, plus one); null: all of them */
+                            num_clips?: number | null;
+                            /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile (not for s2v-14B: its length follows the audio, see num_clips) */
                             num_frames?: number;
                             /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
                             resolution?: string;
@@ -527,7 +535,7 @@ export interface paths {
                              */
                             upscale_to?: "1080p" | "4k" | "8k" | null;
                         } | null;
-                        /** @description input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B; optional for ti2v-5B; refused by the other models */
+                        /** @description input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B, s2v-14B; optional for ti2v-5B; refused by the other models */
                         image?: string | null;
                         /**
                          * @description a model id or its alias
@@ -541,6 +549,8 @@ export interface paths {
                         n?: number;
                         /** @description what it should not show */
                         negative_prompt?: string | null;
+                        /** @description pose video (e.g. DW-pose skeletons) that drives the body's pose, MP4/WebM, decoded completely before admission (in a JSON body base64); optional for s2v-14B; refused by the other models */
+                        pose_video?: string | null;
                         /**
                          * @description higher runs first
                          * @default 0
@@ -565,8 +575,12 @@ export interface paths {
                         webhook_url?: string | null;
                     };
                     "multipart/form-data": {
-                        /** @description input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B; optional for ti2v-5B; refused by the other models (a file part, with a filename) */
-                        image: string;
+                        /** @description speech audio, WAV/FLAC/MP3/OGG (Vorbis, Opus)/M4A (AAC), recognised by its bytes; decoded completely before admission (in a JSON body base64, a data:audio/...;base64, URL is accepted); the video's length follows it and the MP4 carries it as AAC; required by s2v-14B; refused by the other models (a file part, with a filename) */
+                        audio?: string;
+                        /** @description input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B, s2v-14B; optional for ti2v-5B; refused by the other models (a file part, with a filename) */
+                        image?: string;
+                        /** @description pose video (e.g. DW-pose skeletons) that drives the body's pose, MP4/WebM, decoded completely before admission (in a JSON body base64); optional for s2v-14B; refused by the other models (a file part, with a filename) */
+                        pose_video?: string;
                         /** @description the JSON request object (part Content-Type application/json) */
                         request: {
                             /** @description overrides of the preset */
@@ -615,6 +629,8 @@ export interface paths {
                                 duration?: number;
                                 /** @description frames per second of the video */
                                 fps?: number;
+                                /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
+                                frames_per_clip?: number | null;
                                 /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
                                 interpolate_fps?: number | null;
                                 /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
@@ -632,7 +648,11 @@ export interface paths {
                                  * @default false
                                  */
                                 lossless_master?: boolean;
-                                /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
+                                /** @description s2v-14B: the most pixels (width x height) of the video, whose size keeps the reference image's aspect with sides multiples of 64 (1024*704 = 720896 gives 1024x704 for a 16:11 image); null: the preset's (its max_area, else its resolution's area); at most the largest area of the model's resolutions in this profile; a `resolution` given wins */
+                                max_area?: number | null;
+                                /** @description s2v-14B: clips to generate, at most what the audio gives (one per frames_per_clip / fps seconds of audio, plus one); null: all of them */
+                                num_clips?: number | null;
+                                /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile (not for s2v-14B: its length follows the audio, see num_clips) */
                                 num_frames?: number;
                                 /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
                                 resolution?: string;
@@ -2299,6 +2319,8 @@ export interface paths {
                             duration?: number;
                             /** @description frames per second of the video */
                             fps?: number;
+                            /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
+                            frames_per_clip?: number | null;
                             /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
                             interpolate_fps?: number | null;
                             /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
@@ -2316,7 +2338,11 @@ export interface paths {
                              * @default false
                              */
                             lossless_master?: boolean;
-                            /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
+                            /** @description s2v-14B: the most pixels (width x height) of the video, whose size keeps the reference image's aspect with sides multiples of 64 (1024*704 = 720896 gives 1024x704 for a 16:11 image); null: the preset's (its max_area, else its resolution's area); at most the largest area of the model's resolutions in this profile; a `resolution` given wins */
+                            max_area?: number | null;
+                            /** @description s2v-14B: clips to generate, at most what the audio gives (one per frames_per_clip / fps seconds of audio, plus one); null: all of them */
+                            num_clips?: number | null;
+                            /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile (not for s2v-14B: its length follows the audio, see num_clips) */
                             num_frames?: number;
                             /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
                             resolution?: string;
@@ -2334,7 +2360,9 @@ export interface paths {
                         } | null;
                         /** @description frames per second of the video */
                         fps?: number;
-                        /** @description an input image: in JSON a data:image/...;base64, URL (or {image_url: <that>}); in multipart/form-data a file part named input_reference. input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B; optional for ti2v-5B; refused by the other models */
+                        /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
+                        frames_per_clip?: number | null;
+                        /** @description an input image: in JSON a data:image/...;base64, URL (or {image_url: <that>}); in multipart/form-data a file part named input_reference. input image, PNG/JPEG/WebP (in a JSON body base64, a data:image/...;base64, URL is accepted); required by i2v-A14B, s2v-14B; optional for ti2v-5B; refused by the other models */
                         input_reference?: string | {
                             image_url?: string;
                         } | null;
@@ -2355,6 +2383,8 @@ export interface paths {
                          * @default false
                          */
                         lossless_master?: boolean;
+                        /** @description s2v-14B: the most pixels (width x height) of the video, whose size keeps the reference image's aspect with sides multiples of 64 (1024*704 = 720896 gives 1024x704 for a 16:11 image); null: the preset's (its max_area, else its resolution's area); at most the largest area of the model's resolutions in this profile; a `resolution` given wins */
+                        max_area?: number | null;
                         /**
                          * @description a model id or its alias; default: the first model the profile serves
                          * @enum {string}
@@ -2367,7 +2397,9 @@ export interface paths {
                         n?: number;
                         /** @description what it should not show */
                         negative_prompt?: string | null;
-                        /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile */
+                        /** @description s2v-14B: clips to generate, at most what the audio gives (one per frames_per_clip / fps seconds of audio, plus one); null: all of them */
+                        num_clips?: number | null;
+                        /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile (not for s2v-14B: its length follows the audio, see num_clips) */
                         num_frames?: number;
                         /**
                          * @description higher runs first
