@@ -18,7 +18,10 @@ in-process by tests, replay and benchmarks (`stages/base.py`).
 - A job message sent to a stage of a kind in `runtime.checkpoint_kinds` (default: the DiTs and
   the VAE) is first written to the job's spool folder, and the broker is told (`checkpoint`
   report); a `ResumeJob` from the broker replays that checkpoint as a new attempt.
-- The same job message (job id + attempt) delivered twice is handled once.
+- The same job message (job id + attempt, and the clip of an S2V job, which passes each stage
+  once per clip) delivered twice is handled once.
+- An S2V job's next clip goes from the VAE back to the route's first DiT (`next_stage` with
+  `JobMessage.starts_cycle`); its reports name the clip.
 - SIGTERM stops a job between two steps (the broker dispatches it again). During `setup()` it
   abandons the loading where it is (`SetupAborted`): loading keeps no state worth finishing, and
   one 14B expert takes minutes to load, so waiting for a check between models would hold a stop
@@ -203,8 +206,8 @@ class StageRuntime:
         fault_dir = runtime.fault_dir
         self.faults = FaultPoints(config.path(fault_dir) if fault_dir else None, self.name, self.stop_event)
         self.cancellations = Cancellations()
-        # (job id, attempt) of the job messages taken, so a message delivered twice runs once.
-        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        # (job id, attempt, clip) of the job messages taken, so a message delivered twice runs once.
+        self._seen: collections.OrderedDict[tuple[str, int, int], None] = collections.OrderedDict()
         self.busy_job: str | None = None
         self.handled = 0
         self.seq = 0
@@ -391,10 +394,12 @@ class StageRuntime:
                 if self.recorder.enabled:
                     incoming = [frame_bytes(f) for f in m.encode(msg)]
             if job_id is not None and isinstance(msg, m.JobMessage):
-                if (job_id, attempt) in self._seen:
-                    log.warning("dropped a second delivery of attempt %d", attempt)
+                key = (job_id, attempt, clip_of(msg))
+                if key in self._seen:
+                    log.warning("dropped a second delivery of attempt %d%s", attempt,
+                                f" (clip {key[2]})" if is_clip(msg) else "")
                     return
-                self._seen[(job_id, attempt)] = None
+                self._seen[key] = None
                 while len(self._seen) > REMEMBERED:
                     self._seen.popitem(last=False)
             self.recorder.record(seq, job_id, incoming, None)

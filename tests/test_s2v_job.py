@@ -10,11 +10,22 @@ job still needs).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import shutil
+import time
+import wave
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import av
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from websockets.sync.client import connect
 
 from broker import admission, memory
 from broker.broker import Broker
@@ -24,7 +35,8 @@ from common import wire
 from common.config import Config, profile_path
 from common.errors import FieldError, InsufficientMemory
 from stages.runtime import next_stage
-from tests.helpers import short_tmpdir
+from tests.helpers import System, kill9, running_system, short_tmpdir, wait_for
+from tests.test_uploads import post_multipart
 
 ROUTE = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
 GIB = 1 << 30
@@ -300,3 +312,188 @@ def test_a_24gb_card_refuses_s2v_at_the_reference_area_with_a_suggestion() -> No
     d = info.value.to_dict()["error"]["details"]
     assert d["device"] == "cuda:1" and d["tokens"] == 63360 and d["frames_per_clip"] == 80
     assert "max_area" in d["suggestion"] and "80 frames per clip" in info.value.message
+
+
+# ---- a whole S2V job through the real processes ----------------------------------------------------
+#
+# The system of this module runs the tiny profile (which serves s2v-14B) with fault injection on:
+# a fault point makes a stage sleep once when it takes its next message, so a test can hold a job
+# in a chosen stage at a chosen clip and kill -9 that stage there. The reference is the model
+# helper's in-process clip loop (`stages.s2v.sampler.run_job`) on the same inputs, computed with
+# the pieces each have their own exactness tests: the prompt embeddings from the text encoder
+# stage's `encode` (WanPipeline's, tests/test_pipeline_exact.py), the audio features from
+# `stages.s2v.audio_features` (the release's AudioEncoder, tests/test_s2v_audio.py), the reference
+# image fitted as the stage fits it (scale to cover, centre crop: `stages.image_condition`), the DiT
+# and VAE loaded from the system's tiny model folder.
+
+CLIPS, PER_CLIP, STEPS, SEED = 3, 8, 4, 7
+S2V_REQUEST = {"prompt": "a woman sings on a stage", "model": "s2v", "quality_preset": "standard", "seed": SEED,
+               "custom_options": {"steps": STEPS, "frames_per_clip": PER_CLIP, "num_clips": CLIPS,
+                                  "lossless_master": True}}
+
+
+def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t) * 32767).astype(np.int16)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(x.tobytes())
+    return out.getvalue()
+
+
+def png_bytes(width: int = 80, height: int = 64) -> bytes:
+    g = np.random.default_rng(3)
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 3 % 256, y * 4 % 256, (x + y) * 2 % 256], axis=-1) + g.integers(0, 40, (height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+AUDIO, IMAGE = wav_bytes(1.5), png_bytes()
+
+
+@pytest.fixture(scope="module")
+def system(model_cache: Path) -> Iterator[System]:
+    with running_system(
+        "wsv-",
+        model_cache,
+        setup=lambda s: (s.state_dir / "faults").mkdir(),
+        WAN_SERVER__RUNTIME__FAULT_DIR="{state}/faults",
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def expected(system: System) -> np.ndarray:
+    """The frames of the reference's clip loop for S2V_REQUEST, uint8 (frames, H, W, 3)."""
+    from diffusers import AutoencoderKLWan
+
+    from common.audio import load_16k_mono
+    from stages import official
+    from stages.image_condition import load_image
+    from stages.models import load_component, model_dir
+    from stages.s2v import route, sampler
+    from stages.s2v.audio_features import FOLDER, Wav2Vec2Features
+    from stages.text_encoder import TextEncoderStage
+
+    config = Config.load(environ={**system.env, "WAN_SERVER__SERVING__MODELS": '["s2v-14B"]'})
+    folder = model_dir(config, "s2v-14B")
+    p = s2v_params(CLIPS, PER_CLIP)
+    p.seed, p.steps, p.negative_prompt = SEED, STEPS, ""
+    s = route.settings(p, config.model("s2v-14B").motion_frames)
+    text = TextEncoderStage(config, config.stage("text_encoder"))
+    text.setup()
+    with torch.no_grad():
+        context, context_null = (text.encode("s2v-14B", x, 512) for x in (S2V_REQUEST["prompt"], ""))
+    features = Wav2Vec2Features(folder / FOLDER).features(load_16k_mono(AUDIO), PER_CLIP, 16)
+    audio = features.frames[: CLIPS * PER_CLIP].permute(1, 2, 0).unsqueeze(0)
+    spool = system.state_dir / "ref.png"
+    spool.write_bytes(IMAGE)
+    image = np.array(load_image(spool, 64, 64))
+    pixels = (torch.from_numpy(image).permute(2, 0, 1).float().div(255) * 2 - 1)[None, :, None]
+    dit = official.load_s2v_transformer(folder, torch.float32)
+    vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=torch.float32).eval()
+    job = sampler.run_job(dit, vae, s, context, context_null, pixels, audio, CLIPS)
+    return route.to_uint8(job.video).numpy()
+
+
+def submit_s2v(system: System) -> str:
+    status, _, body = post_multipart(system, [
+        ("request", None, "application/json", json.dumps(S2V_REQUEST).encode()),
+        ("image", "ref.png", "image/png", IMAGE), ("audio", "speech.wav", "audio/wav", AUDIO)])
+    assert status == 202, body
+    job_id: str = json.loads(body)["job_id"]
+    return job_id
+
+
+def master_frames(system: System, job_id: str) -> np.ndarray:
+    status, _, data = system.request("GET", f"/api/v1/files/{job_id}.mkv")
+    assert status == 200
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
+def events_until_final(ws: Any, timeout_s: float = 180) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while not events or events[-1]["event"] not in ("complete", "error"):
+        events.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    return events
+
+
+@contextlib.contextmanager
+def subscribed(system: System, job_id: str) -> Iterator[Any]:
+    with connect(f"ws://127.0.0.1:{system.port}/ws", open_timeout=10) as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        yield ws
+
+
+def arm(system: System, stage: str, seconds: float) -> Path:
+    """Make `stage` sleep `seconds` once, when it takes its next message."""
+    trigger = system.state_dir / "faults" / f"{stage}.handle.delay"
+    trigger.write_text(str(seconds))
+    return trigger
+
+
+def fired(trigger: Path, timeout_s: float = 120) -> None:
+    wait_for(lambda: not trigger.exists(), timeout_s, f"the fault {trigger.name} to fire", interval_s=0.02)
+
+
+def progress_of(events: list[dict[str, Any]]) -> list[float]:
+    return [e["data"]["progress"] if "data" in e else e["progress"] for e in events if e["event"] == "progress"]
+
+
+def test_a_tiny_s2v_job_through_the_processes_is_the_reference_clip_loop(system: System,
+                                                                         expected: np.ndarray) -> None:
+    """Three clips, each round dit_high -> dit_low -> vae and back: the lossless master holds the
+    reference loop's frames bit for bit (clip 0's 5 and 8 for each later one), the MP4 carries an
+    audio stream, and the progress events run over the clips, each clip reported, never backwards."""
+    job_id = submit_s2v(system)
+    with subscribed(system, job_id) as ws:
+        events = events_until_final(ws)
+    assert events[-1]["event"] == "complete", events[-1]
+    frames = master_frames(system, job_id)
+    assert frames.shape == expected.shape == (CLIPS * PER_CLIP - 3, 64, 64, 3)
+    assert np.array_equal(frames, expected)
+    progress = progress_of(events)
+    assert progress == sorted(progress) and progress[-1] == 1.0, progress
+    clips = [e.get("data", e).get("clip") for e in events if e["event"] == "progress"]
+    assert {0, 1, 2} <= set(clips), clips
+    result = system.json("GET", f"/api/v1/result/{job_id}")[1]
+    assert result["metadata"]["params"]["num_clips"] == CLIPS
+    status, _, mp4 = system.request("GET", f"/api/v1/files/{job_id}.mp4")
+    with av.open(io.BytesIO(mp4)) as container:
+        assert container.streams.audio and container.streams.video[0].frames == CLIPS * PER_CLIP - 3
+
+
+@pytest.mark.parametrize("stage", ["dit_low", "vae"])
+def test_kill9_mid_job_resumes_at_the_clip_it_reached(system: System, expected: np.ndarray, stage: str) -> None:
+    """The VAE holds clip 0 a second (a fault point); meanwhile `stage` is armed to hold its next
+    message, clip 1's, and is killed -9 there. The broker sends attempt 2 to that stage's
+    checkpoint, which is in clip 1: the stage's log says it resumed at clip 1, attempt 2 reports no
+    clip 0, and the frames are the uninterrupted run's, bit for bit."""
+    system.wait_idle()
+    hold = arm(system, "vae", 1.0)
+    job_id = submit_s2v(system)
+    with subscribed(system, job_id) as ws:
+        fired(hold)  # the VAE holds clip 0: the next message `stage` takes is clip 1's
+        trigger = arm(system, stage, 60.0)
+        fired(trigger)
+        pid = system.pid(stage)
+        job = system.stored_job(job_id)
+        assert job is not None and job["checkpoint"] == stage and job["checkpoint_clip"] == 1, job
+        kill9(pid)
+        events = events_until_final(ws)
+    assert events[-1]["event"] == "complete", events[-1]
+    job = system.stored_job(job_id)
+    assert job is not None and job["attempt"] == 2, job
+    assert f"attempt 2: resumed from the checkpoint for {stage} at clip 1" in system.log(stage)
+    again = [e.get("data", e) for e in events if e["event"] == "progress" and e.get("data", e).get("attempt") == 2]
+    assert again and all(e["clip"] >= 1 for e in again), again
+    progress = progress_of(events)
+    assert progress == sorted(progress), progress
+    assert np.array_equal(master_frames(system, job_id), expected)
