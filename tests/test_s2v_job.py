@@ -327,7 +327,8 @@ def test_a_24gb_card_refuses_s2v_at_the_reference_area_with_a_suggestion() -> No
 # and VAE loaded from the system's tiny model folder.
 
 CLIPS, PER_CLIP, STEPS, SEED = 3, 8, 4, 7
-S2V_REQUEST = {"prompt": "a woman sings on a stage", "model": "s2v", "quality_preset": "standard", "seed": SEED,
+PROMPT = "a woman sings on a stage"
+S2V_REQUEST: dict[str, Any] = {"prompt": PROMPT, "model": "s2v", "quality_preset": "standard", "seed": SEED,
                "custom_options": {"steps": STEPS, "frames_per_clip": PER_CLIP, "num_clips": CLIPS,
                                   "lossless_master": True}}
 
@@ -388,7 +389,7 @@ def expected(system: System) -> np.ndarray:
     text = TextEncoderStage(config, config.stage("text_encoder"))
     text.setup()
     with torch.no_grad():
-        context, context_null = (text.encode("s2v-14B", x, 512) for x in (S2V_REQUEST["prompt"], ""))
+        context, context_null = (text.encode("s2v-14B", x, 512) for x in (PROMPT, ""))
     features = Wav2Vec2Features(folder / FOLDER).features(load_16k_mono(AUDIO), PER_CLIP, 16)
     audio = features.frames[: CLIPS * PER_CLIP].permute(1, 2, 0).unsqueeze(0)
     spool = system.state_dir / "ref.png"
@@ -413,7 +414,7 @@ def submit_s2v(system: System) -> str:
 def master_frames(system: System, job_id: str) -> np.ndarray:
     status, _, data = system.request("GET", f"/api/v1/files/{job_id}.mkv")
     assert status == 200
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), mode="r") as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
 
 
@@ -466,7 +467,7 @@ def test_a_tiny_s2v_job_through_the_processes_is_the_reference_clip_loop(system:
     result = system.json("GET", f"/api/v1/result/{job_id}")[1]
     assert result["metadata"]["params"]["num_clips"] == CLIPS
     status, _, mp4 = system.request("GET", f"/api/v1/files/{job_id}.mp4")
-    with av.open(io.BytesIO(mp4)) as container:
+    with av.open(io.BytesIO(mp4), mode="r") as container:
         assert container.streams.audio and container.streams.video[0].frames == CLIPS * PER_CLIP - 3
 
 
