@@ -364,6 +364,7 @@ def system(model_cache: Path) -> Iterator[System]:
         model_cache,
         setup=lambda s: (s.state_dir / "faults").mkdir(),
         WAN_SERVER__RUNTIME__FAULT_DIR="{state}/faults",
+        WAN_SERVER__SERVING__MODELS='["s2v-14B"]',  # what these tests need: stages start and restart faster
     ) as s:
         yield s
 
@@ -381,7 +382,7 @@ def expected(system: System) -> np.ndarray:
     from stages.s2v.audio_features import FOLDER, Wav2Vec2Features
     from stages.text_encoder import TextEncoderStage
 
-    config = Config.load(environ={**system.env, "WAN_SERVER__SERVING__MODELS": '["s2v-14B"]'})
+    config = system.config
     folder = model_dir(config, "s2v-14B")
     p = s2v_params(CLIPS, PER_CLIP)
     p.seed, p.steps, p.negative_prompt = SEED, STEPS, ""
@@ -498,3 +499,24 @@ def test_kill9_mid_job_resumes_at_the_clip_it_reached(system: System, expected: 
     progress = progress_of(events)
     assert progress == sorted(progress), progress
     assert np.array_equal(master_frames(system, job_id), expected)
+
+
+def test_cancel_stops_an_s2v_job_between_clips_and_writes_no_video(system: System) -> None:
+    """Cancelled while the VAE holds clip 0, the job stops there (the VAE checks before it decodes,
+    as a DiT does between two steps): no clip 1 is sent, the job ends cancelled, with no MP4 and no
+    spool folder left."""
+    system.wait_idle()
+    hold = arm(system, "vae", 1.5)
+    job_id = submit_s2v(system)
+    fired(hold)
+    status, body = system.json("POST", f"/api/v1/cancel/{job_id}")
+    assert status == 200, body
+    assert system.wait_final(job_id)["status"] == "cancelled"
+    def lines(stage: str) -> list[str]:
+        return [line for line in system.log(stage).splitlines() if f"job={job_id}" in line]
+
+    wait_for(lambda: any("stopped: the job was cancelled" in line for line in lines("vae")), 30,
+             "the VAE to stop the cancelled job")
+    assert not [line for line in lines("vae") + lines("dit_high") if "(clip 1)" in line]
+    assert not (system.state_dir / "results" / f"{job_id}.mp4").exists()
+    wait_for(lambda: not (system.config.spool_dir / job_id).exists(), 30, "the spool folder to go")
