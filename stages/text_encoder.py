@@ -89,8 +89,6 @@ class TextEncoderStage(Stage):
         features, vae = self.s2v_models[p.model]
         if msg.image_path is None or msg.audio_path is None:
             raise InvalidRequest(f"{p.model} needs a reference image and an audio", {"model": p.model})
-        if msg.pose_path is not None:
-            raise InvalidRequest(f"{p.model}: pose videos are not taken yet", {"field": "pose_video"})
         image = load_image(msg.image_path, p.width, p.height, p.image_sha256)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)  # as ToTensor
         ref_latents = sampler.vae_encode(vae, (pixels * 2 - 1).unsqueeze(0).unsqueeze(2))
@@ -98,11 +96,20 @@ class TextEncoderStage(Stage):
         per_frame = features.features(load_16k_mono(audio), s.frames_per_clip, p.fps)
         frames = per_frame.frames[: p.num_clips * s.frames_per_clip]  # the clips the job asked for
         window = sampler.initial_motion_window(s, p.height, p.width, self.vae_device)
+        pose = None
+        if msg.pose_path is not None:  # encoded clip by clip, as the release does
+            pixels_all = route.pose_pixels(msg.pose_path, (p.pose_video or {}).get("sha256"), s, p.num_clips,
+                                           p.width, p.height, p.fps)
+            n = s.frames_per_clip
+            pose = torch.cat([sampler.pose_latents_of_clip(lambda v: sampler.vae_encode(vae, v),
+                                                           pixels_all[:, :, r * n:(r + 1) * n]).cpu()
+                              for r in range(p.num_clips)], dim=2)
         conditions = m.ClipConditions(
             prompt_embeds=prompt_embeds.cpu(),
             negative_prompt_embeds=None if negative is None else negative.cpu(),
             ref_latents=ref_latents.cpu(),
             audio_features=frames.permute(1, 2, 0).unsqueeze(0).contiguous(),
+            pose_latents=pose,
         )
         return m.ClipDenoiseJob(
             job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p, clip=0, conditions=conditions,

@@ -354,7 +354,24 @@ def png_bytes(width: int = 80, height: int = 64) -> bytes:
     return out.getvalue()
 
 
-AUDIO, IMAGE = wav_bytes(1.5), png_bytes()
+def pose_mp4(frames: int = 20, size: int = 64) -> bytes:
+    """A moving bar, 16 fps MPEG-4: both sides decode the same file, so they see the same pixels."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=16)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.zeros((size, size, 3), np.uint8)
+            img[:, (3 * i) % size : (3 * i) % size + 8] = (40 + 10 * i, 200, 255 - 9 * i)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+AUDIO, IMAGE, POSE = wav_bytes(1.5), png_bytes(), pose_mp4()
 
 
 @pytest.fixture(scope="module")
@@ -370,8 +387,9 @@ def system(model_cache: Path) -> Iterator[System]:
 
 
 @pytest.fixture(scope="module")
-def expected(system: System) -> np.ndarray:
-    """The frames of the reference's clip loop for S2V_REQUEST, uint8 (frames, H, W, 3)."""
+def loop(system: System) -> Any:
+    """The reference's clip loop for S2V_REQUEST with `clips` clips (and a pose video), as uint8
+    frames (frames, H, W, 3); the models are loaded once for the module."""
     from diffusers import AutoencoderKLWan
 
     from common.audio import load_16k_mono
@@ -384,29 +402,47 @@ def expected(system: System) -> np.ndarray:
 
     config = system.config
     folder = model_dir(config, "s2v-14B")
-    p = s2v_params(CLIPS, PER_CLIP)
-    p.seed, p.steps, p.negative_prompt = SEED, STEPS, ""
-    s = route.settings(p, config.model("s2v-14B").motion_frames)
     text = TextEncoderStage(config, config.stage("text_encoder"))
     text.setup()
     with torch.no_grad():
         context, context_null = (text.encode("s2v-14B", x, 512) for x in (PROMPT, ""))
-    features = Wav2Vec2Features(folder / FOLDER).features(load_16k_mono(AUDIO), PER_CLIP, 16)
-    audio = features.frames[: CLIPS * PER_CLIP].permute(1, 2, 0).unsqueeze(0)
+    wav2vec2 = Wav2Vec2Features(folder / FOLDER)
+    dit = official.load_s2v_transformer(folder, torch.float32)
+    vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=torch.float32).eval()
     spool = system.state_dir / "ref.png"
     spool.write_bytes(IMAGE)
     image = np.array(load_image(spool, 64, 64))
     pixels = (torch.from_numpy(image).permute(2, 0, 1).float().div(255) * 2 - 1)[None, :, None]
-    dit = official.load_s2v_transformer(folder, torch.float32)
-    vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=torch.float32).eval()
-    job = sampler.run_job(dit, vae, s, context, context_null, pixels, audio, CLIPS)
-    return route.to_uint8(job.video).numpy()
+
+    def frames(clips: int, pose: bytes | None = None) -> np.ndarray:
+        p = s2v_params(clips, PER_CLIP)
+        p.seed, p.steps, p.negative_prompt = SEED, STEPS, ""
+        s = route.settings(p, config.model("s2v-14B").motion_frames)
+        features = wav2vec2.features(load_16k_mono(AUDIO), PER_CLIP, 16)
+        audio = features.frames[: clips * PER_CLIP].permute(1, 2, 0).unsqueeze(0)
+        pose_pixels = None
+        if pose is not None:
+            (system.state_dir / "pose.mp4").write_bytes(pose)
+            pose_pixels = route.pose_pixels(system.state_dir / "pose.mp4", None, s, clips, 64, 64, 16)
+        job = sampler.run_job(dit, vae, s, context, context_null, pixels, audio, clips, pose_pixels)
+        out: np.ndarray = route.to_uint8(job.video).numpy()
+        return out
+
+    return frames
 
 
-def submit_s2v(system: System) -> str:
+@pytest.fixture(scope="module")
+def expected(loop: Any) -> np.ndarray:
+    """The frames of the reference's clip loop for S2V_REQUEST."""
+    frames: np.ndarray = loop(CLIPS)
+    return frames
+
+
+def submit_s2v(system: System, request: dict[str, Any] = S2V_REQUEST, pose: bytes | None = None) -> str:
     status, _, body = post_multipart(system, [
-        ("request", None, "application/json", json.dumps(S2V_REQUEST).encode()),
-        ("image", "ref.png", "image/png", IMAGE), ("audio", "speech.wav", "audio/wav", AUDIO)])
+        ("request", None, "application/json", json.dumps(request).encode()),
+        ("image", "ref.png", "image/png", IMAGE), ("audio", "speech.wav", "audio/wav", AUDIO),
+        *([("pose_video", "pose.mp4", "video/mp4", pose)] if pose is not None else [])])
     assert status == 202, body
     job_id: str = json.loads(body)["job_id"]
     return job_id
@@ -520,3 +556,17 @@ def test_cancel_stops_an_s2v_job_between_clips_and_writes_no_video(system: Syste
     assert not [line for line in lines("vae") + lines("dit_high") if "(clip 1)" in line]
     assert not (system.state_dir / "results" / f"{job_id}.mp4").exists()
     wait_for(lambda: not (system.config.spool_dir / job_id).exists(), 30, "the spool folder to go")
+
+
+def test_a_pose_video_drives_each_clip_through_the_processes(system: System, loop: Any) -> None:
+    """With a pose video (shorter than the clips: the rest is black, as the release pads it), the
+    text encoder VAE-encodes it clip by clip and each clip's DiT takes its part: the frames are the
+    reference loop's given the same pose pixels, and not those of the job without it."""
+    request = {**S2V_REQUEST, "custom_options": {**S2V_REQUEST["custom_options"], "num_clips": 2}}
+    job_id = submit_s2v(system, request, POSE)
+    assert system.wait_final(job_id)["status"] == "completed"
+    frames = master_frames(system, job_id)
+    want = loop(2, POSE)
+    assert frames.shape == want.shape == (2 * PER_CLIP - 3, 64, 64, 3)
+    assert np.array_equal(frames, want)
+    assert not np.array_equal(frames, loop(2))

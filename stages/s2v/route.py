@@ -10,12 +10,23 @@ and pose are dropped, so the messages (and the checkpoints) shrink as the job go
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
 import torch
+from PIL import Image
 
 from common import messages as m
 from common.errors import InvalidRequest
+from stages.image_condition import fit_image
 from stages.s2v.sampler import S2VSettings
 from stages.s2v.transformer import MOTION_FRAMES
+
+log = logging.getLogger(__name__)
 
 RELEASE_SHIFT = 3.0  # wan/configs/wan_s2v_14B.py sample_shift
 
@@ -71,3 +82,38 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
     frames = (video[0].permute(1, 0, 2, 3) / 2 + 0.5).clamp(0, 1)  # (T, 3, H, W)
     frames = frames.permute(0, 2, 3, 1).float()
     return (frames * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().contiguous()
+
+
+def pose_pixels(path: str | Path, sha256: str | None, s: S2VSettings, clips: int, width: int, height: int,
+                fps: int) -> torch.Tensor:
+    """The job's pose video as the release samples it for `clips` clips: from its first frame, every
+    round(video fps / fps)-th frame, `clips x frames_per_clip` of them, the missing ones past its end
+    black (-1); each frame scaled to cover the job's size and centre-cropped (Lanczos, as the
+    reference image; the release resizes the short side and crops with torchvision). Returns
+    (1, 3, frames, H, W) float32 in [-1, 1]. The errors name the problem, never the path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        log.error("the pose video %s could not be read: %s", path, exc)
+        raise InvalidRequest("the job's pose video could not be read", {"field": "pose_video"}) from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        log.error("the pose video %s is not the one admitted (SHA-256 differs)", path)
+        raise InvalidRequest("the job's pose video is not the one admitted", {"field": "pose_video"})
+    wanted = clips * s.frames_per_clip
+    frames: list[torch.Tensor] = []
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or fps)
+            interval = max(1, round(rate / fps))
+            for i, frame in enumerate(container.decode(stream)):
+                if i % interval or len(frames) == wanted:
+                    continue
+                image = fit_image(Image.fromarray(frame.to_ndarray(format="rgb24")), width, height)
+                frames.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255) * 2 - 1)
+    except (av.FFmpegError, IndexError, ValueError) as exc:
+        log.error("the pose video %s does not decode: %s", path, exc)
+        raise InvalidRequest("the job's pose video does not decode", {"field": "pose_video"}) from None
+    video = torch.stack(frames, dim=1) if frames else torch.empty(3, 0, height, width)
+    pad = -torch.ones(3, wanted - video.shape[1], height, width)
+    return torch.cat([video, pad], dim=1).unsqueeze(0)
