@@ -1,12 +1,14 @@
 """Loading a Wan2.2 checkpoint in the official release layout, as users download it.
 
     <folder>/high_noise_model/, low_noise_model/   A14B experts: sharded safetensors + index + config.json
-    <folder>/diffusion_pytorch_model*.safetensors  TI2V-5B: its one DiT at the top (+ index, config.json)
+    <folder>/diffusion_pytorch_model*.safetensors  TI2V-5B: its one DiT at the top (+ index, config.json);
+                                                   S2V-14B too (config.json: model_type s2v, WanModel_S2V)
     <folder>/models_t5_umt5-xxl-enc-bf16.pth       Wan's own T5 encoder
     <folder>/Wan2.1_VAE.pth | Wan2.2_VAE.pth       the VAE (Wan2.2: z48, TI2V-5B)
     <folder>/google/umt5-xxl/                      the tokenizer
 
-Each component is converted on load into the diffusers/transformers class the stages already use,
+Each component is converted on load into the diffusers/transformers class the stages already use
+(the S2V DiT into `stages/s2v/transformer.WanS2VTransformer`, which has the release's names),
 with the dtype rules `from_pretrained` applies, so either layout gives the same modules. Before
 anything is built, every tensor's name and shape is checked against what the model needs; a missing
 file, key or a wrong shape is a MODEL_LOAD_ERROR that names the file and what was expected.

@@ -19,9 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import ModelLoadError
 from stages import official, official_keys, tiny_models
-from stages.s2v import sampler
+from stages.s2v import rope, sampler
 from stages.s2v.transformer import WanS2VTransformer
 from tests import wan_reference
+
+# the official code's torch.cuda.amp.autocast calls are deprecated: its warnings, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:wan")
 
 SIZE = 64  # pixels: the smallest side FramePack's 4x bucket (8 latent pixels) allows
 LATENT = SIZE // 8
@@ -57,9 +60,11 @@ def _inputs(seed: int, latent_frames: int = 2, motion_latents: int = 3) -> dict[
 
 @pytest.mark.parametrize("pose", [False, True], ids=["no-pose", "pose"])
 @pytest.mark.parametrize("first_clip", [True, False], ids=["clip0", "later-clip"])
-def test_forward_is_the_reference_forward_bit_for_bit(models, pose, first_clip):
+def test_forward_is_the_reference_forward_bit_for_bit(models, pose, first_clip, monkeypatch):
     """Clip 0 drops the motion tokens (the release's drop_first_motion); a later clip packs its
-    motion latents. Without pose the release passes zero pose latents through cond_encoder."""
+    motion latents. Without pose the release passes zero pose latents through cond_encoder. The
+    rotary embedding runs in chunks of 7 tokens (8192 in use), so the chunking is exact too."""
+    monkeypatch.setattr(rope, "ROPE_CHUNK", 7)
     ours, reference = models
     inp = _inputs(1 + 2 * pose + first_clip)
     cond = inp["pose"] if pose else torch.zeros_like(inp["pose"])
@@ -113,6 +118,12 @@ def test_release_layout_round_trip_and_refusals(tmp_path):
     index = json.loads((folder / official.INDEX_NAME).read_text())["weight_map"]
     assert sorted(set(index.values())) == [f"diffusion_pytorch_model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
 
+    again = tiny_models.write_s2v_transformer(tmp_path / "again", seed=0)
+    other = tiny_models.write_s2v_transformer(tmp_path / "other", seed=1)
+    for name in index.values():
+        assert (folder / name).read_bytes() == (again / name).read_bytes()  # same seed, same files
+    assert any((folder / n).read_bytes() != (other / n).read_bytes() for n in set(index.values()))
+
     model = official.load_component(folder, "transformer", torch.float32)
     built = tiny_models.build_s2v_transformer(0)
     assert isinstance(model, WanS2VTransformer)
@@ -132,7 +143,14 @@ def test_release_layout_round_trip_and_refusals(tmp_path):
     assert "blocks.1.ffn.0.weight" in str(missing.value) and str(shard) in str(missing.value)
     assert missing.value.code == "MODEL_LOAD_ERROR"
 
-    bad = dict(tensors, **{"blocks.1.ffn.0.weight": torch.zeros(31, 24)})
+    extra = dict(tensors, **{"blocks.1.ffn.0.weight": torch.zeros(32, 24), "blocks.1.gate.weight": torch.zeros(2)})
+    save_file(extra, shard, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as unexpected:
+        official.load_component(folder, "transformer", torch.float32)
+    assert f"blocks.1.gate.weight (in {shard})" in str(unexpected.value)
+    extra.pop("blocks.1.gate.weight")
+
+    bad = dict(extra, **{"blocks.1.ffn.0.weight": torch.zeros(31, 24)})
     save_file(bad, shard, metadata={"format": "pt"})
     with pytest.raises(ModelLoadError) as wrong:
         official.load_component(folder, "transformer", torch.float32)
@@ -143,6 +161,36 @@ def test_release_layout_round_trip_and_refusals(tmp_path):
     with pytest.raises(ModelLoadError) as unsupported:
         official.load_component(folder, "transformer", torch.float32)
     assert "config.json" in str(unsupported.value)
+
+
+def test_fp8_storage_through_the_stage_placement(tmp_path, models):
+    """As for the other DiTs: weights stored in float8, cast layer by layer to bf16 for compute."""
+    from stages.placement import Placement
+
+    folder = tiny_models.write_s2v_transformer(tmp_path / "s2v", seed=0)
+    inp = _inputs(9)
+    args = (
+        inp["x"][None],
+        torch.tensor([500]),
+        inp["context"][None],
+        inp["ref"][None],
+        inp["motion"][None],
+        inp["audio"],
+        None,
+    )
+    outs = {}
+    for storage in (None, torch.float8_e4m3fn):
+        placement = Placement("dit", torch.device("cpu"), torch.bfloat16, storage, "sdpa")
+        model = placement.place(official.load_component(folder, "transformer", torch.bfloat16), "s2v-14B")
+        with torch.no_grad():
+            outs[storage] = model(*args, motion_frames=MOTION)
+    stored = {p.dtype for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith(".q.weight")}
+    assert stored == {torch.float8_e4m3fn}
+    with torch.no_grad():
+        full = models[0](*args, motion_frames=MOTION)
+    assert not torch.equal(outs[None], outs[torch.float8_e4m3fn])
+    for out in outs.values():
+        assert out.dtype == torch.float32 and (out - full).abs().max() < 0.25 * full.abs().max()
 
 
 def test_scheduler_is_the_reference_unipc():
@@ -159,6 +207,36 @@ def test_scheduler_is_the_reference_unipc():
             a = ref.step(out, t, a, return_dict=False)[0]
             b = ours.step(out, t, b, return_dict=False)[0]
         assert torch.equal(a, b)
+
+
+def test_a_clip_split_between_two_processes_is_exact(models):
+    """The DiT processes share a clip's steps: the first runs steps 0..1 and exports the clip, the
+    second prepares the same clip from the same inputs, resumes, and finishes: as one process."""
+    ours, _ = models
+    settings = sampler.S2VSettings(seed=3, steps=4, frames_per_clip=8, motion_frames=MOTION[0])
+    inp = _inputs(11)
+    args = (
+        ours,
+        settings,
+        1,
+        inp["context"][None],
+        inp["context"][:3][None],
+        inp["ref"][None],
+        inp["motion"][:, :2][None],
+        inp["audio"],
+    )
+    whole = sampler.prepare_clip(*args)
+    while not whole.done:
+        sampler.denoise_step(ours, whole)
+    first = sampler.prepare_clip(*args)
+    for _ in range(2):
+        sampler.denoise_step(ours, first)
+    handed = sampler.export_clip(first)
+    second = sampler.prepare_clip(*args, resume=handed)
+    assert second.step == 2 and not second.done
+    while not second.done:
+        sampler.denoise_step(ours, second)
+    assert torch.equal(second.latents, whole.latents)
 
 
 def _reference_vae(vae):
@@ -183,14 +261,14 @@ def _reference_vae(vae):
     return wrapper
 
 
-def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels, audio_emb, num_repeat):
+def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels, audio_emb, num_repeat, pose):
     """wan/speech2video.py `WanS2V.generate`'s loop from "extract audio emb" on, with the release's
     model class, scheduler and VAE code. Replicated rather than called, because generate reads the
     image and audio from files (PIL, librosa + its wav2vec2), loads its own T5/VAE/DiT from a
     14B-sized checkpoint folder and allocates CUDA generators; the statements below are generate's,
     with the inputs given (the audio features, the prompts' embeddings, the fitted image) and float32
-    on the CPU. Without a pose video generate's cond latents are `COND[0] * 0`: zeros whatever the
-    VAE gives, so they are built as zeros here."""
+    on the CPU. The pose video is given as frames in [-1, 1] of the job's size (generate reads,
+    resizes and crops it with decord and torchvision); from there `load_pose_cond`'s statements."""
     ref_cls = wan_reference.unipc_scheduler_class()
     infer_frames, motion_frames = settings.frames_per_clip, settings.motion_frames
     height, width = ref_pixels.shape[-2:]
@@ -200,6 +278,10 @@ def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels
     videos_last_frames = motion_latents.detach()
     drop_first_motion = settings.drop_first_motion
     motion_latents = torch.stack(vae.encode(motion_latents))
+    cond_list = []  # load_pose_cond
+    for cond in torch.chunk(pose, num_repeat, dim=2):
+        cond = torch.cat([cond[:, :, 0:1].repeat(1, 1, 1, 1, 1), cond], dim=2)
+        cond_list.append(torch.stack(vae.encode(cond.to(dtype=torch.float32)))[:, :, 1:].cpu())
     out, all_latents = [], []
     for r in range(num_repeat):
         seed_g = torch.Generator(device="cpu")
@@ -209,7 +291,7 @@ def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels
         scheduler = ref_cls(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
         scheduler.set_timesteps(settings.steps, device="cpu", shift=settings.shift)
         latents = deepcopy(noise)
-        cond_latents = torch.zeros(1, 16, lat_target_frames, height // 8, width // 8)
+        cond_latents = cond_list[r]
         audio_input = audio_emb[..., r * infer_frames : r * infer_frames + infer_frames]
         common = {
             "seq_len": None,
@@ -248,8 +330,9 @@ def _reference_clip_loop(model, vae, settings, context, context_null, ref_pixels
 
 def test_clip_loop_is_the_reference_loop(models):
     """Two clips (clip 0 without motion tokens, clip 1 with the motion latents of clip 0's last
-    frames) of 8 frames with a 5-frame motion window, 3 steps, CFG 4.5: our in-process loop (diffusers'
-    AutoencoderKLWan and UniPC) gives the reference loop's latents and frames bit for bit."""
+    frames) of 8 frames with a 5-frame motion window, 3 steps, CFG 4.5, a pose video: our in-process
+    loop (diffusers' AutoencoderKLWan and UniPC) gives the reference loop's latents and frames bit for
+    bit. (The loop without pose differs only by zero pose latents, which the forward test covers.)"""
     ours, reference = models
     vae = tiny_models.build_vae(30, False)
     settings = sampler.S2VSettings(seed=42, steps=3, frames_per_clip=8, motion_frames=MOTION[0])
@@ -258,10 +341,13 @@ def test_clip_loop_is_the_reference_loop(models):
     context, context_null = torch.randn(6, TEXT_DIM, generator=g), torch.randn(4, TEXT_DIM, generator=g)
     ref_pixels = torch.rand(1, 3, 1, SIZE, SIZE, generator=g) * 2 - 1
     audio = torch.randn(1, 25, AUDIO_DIM, 2 * settings.frames_per_clip, generator=g)
+    pose = torch.rand(1, 3, 2 * settings.frames_per_clip, SIZE, SIZE, generator=g) * 2 - 1
 
-    got = sampler.run_job(ours, vae, settings, context[None], context_null[None], ref_pixels, audio, num_clips=2)
+    got = sampler.run_job(
+        ours, vae, settings, context[None], context_null[None], ref_pixels, audio, num_clips=2, pose_pixels=pose
+    )
     want, want_latents = _reference_clip_loop(
-        reference, _reference_vae(vae), settings, [context], [context_null], ref_pixels, audio, 2
+        reference, _reference_vae(vae), settings, [context], [context_null], ref_pixels, audio, 2, pose
     )
     assert [c.frames.shape[2] for c in got.clips] == [settings.frames_of_clip(0), settings.frames_of_clip(1)] == [5, 8]
     for ours_latents, ref_latents in zip(got.final_latents, want_latents, strict=True):

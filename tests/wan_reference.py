@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def load(name: str) -> types.ModuleType:
             mod.__path__ = [str(root.joinpath(*pkg.split(".")[1:]))]
             mod.__package__ = pkg
             sys.modules[pkg] = mod
-    module = importlib.import_module(name)
+    with warnings.catch_warnings():  # its torch.cuda.amp decorators are deprecated: not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        module = importlib.import_module(name)
     for user in _USERS:
         if user in sys.modules and hasattr(sys.modules[user], "flash_attention"):
             setattr(sys.modules[user], "flash_attention", sdpa_attention)  # noqa: B010

@@ -96,6 +96,9 @@ def grid_freqs(table: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+ROPE_CHUNK = 8192  # tokens rotated at a time: bounds the float64 temporaries (elementwise, so exact)
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate `x` (B, L, heads, head_dim) by `freqs` (B, L, head_dim // 2) complex128, in float64;
     returns float32 (as the official code), which the caller casts to its compute dtype.
@@ -103,9 +106,14 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     The product is written out in reals, (ac - bd, ad + bc): that is what PyTorch's complex multiply
     computes on equal-shaped operands (the official code's case: its factors are expanded over the
     heads), while a broadcast complex multiply takes another path with other last bits. Written out,
-    the factors broadcast over the heads and are not materialised per head.
+    the factors broadcast over the heads and are not materialised per head; and the tokens go in
+    chunks, so a 63k-token clip never holds its q in float64 at once.
     """
-    b, s, n, _ = x.shape
-    xr, xi = x.to(torch.float64).reshape(b, s, n, -1, 2).unbind(-1)
-    fr, fi = freqs.real.unsqueeze(2), freqs.imag.unsqueeze(2)
-    return torch.stack([xr * fr - xi * fi, xr * fi + xi * fr], dim=-1).flatten(3).float()
+    b, s, n, d = x.shape
+    out = torch.empty(b, s, n, d, dtype=torch.float32, device=x.device)
+    fr_all, fi_all = freqs.real.to(x.device), freqs.imag.to(x.device)
+    for i in range(0, s, ROPE_CHUNK):
+        xr, xi = x[:, i : i + ROPE_CHUNK].to(torch.float64).reshape(b, -1, n, d // 2, 2).unbind(-1)
+        fr, fi = fr_all[:, i : i + ROPE_CHUNK].unsqueeze(2), fi_all[:, i : i + ROPE_CHUNK].unsqueeze(2)
+        out[:, i : i + ROPE_CHUNK] = torch.stack([xr * fr - xi * fi, xr * fi + xi * fr], dim=-1).flatten(3)
+    return out

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
+from stages import schedule
 from stages.s2v.transformer import MOTION_FRAMES, ClipInputs, WanS2VTransformer
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -151,8 +153,10 @@ def prepare_clip(
     motion_latents: torch.Tensor,
     audio: torch.Tensor,
     pose_latents: torch.Tensor | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> ClipState:
-    """The state of clip `clip` before its first step.
+    """The state of clip `clip` before its first step, or, with `resume` (what `export_clip` gave
+    another process), where that process left the clip.
 
     context / context_null (1, L, text_dim): the prompt's and the negative prompt's text embeddings;
     ref_latents (1, 16, 1, h, w); motion_latents (1, 16, motion_latent_frames, h, w) (for clip 0 the
@@ -179,7 +183,25 @@ def prepare_clip(
     cond = inputs(context, audio)
     uncond = inputs(context_null, 0.0 * audio) if settings.guidance > 1 else None
     scheduler = make_scheduler(settings.steps, settings.shift, device)
-    return ClipState(clip, latents, scheduler, cond, uncond, settings.guidance)
+    state = ClipState(clip, latents, scheduler, cond, uncond, settings.guidance)
+    if resume is not None:
+        if int(resume["clip"]) != clip:
+            raise ValueError(f"the resumed state is of clip {resume['clip']}, not {clip}")
+        schedule.restore_state(scheduler, resume["scheduler"], torch.device(device))
+        state.latents = resume["latents"].to(device)
+        state.step = int(resume["step"])
+    return state
+
+
+def export_clip(state: ClipState) -> dict[str, Any]:
+    """A clip in denoising as plain data (CPU tensors), for the next process to `prepare_clip(resume=...)`:
+    exact, as it carries UniPC's whole multistep state (stages/schedule.py)."""
+    return {
+        "clip": state.clip,
+        "step": state.step,
+        "latents": state.latents.cpu(),
+        "scheduler": schedule.export_state(state.scheduler),
+    }
 
 
 @torch.no_grad()
