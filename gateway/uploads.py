@@ -269,11 +269,13 @@ def check_video(data: bytes, declared: str, limits: UploadLimits, field: str = "
             raise InvalidVideo(
                 f"the {field} frames are {width}x{height}; at most {limits.max_image_pixels} pixels are taken",
                 {"field": field, "width": width, "height": height, "max_pixels": limits.max_image_pixels})
-        frames = 0
+        frames, end = 0, 0.0
         try:
             for packet in container.demux(stream):
-                for _ in stream.decode(packet):
+                for frame in stream.decode(packet):
                     frames += 1
+                    if frame.time is not None:
+                        end = max(end, frame.time)
                     if frames > limits.max_video_frames:
                         raise InvalidVideo(f"the {field} file has more than {limits.max_video_frames} frames",
                                            {"field": field, "max_frames": limits.max_video_frames})
@@ -281,7 +283,13 @@ def check_video(data: bytes, declared: str, limits: UploadLimits, field: str = "
             raise corrupt from None
         declared_frames = stream.frames
         rate = stream.average_rate or stream.guessed_rate
+        # The length the file states: the stream's (MP4), else the container's (WebM's Segment Duration).
+        declared_s = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+                      else (container.duration or 0) / 1e6)
     if frames == 0 or (declared_frames and frames < declared_frames):
+        raise corrupt
+    frame_s = 1 / float(rate) if rate else 0.0
+    if declared_s and frame_s and end + frame_s < declared_s - 1.5 * frame_s:  # frames missing at the end
         raise corrupt
     return {"format": fmt, "width": width, "height": height, "frames": frames,
             "fps": round(float(rate), 6) if rate else None}

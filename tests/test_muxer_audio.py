@@ -152,3 +152,24 @@ def test_audio_that_is_not_the_admitted_one_fails_the_job(config, tmp_path):
         mux(config, "job3", source, sha256="0" * 64)
     assert info.value.details == {"field": "audio"}
     assert not list(config.results_dir.glob("job3*"))
+
+
+def test_an_interpolated_video_gets_audio_for_its_own_duration(config, tmp_path):
+    """Post-processing changes the MP4's frame count and rate: its audio follows the MP4's duration."""
+    source = tmp_path / "speech.wav"
+    write_audio(source, tone_burst(16000, 1, 2.0), 16000, "pcm_s16le", "s16")
+    spool = config.job_spool("job4")
+    spool.mkdir(parents=True)
+    (spool / "audio.wav").write_bytes(source.read_bytes())
+    p = default_params(config, "t2v-A14B", prompt="x", height=32, width=48, num_frames=FRAMES, fps=FPS)
+    p.audio = {"file": "audio.wav", "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "start_s": START_S}
+    p.postprocess = {"interpolate_fps": 32}
+    stage = MuxerStage(config, config.stage("muxer"))
+    stage.setup()
+    (done,) = stage.handle(m.MuxJob(job_id="job4", attempt=1, route=["muxer"], params=p,
+                                    frames=torch.from_numpy(moving_square(FRAMES))))
+    assert isinstance(done, m.JobDone)
+    info, pcm = read_audio(Path(done.path))
+    assert (done.num_frames, done.fps) == ((FRAMES - 1) * 2 + 1, 32)
+    assert abs(info["duration"] - done.num_frames / 32) < 1 / 32
+    assert abs(onset_s(pcm, 16000) - (BURST_S - START_S)) < 0.005

@@ -84,13 +84,28 @@ def mp4(frames: int = 8, size: int = 64) -> bytes:
     return out.getvalue()
 
 
+def webm(frames: int = 8, size: int = 64) -> bytes:
+    out = io.BytesIO()
+    with av.open(out, "w", format="webm") as container:
+        stream = container.add_stream("libvpx-vp9", rate=16)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), 20 * i % 255, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
 def png(w: int = 80, h: int = 48) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (w, h), (200, 120, 40)).save(out, "PNG")
     return out.getvalue()
 
 
-GOOD_WAV, GOOD_FLAC, IMAGE, POSE = wav(1.0), flac(0.5), png(), mp4()
+GOOD_WAV, GOOD_FLAC, IMAGE, POSE, POSE_WEBM = wav(1.0), flac(0.5), png(), mp4(), webm()
 REQUEST = json.dumps(S2V).encode()
 
 
@@ -124,6 +139,9 @@ GOOD = [
                                                 ("pose_video", "pose.mp4", "video/mp4", POSE)]),
     ("base64 wav data URL", "json", {"image": b64(IMAGE), "audio": b64(GOOD_WAV, "audio/x-wav")}),
     ("base64 flac + pose", "json", {"image": b64(IMAGE), "audio": b64(GOOD_FLAC), "pose_video": b64(POSE)}),
+    ("multipart wav + pose webm", "multipart", [("request", None, None, REQUEST), ("image", "ref.png", None, IMAGE),
+                                                ("audio", "speech.wav", None, GOOD_WAV),
+                                                ("pose_video", "pose.webm", "video/webm", POSE_WEBM)]),
 ]
 
 
@@ -188,6 +206,9 @@ BAD = [
     ("truncated pose MP4", "multipart", [("request", None, None, REQUEST), ("image", "r.png", None, IMAGE),
                                          ("audio", "a.wav", None, GOOD_WAV),
                                          ("pose_video", "p.mp4", "video/mp4", POSE[: len(POSE) // 2])],
+     422, "INVALID_VIDEO", "pose_video"),
+    ("truncated pose WebM", "json", {"image": b64(IMAGE), "audio": b64(GOOD_WAV),
+                                     "pose_video": b64(POSE_WEBM[: len(POSE_WEBM) * 9 // 10])},
      422, "INVALID_VIDEO", "pose_video"),
     ("pose MP4 sent as WebM", "json", {"image": b64(IMAGE), "audio": b64(GOOD_WAV),
                                        "pose_video": b64(POSE, "video/webm")}, 415, "UNSUPPORTED_MEDIA_TYPE",
@@ -300,11 +321,13 @@ def test_the_broker_refuses_what_the_audio_cannot_give_and_writes_nothing(s2v_br
         with pytest.raises(ServerError) as info:
             s2v_broker.api.submit(gateway_args(request, data))
         assert (info.value.code, info.value.details.get("field")) == ("VALIDATION_ERROR", field)
-    without = gateway_args(S2V, GOOD_WAV)
-    del without["audio"], without["audio_info"]
-    with pytest.raises(ServerError) as info:
-        s2v_broker.api.submit(without)
-    assert (info.value.code, info.value.details.get("field")) == ("VALIDATION_ERROR", "audio")
+    for missing in (("audio", "audio_info"), ("image", "image_size")):  # both are required
+        without = gateway_args(S2V, GOOD_WAV)
+        for key in missing:
+            del without[key]
+        with pytest.raises(ServerError) as info:
+            s2v_broker.api.submit(without)
+        assert (info.value.code, info.value.details.get("field")) == ("VALIDATION_ERROR", missing[0])
     assert not (spool.exists() and any(spool.iterdir()))
 
 
@@ -352,3 +375,39 @@ def test_the_clip_count_admission_predicts_is_the_one_the_audio_features_give(ra
     frames50 = int(lengths(SimpleNamespace(config=Wav2Vec2Config()), torch.tensor(len(mono))))
     frames30 = int(frames50 / 50.0 * 30)
     assert catalog.s2v_clips(samples, rate, per_clip, 16) == clip_count(frames30, per_clip, 16)
+
+
+def test_the_muxer_reads_the_stored_audio_and_the_result_describes_it(s2v_broker):
+    """The broker's stored audio and JobParams are what the muxer needs: the real MuxerStage (in this
+    process, on the broker's folders) puts the audio in the MP4, and the result's metadata.audio
+    holds its sha256, duration, the clip count and the track the muxer wrote."""
+    import torch
+
+    from common import messages as m
+    from stages.muxer import MuxerStage
+
+    data = flac(1.0)
+    options = {"frames_per_clip": 8, "max_area": 64 * 64}
+    job_id = s2v_broker.api.submit(gateway_args({**S2V, "custom_options": options}, data))["job_id"]
+    job = s2v_broker.store.get(job_id)
+    assert job is not None
+    params = m.JobParams(**job.params)
+    attempt = s2v_broker.store.start(job_id)
+    frames = np.zeros((params.num_frames, params.height, params.width, 3), np.uint8)
+    config = s2v_broker.config
+    stage = MuxerStage(config, config.stage("muxer"))
+    stage.setup()
+    (done,) = stage.handle(m.MuxJob(job_id=job_id, attempt=attempt, route=["muxer"], params=params,
+                                    frames=torch.from_numpy(frames)))
+    assert isinstance(done, m.JobDone)
+    s2v_broker.progress.on_report(done)
+    result = s2v_broker.api.result({"job_id": job_id})
+    assert result["status"] == "completed", result
+    meta = result["metadata"]["audio"]
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest() and meta["duration_s"] == pytest.approx(1.0)
+    assert (meta["clips"], meta["start_s"], meta["format"]) == (params.num_clips, 3 / 16, "flac")
+    assert meta["track"]["codec"] == "aac" and meta["track"]["sample_rate"] == 44100
+    assert meta["track"]["track_duration_s"] == pytest.approx(params.num_frames / params.fps, abs=1e-4)
+    with av.open(done.path) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+    assert not config.job_spool(job_id).exists()  # the job is final: its spool folder (the audio) is gone
