@@ -285,17 +285,17 @@ class DitStage(Stage):
         if s.guidance > 1 and c.negative_prompt_embeds is None:
             raise InvalidRequest("guidance is on but the job has no negative prompt embeddings")
         pose = route.clip_pose(c, s)
+        resume = None  # the hand-off within the clip: its latents and the whole UniPC state
+        if msg.latents is not None:
+            if msg.scheduler_state is None:
+                raise InvalidRequest("the clip's hand-off has latents but no scheduler state", {"clip": msg.clip})
+            resume = {"clip": msg.clip, "step": msg.step, "latents": msg.latents, "scheduler": msg.scheduler_state}
         try:
             state = sampler.prepare_clip(dit, s, msg.clip, to(c.prompt_embeds), to(negative), to(c.ref_latents),
                                          to(msg.motion_latents), to(sampler.audio_of_clip(c.audio_features, s, 0)),
-                                         None if pose is None else to(pose))
+                                         None if pose is None else to(pose), resume=resume)
         except ValueError as exc:  # shapes that do not fit the model (audio frames, latents)
             raise InvalidRequest(f"the clip's inputs do not fit {p.model}: {exc}", {"clip": msg.clip}) from None
-        if msg.latents is not None:
-            state.latents = to(msg.latents)
-            if msg.scheduler_state is not None:
-                schedule.restore_state(state.scheduler, msg.scheduler_state, dev)
-            state.step = msg.step
         total = len(state.timesteps)
         steps = schedule.step_range(self.part, state.timesteps, None, entry["split_fraction"])
         if msg.step != steps.start:
@@ -312,8 +312,9 @@ class DitStage(Stage):
                                       clip=msg.clip, conditions=c, motion_latents=msg.motion_latents,
                                       motion_window=msg.motion_window)
         if steps.stop < total:
-            return [m.ClipDenoiseJob(**common, latents=state.latents.cpu(),
-                                     scheduler_state=schedule.export_state(state.scheduler), step=steps.stop)]
+            handoff = sampler.export_clip(state)
+            return [m.ClipDenoiseJob(**common, latents=handoff["latents"], scheduler_state=handoff["scheduler"],
+                                     step=handoff["step"])]
         return [m.ClipDecodeJob(**common, latents=state.latents.cpu())]
 
     def send_preview(self, msg: m.DenoiseJob, x0: torch.Tensor, done: int, total: int) -> None:
