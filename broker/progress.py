@@ -262,7 +262,9 @@ class Progress:
         means = self.store.timings(timing_key(job.params))
         if any(stage not in means for stage in job.route):
             return None
-        total = sum(means[s] for s in job.route)
+        # An S2V job passes its DiT..VAE stages once per clip; their means are per pass.
+        clips = clips_of(job)
+        total = sum(means[s] * (clips if self.config.stage(s).kind in CYCLE_KINDS else 1) for s in job.route)
         remaining = total * (1.0 - job.progress)
         if job.status == "queued":
             dispatcher = self.broker.dispatcher

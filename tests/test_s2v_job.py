@@ -30,6 +30,7 @@ from websockets.sync.client import connect
 from broker import admission, memory
 from broker.broker import Broker
 from broker.dispatch import stages_ahead
+from broker.progress import timing_key
 from common import messages as m
 from common import wire
 from common.config import Config, profile_path
@@ -210,6 +211,17 @@ def test_progress_runs_over_all_clips_and_never_back(broker: Broker) -> None:
     assert values[-1] == pytest.approx(0.95)
     job = broker.store.get(job_id)
     assert job is not None and job.checkpoint == "vae" and job.checkpoint_clip == clips - 1
+
+
+def test_the_eta_counts_every_clip(broker: Broker) -> None:
+    """The stage timings are per pass (a DiT or the VAE records one per clip): the ETA of a job of
+    three clips counts its DiT and VAE passes three times."""
+    job_id = started(broker, 3)
+    job = broker.store.get(job_id)
+    assert job is not None
+    for stage, seconds in {"text_encoder": 1.0, "dit_high": 2.0, "dit_low": 2.0, "vae": 1.0, "muxer": 1.0}.items():
+        broker.store.record_timing(timing_key(job.params), stage, seconds)
+    assert broker.progress.eta(job) == 1.0 + 3 * (2.0 + 2.0 + 1.0) + 1.0
 
 
 def test_late_reports_of_an_earlier_clip_move_nothing_back(broker: Broker) -> None:
