@@ -403,9 +403,13 @@ def preset_markdown(config: Config) -> str:
             post += [f"upscale x{row['upscale']:g}"] if "upscale" in row else []
             post += [f"upscale to {row['upscale_to']}"] if "upscale_to" in row else []
             shift = "model's" if row.get("shift") is None else f"{row['shift']:g}"
+            # s2v-14B: the resolution's area bounds the size (the image's aspect), the audio the length.
+            size, frames = row["resolution"], f"{row['num_frames']}"
+            if "frames_per_clip" in row:
+                size, frames = f"{size} area", f"{row['frames_per_clip']} per clip"
             lines.append(
-                f"| {model} | {name} | {row['steps']} | {guidance} | {shift} | {row['resolution']} | "
-                f"{row['num_frames']} @ {row['fps']} | {', '.join(post) or '-'} |"
+                f"| {model} | {name} | {row['steps']} | {guidance} | {shift} | {size} | "
+                f"{frames} @ {row['fps']} | {', '.join(post) or '-'} |"
             )
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from broker.fairness import fair_order
 from broker.store import Job
 from common import messages as m
 from common import spool
+from common.config import Config
 from common.logs import job_context
 
 if TYPE_CHECKING:
@@ -36,6 +37,18 @@ log = logging.getLogger(__name__)
 def entry_stage(job: Job) -> str:
     """Where the job starts: at its latest checkpoint, else at the head of its route."""
     return job.checkpoint if job.checkpoint in job.route else job.route[0]
+
+
+def stages_ahead(config: Config, job: Job, first: str) -> list[str]:
+    """The stages a job entering its route at `first` still has to pass: the rest of the route,
+    and for an S2V job of several clips (broker/progress.py) also the DiT..VAE cycle before
+    `first` (its next clips go round it again)."""
+    route = job.route
+    ahead = route[route.index(first):]
+    if (job.params.get("num_clips") or 0) > 1:
+        cycle = [s for s in route if config.stage(s).kind in ("dit", "vae")]
+        ahead = [*(s for s in cycle if s not in ahead), *ahead]
+    return ahead
 
 
 class Dispatcher:
@@ -72,7 +85,7 @@ class Dispatcher:
         for job in order:
             key = ",".join(job.route)
             first = entry_stage(job)
-            ready = all(alive(s) for s in job.route[job.route.index(first):])
+            ready = all(alive(s) for s in stages_ahead(self.broker.config, job, first))
             if inflight.get(key, 0) >= self.max_inflight or not ready:
                 continue
             try:
@@ -95,7 +108,12 @@ class Dispatcher:
         if first == job.route[0] and not job.checkpoint:
             params = m.JobParams(**job.params)
             image = str(self.broker.api.image_path(job.id)) if params.image_sha256 else None
-            msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=params, image_path=image)
+            # S2V: the audio and pose video the broker stored in the job's spool folder.
+            folder = self.broker.config.job_spool(job.id)
+            audio = str(folder / params.audio["file"]) if params.audio else None
+            pose = str(folder / params.pose_video["file"]) if params.pose_video else None
+            msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=params, image_path=image,
+                              audio_path=audio, pose_path=pose)
         else:
             msg = m.ResumeJob(job_id=job.id, attempt=attempt, stage=first)
         with job_context(job.id):

@@ -26,7 +26,8 @@ class JobInFlight:
     job_id: str
     attempt: int
     route: list[str]
-    # Where the job is: the stage holding it, or the stage it was forwarded to.
+    # Where the job is: the stage holding it, or the stage it was forwarded to; for an S2V job,
+    # in which clip (the route's DiT..VAE part runs once per clip).
     stage: str
     # The process of `stage` that holds it; None while that stage is down (the job is in transit to
     # whichever process comes up next). A job whose process dies is lost with it.
@@ -37,13 +38,20 @@ class JobInFlight:
     progressed_at: float = 0.0
     # stage -> when (wall clock) it accepted the job; popped when the stage is done with it.
     started: dict[str, float] = field(default_factory=dict)
+    clip: int = 0
 
-    def move_to(self, stage: str, pid: int | None) -> bool:
-        """Move the job to `stage` when that is not behind where it is: reports of two stage
-        processes arrive out of order, and a late one must not move the job back along its route."""
-        if stage not in self.route or self.route.index(stage) < self.route.index(self.stage):
+    def position(self, stage: str, clip: int = 0) -> tuple[int, int]:
+        """Where `stage` of clip `clip` lies along the job's way: clips first, then the route."""
+        return clip, self.route.index(stage)
+
+    def move_to(self, stage: str, pid: int | None, clip: int = 0) -> bool:
+        """Move the job to `stage` (of clip `clip`) when that is not behind where it is: reports of
+        two stage processes arrive out of order, and a late one must not move the job back along
+        its route, nor back to an earlier clip (an S2V job goes round the route's DiT..VAE part
+        once per clip)."""
+        if stage not in self.route or self.position(stage, clip) < self.position(self.stage, self.clip):
             return False
-        self.stage, self.pid = stage, pid
+        self.stage, self.pid, self.clip = stage, pid, clip
         return True
 
     def progressed(self, stage: str, now: float) -> None:

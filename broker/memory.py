@@ -27,6 +27,14 @@ peak minus weights, our stage code):
   With `vae_tiling` the decoder works on 256x256 tiles: VAE act x (tile area / frame area) plus the
   stitched output (3 x frames x H x W x (2 x dtype bytes + 4)) - an estimate, not measured.
 - Text encoder: 512 tokens through UMT5-XXL is ~0.1 GiB, whatever the video size.
+- S2V-14B (not measured yet: the A14B coefficients, the same width and depth): one DiT pass sees
+  the clip's noisy tokens (frames_per_clip / 4 latent frames x H/16 x W/16), the reference image's
+  (one latent frame) and the motion frames' (FramePack: 19 latent frames in buckets of 1, 2 and
+  16 frames patched at 1x2x2, 2x4x4 and 4x8x8, i.e. 1.5 x H/16 x W/16): 63,360 tokens at 1024x704,
+  80 frames per clip. The VAE decodes one clip at a time after its motion latents (19 + 20 latent
+  frames, 153 frames at 80 per clip) and encodes the last 73 frames for the next; the text encoder
+  also runs wav2vec2 (0.3B) and VAE-encodes the reference image (and the pose video clip by
+  clip). None of it grows with the number of clips: a long audio needs no more memory, only time.
 """
 
 from __future__ import annotations
@@ -60,17 +68,41 @@ class Family:
 
 
 A14B = Family(120 * KIB, 16 * 16, 150, 0.1 * GIB, 14.288e9, 126.9e6)
+# S2V-14B: one DiT of ~16.3B parameters (the release's 4 shards, 32.6 GB in bf16), the Wan2.1 VAE,
+# UMT5-XXL and wav2vec2-large-xlsr-53 (0.32B) in the text encoder stage.
+S2V = Family(120 * KIB, 16 * 16, 150, 0.1 * GIB, 16.3e9, 126.9e6, 5.68e9 + 0.317e9)
 FAMILIES = {
     "t2v-A14B": A14B,
     "i2v-A14B": A14B,
     "ti2v-5B": Family(210 * KIB, 32 * 32, 110, 0.1 * GIB, 5.0e9, 704.7e6),
+    "s2v-14B": S2V,
 }
+S2V_MOTION_LATENT_FRAMES = 19  # the 73 motion frames of the official config, VAE-encoded
+S2V_MOTION_FRAMES = 73
+S2V_MOTION_TOKENS = 1.5  # FramePack's motion tokens, in latent frames' worth of noisy tokens (above)
 
 
 def dit_tokens(model: str, width: int, height: int, frames: int) -> int:
+    """Tokens of one DiT pass: of `frames` video frames (4n+1); for s2v-14B `frames` is the frames
+    per clip (4n), and the reference and motion tokens are added."""
     family = FAMILIES[model]
     side = int(family.pixels_per_token**0.5)
-    return ((frames - 1) // 4 + 1) * (height // side) * (width // side)
+    per_frame = (height // side) * (width // side)
+    if model == "s2v-14B":
+        return int(frames // 4 * per_frame + per_frame + S2V_MOTION_TOKENS * per_frame)
+    return ((frames - 1) // 4 + 1) * per_frame
+
+
+def _frames(kind: str, p: m.JobParams) -> int:
+    """The frames one pass of a stage of `kind` works on: an S2V job's DiT sees one clip; its VAE
+    decodes one clip after its motion latents (and encodes the motion frames of the next)."""
+    if p.num_clips <= 0:
+        return p.num_frames
+    if kind == "vae":
+        return (S2V_MOTION_LATENT_FRAMES + p.frames_per_clip // 4 - 1) * 4 + 1
+    if kind == "text_encoder":  # the reference image, and a pose video encoded clip by clip
+        return p.frames_per_clip + 1 if p.pose_video else 1
+    return p.frames_per_clip
 
 
 def activation_bytes(kind: str, dtype: str, p: m.JobParams, vae_tiling: bool = False) -> int:
@@ -79,16 +111,20 @@ def activation_bytes(kind: str, dtype: str, p: m.JobParams, vae_tiling: bool = F
     if family is None:
         return 0
     scale = DTYPE_BYTES.get(dtype, 4) / 2
+    frames = _frames(kind, p)
     if kind == "dit":
-        return int(family.dit_bytes_per_token * dit_tokens(p.model, p.width, p.height, p.num_frames) * scale)
+        return int(family.dit_bytes_per_token * dit_tokens(p.model, p.width, p.height, frames) * scale)
     if kind == "vae":
         pixels = p.width * p.height
         if vae_tiling and pixels > TILE_PIXELS:
-            decode = family.vae_bytes_per_pixel_frame * p.num_frames * TILE_PIXELS * scale
-            stitched = 3 * p.num_frames * pixels * (2 * DTYPE_BYTES.get(dtype, 4) + 4)
+            decode = family.vae_bytes_per_pixel_frame * frames * TILE_PIXELS * scale
+            stitched = 3 * frames * pixels * (2 * DTYPE_BYTES.get(dtype, 4) + 4)
             return int(decode + stitched)
-        return int(family.vae_bytes_per_pixel_frame * p.num_frames * pixels * scale)
+        return int(family.vae_bytes_per_pixel_frame * frames * p.width * p.height * scale)
     if kind == "text_encoder":
+        if p.num_clips > 0:  # and its VAE encodes the reference image (and the pose video, clip by clip)
+            vae = family.vae_bytes_per_pixel_frame * frames * p.width * p.height * scale
+            return int(family.text_encoder_bytes * scale + vae)
         return int(family.text_encoder_bytes * scale)
     return 0
 
@@ -109,7 +145,7 @@ def nominal_weight_bytes(config: Config, stage: str) -> int:
         elif spec.kind == "vae":
             total += family.vae_params
         elif spec.kind == "text_encoder":
-            total += family.text_encoder_params
+            total += family.text_encoder_params + (family.vae_params if model == "s2v-14B" else 0)
     return int(total * per_param)
 
 
@@ -175,8 +211,14 @@ def check(config: Config, p: m.JobParams, route: list[str], heartbeats: dict[str
         if budget is None or any(s in unknown for s in need.stages):
             continue  # no budget, or a stage on it has not reported its weights yet
         if need.total > budget:
+            s2v = p.num_clips > 0
+            frames = f"{p.frames_per_clip} frames per clip" if s2v else f"{p.num_frames} frames"
+            suggestion = ("lower max_area or frames_per_clip (custom_options), or use the draft preset" if s2v else
+                          "lower the resolution or num_frames (custom_options), or use the draft preset")
+            extra: dict[str, Any] = {"frames_per_clip": p.frames_per_clip, "tokens": dit_tokens(
+                p.model, p.width, p.height, p.frames_per_clip)} if s2v else {}
             raise InsufficientMemory(
-                f"{p.model} at {p.width}x{p.height}, {p.num_frames} frames needs about {need.total / GIB:.2f} GiB on "
+                f"{p.model} at {p.width}x{p.height}, {frames} needs about {need.total / GIB:.2f} GiB on "
                 f"{device}, which has {budget / GIB:.2f} GiB; choose a lower resolution, fewer frames or the "
                 "draft preset",
                 {
@@ -188,7 +230,8 @@ def check(config: Config, p: m.JobParams, route: list[str], heartbeats: dict[str
                     "model": p.model,
                     "resolution": f"{p.width}x{p.height}",
                     "num_frames": p.num_frames,
-                    "suggestion": "lower the resolution or num_frames (custom_options), or use the draft preset",
+                    **extra,
+                    "suggestion": suggestion,
                 },
             )
     return report

@@ -7,8 +7,13 @@ processes arrive on separate connections, so one stage's `forwarded` can land af
 stage's `accepted` (broker/inflight.py `JobInFlight.move_to`).
 
 Progress is the share of the route done: each stage kind weighs `PROGRESS_WEIGHTS` (the DiT share
-split by steps). Each stage's time from `accepted` to `forwarded` (or to JobDone, for the last) is
-recorded per job shape (`timing_key`); ETAs and the watchdog's deadlines come from those means.
+split by steps). An S2V job passes the route's DiT..VAE part once per clip (`params.num_clips`):
+that part's weight is shared out over the clips, so progress runs over all clips, each report
+carrying its clip, and never goes backwards (a late report of an earlier clip or stage moves
+nothing; the store keeps the highest progress).
+
+Each stage's time from `accepted` to `forwarded` (or to JobDone, for the last) is recorded per job
+shape (`timing_key`); ETAs and the watchdog's deadlines come from those means.
 """
 
 from __future__ import annotations
@@ -30,6 +35,20 @@ log = logging.getLogger(__name__)
 
 # Share of a job's progress each stage kind accounts for (the DiT share is split by steps).
 PROGRESS_WEIGHTS = {"text_encoder": 0.05, "dit": 0.80, "vae": 0.10, "muxer": 0.05}
+
+
+# The stage kinds an S2V job passes once per clip.
+CYCLE_KINDS = ("dit", "vae")
+
+
+def clips_of(job: Job) -> int:
+    """How many times the job passes its DiT..VAE stages (S2V: its clips; else 1)."""
+    clips = job.params.get("num_clips") or 1
+    return clips if isinstance(clips, int) and clips > 0 else 1
+
+
+def is_cyclic(job: Job) -> bool:
+    return clips_of(job) > 1
 
 
 def timing_key(params: dict[str, Any]) -> str:
@@ -103,20 +122,21 @@ class Progress:
         pid_of = self.broker.inflight.pid_of
         timings = dict(job.timings)
         now, tick = time.time(), time.monotonic()
-        not_behind = job.route.index(r.stage) >= job.route.index(record.stage)
+        clip = r.clip if 0 <= r.clip < clips_of(job) else 0
+        not_behind = record.position(r.stage, clip) >= record.position(record.stage, record.clip)
         if r.event == "accepted":
-            if record.move_to(r.stage, r.pid or pid_of(r.stage)):
+            if record.move_to(r.stage, r.pid or pid_of(r.stage), clip):
                 record.progressed(r.stage, tick)
             record.started[r.stage] = now
             self.broker.metrics.accepted(job.id, r.stage, r.at or now)
-            progress = self.progress_at(job, r.stage, 0.0)
+            progress = self.progress_at(job, r.stage, 0.0, clip)
         elif r.event == "step":
             if not_behind:
                 record.progressed(r.stage, tick)
             self.broker.metrics.step(job.id, r.stage, r.at or now)
             dits = [s for s in job.route if self.config.stage(s).kind == "dit"]
-            base = self.progress_at(job, dits[0], 0.0) if dits else 0.0
-            progress = base + PROGRESS_WEIGHTS["dit"] * r.step / max(1, r.total_steps)
+            base = self.progress_at(job, dits[0], 0.0, clip) if dits else 0.0
+            progress = base + PROGRESS_WEIGHTS["dit"] / clips_of(job) * r.step / max(1, r.total_steps)
         elif r.event == "cache":
             # A DiT's step cache (stages/caching.py): step = passes skipped, total_steps = passes run.
             timings["cache"] = {**(timings.get("cache") or {}),
@@ -126,8 +146,10 @@ class Progress:
         elif r.event == "checkpoint":
             if record.watched == r.stage:
                 record.progressed(r.stage, tick)
-            if r.to in job.route and self.store.set_checkpoint(job.id, r.attempt, r.to):
-                log.info("attempt %d: checkpoint for %s written", r.attempt, r.to)
+            if r.to in job.route and self.checkpoint_ahead(job, record, r.to, clip) and self.store.set_checkpoint(
+                    job.id, r.attempt, r.to, clip):
+                log.info("attempt %d: checkpoint for %s written%s", r.attempt, r.to,
+                         f" (clip {clip} of {clips_of(job)})" if is_cyclic(job) else "")
             return
         elif r.event == "preview":
             self.on_preview(job, r)
@@ -135,20 +157,34 @@ class Progress:
         elif r.event == "forwarded":
             if record.watched == r.stage:
                 record.watched = None
-            if r.to:
-                record.move_to(r.to, pid_of(r.to))
+            if r.to in job.route:
+                record.move_to(r.to, pid_of(r.to), clip)
+                # The report names the clip it sent: a VAE sending the job back to a DiT before it
+                # on the route finished the clip before that one.
+                if job.route.index(r.to) <= job.route.index(r.stage):
+                    clip = max(0, clip - 1)
             started = record.started.pop(r.stage, None)
             if started is not None:
                 timings[r.stage] = {"start": started, "end": now, "seconds": round(now - started, 4)}
                 self.store.record_timing(timing_key(job.params), r.stage, now - started)
                 self.broker.metrics.busy(r.stage, now - started)
-            progress = self.progress_at(job, r.stage, 1.0)
+            progress = self.progress_at(job, r.stage, 1.0, clip)
         else:
             return
         if self.store.progress(job.id, r.attempt, record.stage, min(progress, 0.99), timings):
             job = self.store.get(job.id)  # type: ignore[assignment]
-            self.broker.events.job(job, "progress", {"progress": round(job.progress, 4), "eta": self.eta(job),
-                                                     "stage": r.stage, "attempt": r.attempt})
+            data: dict[str, Any] = {"progress": round(job.progress, 4), "eta": self.eta(job), "stage": r.stage,
+                                    "attempt": r.attempt}
+            if is_cyclic(job):
+                data.update(clip=record.clip, clips=clips_of(job))
+            self.broker.events.job(job, "progress", data)
+
+    def checkpoint_ahead(self, job: Job, record: JobInFlight, stage: str, clip: int) -> bool:
+        """Whether a checkpoint for `stage` of clip `clip` is not behind the job's recorded one (two
+        stages' reports may arrive out of order; the job must resume at its latest checkpoint)."""
+        if job.checkpoint not in job.route:
+            return True
+        return record.position(stage, clip) >= record.position(job.checkpoint, job.checkpoint_clip or 0)
 
     def on_preview(self, job: Job, r: m.StageReport) -> None:
         """A DiT stage wrote a preview image into the job's spool folder: record it as the latest
@@ -197,16 +233,26 @@ class Progress:
             self.broker.dispatcher.dispatch()
 
     # ---- progress and ETA ----
-    def progress_at(self, job: Job, stage: str, fraction: float) -> float:
-        """Job progress when `stage` of the route is `fraction` done."""
-        done = 0.0
+    def progress_at(self, job: Job, stage: str, fraction: float, clip: int = 0) -> float:
+        """Job progress when `stage` of the route is `fraction` done (in clip `clip`: the stages of
+        the DiT..VAE cycle weigh their share divided by the job's clips, the clips before count
+        whole)."""
         kinds = [self.config.stage(s).kind for s in job.route]
         dit_count = max(1, kinds.count("dit"))
-        for s, kind in zip(job.route, kinds, strict=True):
-            weight = PROGRESS_WEIGHTS.get(kind, 0.0) / (dit_count if kind == "dit" else 1)
+        weights = [PROGRESS_WEIGHTS.get(k, 0.0) / (dit_count if k == "dit" else 1) for k in kinds]
+        clips = clips_of(job)
+        in_cycle = [k in CYCLE_KINDS for k in kinds]
+        cycle_weight = sum(w for w, c in zip(weights, in_cycle, strict=True) if c)
+        last_in_cycle = max((i for i, c in enumerate(in_cycle) if c), default=-1)
+        done = 0.0
+        for i, s in enumerate(job.route):
+            weight = weights[i] / clips if in_cycle[i] else weights[i]
             if s == stage:
-                return done + weight * fraction
+                before = cycle_weight * clip / clips if in_cycle[i] else 0.0
+                return done + before + weight * fraction
             done += weight
+            if i == last_in_cycle:  # past the cycle: every clip of it is done
+                done += cycle_weight * (clips - 1) / clips
         return done
 
     def eta(self, job: Job) -> float | None:
@@ -216,7 +262,9 @@ class Progress:
         means = self.store.timings(timing_key(job.params))
         if any(stage not in means for stage in job.route):
             return None
-        total = sum(means[s] for s in job.route)
+        # An S2V job passes its DiT..VAE stages once per clip; their means are per pass.
+        clips = clips_of(job)
+        total = sum(means[s] * (clips if self.config.stage(s).kind in CYCLE_KINDS else 1) for s in job.route)
         remaining = total * (1.0 - job.progress)
         if job.status == "queued":
             dispatcher = self.broker.dispatcher

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_path TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
     checkpoint TEXT,
+    checkpoint_clip INTEGER,
     outputs TEXT,
     preview TEXT
 );
@@ -129,6 +130,8 @@ class Job:
     output_path: str | None
     timings: dict[str, Any]
     checkpoint: str | None = None
+    # The S2V clip the checkpoint is in (the job resumes at that clip); None without a checkpoint.
+    checkpoint_clip: int | None = None
     webhook_url: str | None = None
     # What the muxer wrote: {"files": [JobDone.outputs...], "postprocess": JobDone.postprocess}.
     outputs: dict[str, Any] | None = None
@@ -172,6 +175,8 @@ class JobStore:
             self.db.execute("ALTER TABLE jobs ADD COLUMN outputs TEXT")
         if "preview" not in columns:  # a store written before live previews
             self.db.execute("ALTER TABLE jobs ADD COLUMN preview TEXT")
+        if "checkpoint_clip" not in columns:  # a store written before S2V's clips
+            self.db.execute("ALTER TABLE jobs ADD COLUMN checkpoint_clip INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -259,11 +264,13 @@ class JobStore:
         )
         return cur.rowcount == 1
 
-    def set_checkpoint(self, job_id: str, attempt: int, stage: str | None) -> bool:
-        """Record the stage the job's latest checkpoint was written for (None: start over)."""
+    def set_checkpoint(self, job_id: str, attempt: int, stage: str | None, clip: int = 0) -> bool:
+        """Record the stage the job's latest checkpoint was written for, and its S2V clip (None:
+        start over)."""
         cur = self.db.execute(
-            "UPDATE jobs SET checkpoint = ? WHERE id = ? AND attempt = ? AND status = 'processing'",
-            (stage, job_id, attempt),
+            "UPDATE jobs SET checkpoint = ?, checkpoint_clip = ?"
+            " WHERE id = ? AND attempt = ? AND status = 'processing'",
+            (stage, None if stage is None else clip, job_id, attempt),
         )
         return cur.rowcount == 1
 

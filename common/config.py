@@ -237,6 +237,9 @@ class ModelSpec:
     # the model samples at `dmd_timesteps` (broker/distill.py, stages/schedule.py DmdSampler).
     sampler: str | None = None
     dmd_timesteps: tuple[int, ...] = (1000, 757, 522)
+    # S2V: pixel frames of the motion window re-encoded for the next clip (the release's 73; a tiny
+    # model may use fewer, so its VAE passes stay small).
+    motion_frames: int = 73
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,9 @@ class JobMessage(Message):
 
     # Declared here, set by each subclass: not a field, and unset on the base (never sent itself).
     stage_kind: ClassVar[str]
+    # True for the message that starts a job's next clip (S2V): when no stage of its kind follows
+    # the sender on the route, it goes to the first one on the route (the route's DiT..VAE cycle).
+    starts_cycle: ClassVar[bool] = False
 
     job_id: str
     attempt: int
@@ -128,6 +131,9 @@ class EncodeJob(JobMessage):
     stage_kind: ClassVar[str] = "text_encoder"
 
     image_path: str | None = None
+    # S2V: the job's audio and pose video (files the broker wrote into the job's spool folder).
+    audio_path: str | None = None
+    pose_path: str | None = None
 
 
 @dataclass
@@ -154,6 +160,64 @@ class DenoiseJob(JobMessage):
     step: int = 0
     condition: Tensor | None = None
     first_frame_mask: Tensor | None = None
+
+
+@dataclass
+class ClipConditions:
+    """What conditions every clip of an S2V job, computed once by the text_encoder stage and
+    carried by each clip message (float32 unless said): the prompt embeddings (the negative one
+    with guidance), the reference image's normalised VAE latent `(1, 16, 1, h, w)`, the wav2vec2
+    features per video frame of this clip and every later one `(1, 25, 1024, frames)` (the first
+    `frames_per_clip` frames are this clip's; the finished clips' are dropped as the job goes on),
+    and, with a pose video, its normalised latents of this clip and the later ones
+    `(1, 16, latent frames per clip x clips left, h, w)`."""
+
+    prompt_embeds: Tensor
+    ref_latents: Tensor
+    audio_features: Tensor
+    negative_prompt_embeds: Tensor | None = None
+    pose_latents: Tensor | None = None
+
+
+@dataclass
+class ClipDenoiseJob(JobMessage):
+    """S2V: denoise clip `clip` (0-based, of `params.num_clips`).
+
+    text_encoder -> dit (clip 0); dit -> dit at the hand-off within a clip (with `latents`, the
+    whole UniPC state and `step`, as DenoiseJob); vae -> dit for the next clip (the route's cycle:
+    `starts_cycle`), carrying the motion latents the VAE encoded from the last frames of the clip
+    before. `motion_latents` is the normalised latent of the motion frames `(1, 16, m, h, w)`
+    (clip 0: of the zero frames the reference starts from). `motion_window` is those last pixel
+    frames, float in [-1, 1] `(1, 3, 73, H, W)`, carried only when this clip gives fewer frames
+    than the window holds (frames_per_clip under 73; else the VAE takes the window from this clip
+    alone and the field is None)."""
+
+    stage_kind: ClassVar[str] = "dit"
+    starts_cycle: ClassVar[bool] = True
+
+    clip: int
+    conditions: ClipConditions
+    motion_latents: Tensor
+    motion_window: Tensor | None = None
+    latents: Tensor | None = None
+    scheduler_state: dict[str, Any] | None = None
+    step: int = 0
+
+
+@dataclass
+class ClipDecodeJob(JobMessage):
+    """S2V: dit -> vae, the denoised latents of clip `clip` (float32). The VAE decodes them (after
+    the motion latents, or the reference latent for clip 0), writes the clip's frames into the
+    job's spool folder, encodes the last motion frames, and sends the next clip to the DiT
+    (ClipDenoiseJob), or, after the last clip, every clip's frames to the muxer (MuxJob)."""
+
+    stage_kind: ClassVar[str] = "vae"
+
+    clip: int
+    conditions: ClipConditions
+    motion_latents: Tensor
+    latents: Tensor
+    motion_window: Tensor | None = None
 
 
 @dataclass
@@ -192,7 +256,9 @@ class StageReport(Message):
     """A job's progress through a stage. `event` is accepted | step | checkpoint | forwarded |
     cancelled | preview | cache; `to` names the stage a forwarded job was sent to, or whose checkpoint
     was written (the job's spool folder holds the message sent to it: see `common.spool`); `preview`
-    names the preview image of `step` (event preview) in the job's spool previews folder; a DiT's
+    names the preview image of `step` (event preview) in the job's spool previews folder; `clip` the
+    S2V clip it concerns: of the message taken (accepted, step: steps count within the clip) or
+    sent (forwarded, checkpoint: a VAE that sends the next clip names that one); a DiT's
     `cache` report (stages/caching.py) has the passes skipped in `step`, the passes run in
     `total_steps`, the method in `to`."""
 
@@ -206,6 +272,8 @@ class StageReport(Message):
     to: str = ""
     pid: int = 0
     preview: str = ""
+    # The clip (0-based) of an S2V job the report is about; 0 for other jobs.
+    clip: int = 0
 
 
 @dataclass

@@ -54,6 +54,12 @@ def checkpoint_path(config: Config, job_id: str, stage: str) -> Path:
     return job_dir(config, job_id) / f"{stage}{CHECKPOINT_SUFFIX}"
 
 
+def clip_frames_path(config: Config, job_id: str, clip: int) -> Path:
+    """Where the VAE keeps an S2V job's decoded clip (uint8 frames, `.npy`) until the last clip's
+    frames go to the muxer (`<spool>/<job_id>/clips/clip-NNNN.npy`)."""
+    return job_dir(config, job_id) / "clips" / f"clip-{int(clip):04d}.npy"
+
+
 def preview_name(step: int, extension: str) -> str:
     return f"step-{step:04d}.{extension}"
 

@@ -19,6 +19,12 @@ diffusers' `WanImageToVideoPipeline` does: I2V-A14B joins the noise latents and 
 `condition` (mask + condition latents) on the channel axis; TI2V-5B replaces the first latent frame
 by the image's latent (`first_frame_mask`), gives those tokens timestep 0, and the last DiT part
 puts the image's latent back into the first frame before the VAE decodes.
+
+S2V-14B (one DiT, `stages/s2v/transformer.py`) comes as `ClipDenoiseJob`s, one clip at a time:
+the first DiT part builds the clip's conditioning and draws its noise (`stages/s2v/sampler.py`),
+the steps are split at `split_fraction` as TI2V-5B's (the hand-off carries the UniPC state), and
+the last part sends the clip's latents to the VAE (`ClipDecodeJob`), which sends the next clip
+back here.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
+S2V_MODELS = ("s2v-14B",)  # served by the S2V DiT (stages/s2v), clip by clip
+
+
+def load_s2v_transformer(folder: Any, dtype: torch.dtype) -> torch.nn.Module:
+    from stages.official import load_s2v_transformer as load
+
+    model: torch.nn.Module = load(folder, dtype)
+    return model
+
 
 class DitStage(Stage):
     kind = "dit"
@@ -58,8 +73,14 @@ class DitStage(Stage):
             raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
         self.models: dict[str, dict] = {}
         projections: dict[str, Projection] = {}
+        self.s2v_models: dict[str, dict[str, Any]] = {}
         for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
+            if model in S2V_MODELS:
+                self.add_s2v_model(model, placement.place(load_s2v_transformer(folder, self.dtype), f"{model}/dit"),
+                                   self.config.model(model).split_fraction)
+                log.info("loaded the S2V DiT of %s on %s (%s), part %s", model, self.device, self.dtype, self.part)
+                continue
             info = PipelineInfo.read(folder)
             model_spec = self.config.model(model)
             two_experts = info.has_transformer_2 and info.boundary_ratio is not None
@@ -97,6 +118,10 @@ class DitStage(Stage):
             "split_fraction": float(split_fraction),
         }
 
+    def add_s2v_model(self, model: str, dit: torch.nn.Module, split_fraction: float = 0.5) -> None:
+        """Serve the S2V `model` with this loaded DiT (setup(), or a benchmark with its own)."""
+        self.s2v_models[model] = {"dit": dit, "split_fraction": float(split_fraction)}
+
     def prepare_latents(self, info: PipelineInfo, p: m.JobParams) -> torch.Tensor:
         shape = (
             1,
@@ -110,6 +135,8 @@ class DitStage(Stage):
 
     @torch.no_grad()
     def handle(self, msg: m.Message) -> list[m.Message]:
+        if isinstance(msg, m.ClipDenoiseJob):
+            return self.handle_clip(msg)
         if not isinstance(msg, m.DenoiseJob):
             raise InvalidRequest(f"dit does not take {msg.type_name}")
         p = msg.params
@@ -238,6 +265,59 @@ class DitStage(Stage):
             assert condition is not None  # as above
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return [m.DecodeJob(**common, latents=latents.cpu())]
+
+    def handle_clip(self, msg: m.ClipDenoiseJob) -> list[m.Message]:
+        """This process's steps of one S2V clip: from the start (the first part builds the clip's
+        conditioning and draws its noise from `seed + clip`), or from the hand-off's latents and
+        UniPC state; then the hand-off to the next DiT part, or the clip's latents to the VAE."""
+        from stages.s2v import route, sampler
+
+        p = msg.params
+        entry = self.s2v_models.get(p.model)
+        if entry is None:
+            raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
+        if p.loras or p.cache:
+            raise InvalidRequest(f"{p.model} takes no LoRAs or step cache here", {"model": p.model})
+        s = route.settings(p, self.config.model(p.model).motion_frames)
+        if not 0 <= msg.clip < p.num_clips:
+            raise InvalidRequest(f"clip {msg.clip} is not one of the job's {p.num_clips}", {"clip": msg.clip})
+        dit, c, dev = entry["dit"], msg.conditions, self.device
+        to = lambda t: t.to(dev, torch.float32)  # noqa: E731
+        negative = c.negative_prompt_embeds if c.negative_prompt_embeds is not None else c.prompt_embeds
+        if s.guidance > 1 and c.negative_prompt_embeds is None:
+            raise InvalidRequest("guidance is on but the job has no negative prompt embeddings")
+        pose = route.clip_pose(c, s)
+        resume = None  # the hand-off within the clip: its latents and the whole UniPC state
+        if msg.latents is not None:
+            if msg.scheduler_state is None:
+                raise InvalidRequest("the clip's hand-off has latents but no scheduler state", {"clip": msg.clip})
+            resume = {"clip": msg.clip, "step": msg.step, "latents": msg.latents, "scheduler": msg.scheduler_state}
+        try:
+            state = sampler.prepare_clip(dit, s, msg.clip, to(c.prompt_embeds), to(negative), to(c.ref_latents),
+                                         to(msg.motion_latents), to(sampler.audio_of_clip(c.audio_features, s, 0)),
+                                         None if pose is None else to(pose), resume=resume)
+        except ValueError as exc:  # shapes that do not fit the model (audio frames, latents)
+            raise InvalidRequest(f"the clip's inputs do not fit {p.model}: {exc}", {"clip": msg.clip}) from None
+        total = len(state.timesteps)
+        steps = schedule.step_range(self.part, state.timesteps, None, entry["split_fraction"])
+        if msg.step != steps.start:
+            raise InvalidRequest(
+                f"clip {msg.clip} arrived at step {msg.step} but this {self.part} part starts at {steps.start}",
+                {"step": msg.step, "expected": steps.start, "clip": msg.clip},
+            )
+        for i in steps:
+            self.check_cancelled(msg.job_id)
+            sampler.denoise_step(dit, state)
+            self.emit(m.StageReport(msg.job_id, msg.attempt, self.name, "step", i + 1, total, time.time(),
+                                    clip=msg.clip))
+        common: dict[str, Any] = dict(job_id=msg.job_id, attempt=msg.attempt, route=msg.route, params=p,
+                                      clip=msg.clip, conditions=c, motion_latents=msg.motion_latents,
+                                      motion_window=msg.motion_window)
+        if steps.stop < total:
+            handoff = sampler.export_clip(state)
+            return [m.ClipDenoiseJob(**common, latents=handoff["latents"], scheduler_state=handoff["scheduler"],
+                                     step=handoff["step"])]
+        return [m.ClipDecodeJob(**common, latents=state.latents.cpu())]
 
     def send_preview(self, msg: m.DenoiseJob, x0: torch.Tensor, done: int, total: int) -> None:
         """Write the preview of `x0` after `done` steps and announce it (not for a cancelled job)."""

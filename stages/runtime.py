@@ -18,7 +18,10 @@ in-process by tests, replay and benchmarks (`stages/base.py`).
 - A job message sent to a stage of a kind in `runtime.checkpoint_kinds` (default: the DiTs and
   the VAE) is first written to the job's spool folder, and the broker is told (`checkpoint`
   report); a `ResumeJob` from the broker replays that checkpoint as a new attempt.
-- The same job message (job id + attempt) delivered twice is handled once.
+- The same job message (job id + attempt, and the clip of an S2V job, which passes each stage
+  once per clip) delivered twice is handled once.
+- An S2V job's next clip goes from the VAE back to the route's first DiT (`next_stage` with
+  `JobMessage.starts_cycle`); its reports name the clip.
 - SIGTERM stops a job between two steps (the broker dispatches it again). During `setup()` it
   abandons the loading where it is (`SetupAborted`): loading keeps no state worth finishing, and
   one 14B expert takes minutes to load, so waiting for a check between models would hold a stop
@@ -72,18 +75,31 @@ log = logging.getLogger(__name__)
 REMEMBERED = 10_000  # job ids kept for dedupe and cancellation
 
 
+def is_clip(msg: m.Message) -> bool:
+    return isinstance(msg, (m.ClipDenoiseJob, m.ClipDecodeJob))
+
+
+def clip_of(msg: m.Message) -> int:
+    """The S2V clip a job message carries (0 for every other message)."""
+    return msg.clip if isinstance(msg, (m.ClipDenoiseJob, m.ClipDecodeJob)) else 0
+
+
 class SetupAborted(BaseException):
     """Raised by the SIGTERM handler while `setup()` runs. A BaseException, so that the loaders'
     `except Exception` (which turn failures into MODEL_LOAD_ERROR) let it through."""
 
 
-def next_stage(config: Config, route: list[str], current: str, kind: str) -> str | None:
-    """The first stage of `kind` after `current` on `route`."""
+def next_stage(config: Config, route: list[str], current: str, kind: str, cycle: bool = False) -> str | None:
+    """The first stage of `kind` after `current` on `route`; with `cycle` (a message that starts
+    an S2V job's next clip, `JobMessage.starts_cycle`) the first on the route when none follows."""
     try:
         i = route.index(current)
     except ValueError:
         raise ServerError(f"stage {current!r} is not on the job's route {route}", {"route": route}) from None
-    return next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
+    after = next((s for s in route[i + 1 :] if config.stage(s).kind == kind), None)
+    if after is None and cycle:
+        return next((s for s in route[: i + 1] if config.stage(s).kind == kind), None)
+    return after
 
 
 def limit_address_space(headroom_mib: int) -> int:
@@ -190,8 +206,8 @@ class StageRuntime:
         fault_dir = runtime.fault_dir
         self.faults = FaultPoints(config.path(fault_dir) if fault_dir else None, self.name, self.stop_event)
         self.cancellations = Cancellations()
-        # (job id, attempt) of the job messages taken, so a message delivered twice runs once.
-        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        # (job id, attempt, clip) of the job messages taken, so a message delivered twice runs once.
+        self._seen: collections.OrderedDict[tuple[str, int, int], None] = collections.OrderedDict()
         self.busy_job: str | None = None
         self.handled = 0
         self.seq = 0
@@ -240,7 +256,7 @@ class StageRuntime:
             log.warning("no listener for reports; dropped %s", msg.type_name)
 
     def _forward(self, msg: m.JobMessage, frames: list[Any]) -> None:
-        dest = next_stage(self.config, msg.route, self.name, msg.stage_kind)
+        dest = next_stage(self.config, msg.route, self.name, msg.stage_kind, msg.starts_cycle)
         if dest is None:
             raise ServerError(
                 f"no {msg.stage_kind} stage after {self.name} on the route {msg.route}", {"route": msg.route}
@@ -265,8 +281,11 @@ class StageRuntime:
             if time.monotonic() > deadline:
                 raise StageTimeout(f"stage {dest} did not take the job in time", {"stage": dest})
             sock.poll(200, zmq.POLLOUT)
-        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest))
-        log.info("attempt %d: %s sent to %s", msg.attempt, msg.type_name, dest)
+        clip = clip_of(msg)
+        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "forwarded", at=time.time(), to=dest,
+                                       clip=clip))
+        log.info("attempt %d: %s%s sent to %s", msg.attempt, msg.type_name, f" (clip {clip})" if is_clip(msg) else "",
+                 dest)
 
     def _checkpoint(self, msg: m.JobMessage, dest: str, frames: list[Any]) -> None:
         """Keep the message for `dest` in the job's spool folder. Best effort: without it the job
@@ -278,9 +297,10 @@ class StageRuntime:
             log.warning("attempt %d: no checkpoint for %s: %s",
                         msg.attempt, dest, getattr(exc, "strerror", None) or exc)
             return
-        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest))
-        log.info("attempt %d: checkpoint for %s written (%d bytes, %.3f s)", msg.attempt, dest, path.stat().st_size,
-                 time.monotonic() - started)
+        self.send_report(m.StageReport(msg.job_id, msg.attempt, self.name, "checkpoint", at=time.time(), to=dest,
+                                       clip=clip_of(msg)))
+        log.info("attempt %d: checkpoint for %s%s written (%d bytes, %.3f s)", msg.attempt, dest,
+                 f" (clip {clip_of(msg)})" if is_clip(msg) else "", path.stat().st_size, time.monotonic() - started)
 
     def _resume(self, resume: m.ResumeJob) -> m.JobMessage:
         """The job message of a checkpoint written for this stage, as attempt `resume.attempt`."""
@@ -293,7 +313,8 @@ class StageRuntime:
         if not isinstance(msg, m.JobMessage) or msg.job_id != resume.job_id:
             raise CheckpointError(f"the checkpoint for {self.name} holds another job", {"stage": self.name})
         msg.attempt = resume.attempt
-        log.info("attempt %d: resumed from the checkpoint for %s", resume.attempt, self.name)
+        log.info("attempt %d: resumed from the checkpoint for %s%s", resume.attempt, self.name,
+                 f" at clip {clip_of(msg)}" if is_clip(msg) else "")
         return msg
 
     # ---- threads ----
@@ -373,10 +394,12 @@ class StageRuntime:
                 if self.recorder.enabled:
                     incoming = [frame_bytes(f) for f in m.encode(msg)]
             if job_id is not None and isinstance(msg, m.JobMessage):
-                if (job_id, attempt) in self._seen:
-                    log.warning("dropped a second delivery of attempt %d", attempt)
+                key = (job_id, attempt, clip_of(msg))
+                if key in self._seen:
+                    log.warning("dropped a second delivery of attempt %d%s", attempt,
+                                f" (clip {key[2]})" if is_clip(msg) else "")
                     return
-                self._seen[(job_id, attempt)] = None
+                self._seen[key] = None
                 while len(self._seen) > REMEMBERED:
                     self._seen.popitem(last=False)
             self.recorder.record(seq, job_id, incoming, None)
@@ -387,7 +410,8 @@ class StageRuntime:
                 self.busy_job = None
                 return
             if job_id is not None:
-                self.send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time()))
+                self.send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time(),
+                                               clip=clip_of(msg)))
             outputs: list[list[Any]] = []
             oom = None
             try:

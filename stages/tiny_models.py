@@ -327,6 +327,36 @@ def write_s2v_transformer(out: Path, seed: int, shards: int = 4) -> Path:
     return out
 
 
+S2V_SHAPE = "s2v-14B"  # official layout only: the release's is the only S2V layout there is
+
+
+def build_s2v(seed: int, out: Path) -> Path:
+    """A whole tiny S2V-14B folder in the release layout, written aside and renamed into `out`: the
+    UMT5 encoder, tokenizer and Wan2.1 VAE of the tiny T2V build of the same seed (the release's
+    files), the tiny S2V DiT at the top (`write_s2v_transformer`) and the tiny wav2vec2 folder
+    (`stages/s2v/audio_features.write_tiny_wav2vec2`, 24 layers: the DiT's 25-state average)."""
+    from stages.s2v.audio_features import FOLDER, write_tiny_wav2vec2
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        base = build("t2v-A14B", seed, tmp / "base")
+        folder = write_official(base, tmp / "s2v", "t2v")
+        for expert in official.EXPERT_DIRS.values():  # the T2V experts: S2V has its one DiT at the top
+            shutil.rmtree(folder / expert)
+        write_s2v_transformer(folder, seed)
+        write_tiny_wav2vec2(folder / FOLDER, seed)
+        (folder / "tiny_model.json").write_text(json.dumps({"model": S2V_SHAPE, "seed": seed, "layout": "official"},
+                                                           indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        folder.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def ensure(model: str, seed: int, cache_dir: Path, layout: str = "diffusers") -> Path:
     """The tiny model folder for (model, seed, layout) under `cache_dir`, built on first use.
 
@@ -336,6 +366,17 @@ def ensure(model: str, seed: int, cache_dir: Path, layout: str = "diffusers") ->
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if model == S2V_SHAPE:
+        if layout != "official":
+            raise ValueError(f"the tiny {model} is built in the official layout only (set layout = \"official\")")
+        s2v = cache_dir / f"tiny-{model}-seed{seed}-official"
+        if not (s2v / "tiny_model.json").exists():
+            with open(cache_dir / ".build.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (s2v / "tiny_model.json").exists():
+                    log.info("building tiny %s (seed %d) into %s", model, seed, s2v)
+                    build_s2v(seed, s2v)
+        return s2v
     out = cache_dir / f"tiny-{model}-seed{seed}"
     wanted = out if layout == "diffusers" else cache_dir / f"tiny-{model}-seed{seed}-{layout}"
     if (wanted / "tiny_model.json").exists():
@@ -370,10 +411,13 @@ def build_official(src: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--model", default="t2v-A14B", choices=TINY_SHAPES)
+    parser.add_argument("--model", default="t2v-A14B", choices=(*TINY_SHAPES, S2V_SHAPE))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="diffusers", choices=("diffusers", "official"))
     args = parser.parse_args(argv)
+    if args.model == S2V_SHAPE:  # the release layout only
+        print(build_s2v(args.seed, args.out))
+        return
     if args.layout == "diffusers":
         print(build(args.model, args.seed, args.out))
         return

@@ -18,6 +18,7 @@ def config():
     yield Config.load(environ={
         "WAN_SERVER__RUNTIME__STATE_DIR": str(state),
         "WAN_SERVER__ADMISSION__MAX_QUEUED": "3",
+        "WAN_SERVER__SERVING__MODELS": '["t2v-A14B", "i2v-A14B", "ti2v-5B"]',  # s2v-14B described, not served
     })
     shutil.rmtree(state, ignore_errors=True)
 

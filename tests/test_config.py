@@ -61,7 +61,7 @@ def test_missing_config_file(tmp_path):
 def test_unknown_model_and_stage():
     cfg = Config.load(environ={})
     with pytest.raises(ConfigError, match="not served"):
-        cfg.model("s2v-14B")
+        cfg.model("t2v-5B")
     with pytest.raises(ConfigError, match="no stage"):
         cfg.stage("dit_middle")
 

@@ -40,6 +40,8 @@ def official_env(folders, **extra):
         key = shape.upper().replace("-", "_")
         env |= {f"WAN_SERVER__MODELS__{key}__TINY": "false", f"WAN_SERVER__MODELS__{key}__PATH": str(off),
                 f"WAN_SERVER__MODELS__{key}__LAYOUT": "official"}
+    # Only these models (the tiny profile also serves s2v-14B, which would be built here).
+    env["WAN_SERVER__SERVING__MODELS"] = json.dumps(sorted(folders))
     return env | extra
 
 

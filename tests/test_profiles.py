@@ -63,7 +63,7 @@ def test_profile_loads_and_validates(name):
 @pytest.mark.parametrize("name", GPU_PROFILES)
 def test_gpu_profiles_describe_the_real_models(name):
     cfg = load(name)
-    assert cfg.defined_model_names() == ["t2v-A14B", "i2v-A14B", "ti2v-5B"]
+    assert cfg.defined_model_names() == ["t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B"]
     for model in cfg.defined_model_names():
         assert cfg.model(model).path.startswith("/") and not cfg.model(model).tiny
     assert admission.supported_resolutions(cfg, "t2v-A14B") == ["832x480", "480x832", "1280x720", "720x1280"]
@@ -77,6 +77,9 @@ def test_gpu_profiles_describe_the_real_models(name):
     assert (i2v["steps"], i2v["shift"], i2v["guidance_scale"], i2v["guidance_scale_2"]) == (40, 5.0, 3.5, 3.5)
     assert (ti2v["steps"], ti2v["shift"], ti2v["guidance_scale"], ti2v["num_frames"], ti2v["fps"], ti2v["resolution"]) \
         == (50, 5.0, 5.0, 121, 24, "1280x704")
+    s2v = admission.preset_table(cfg, "s2v-14B")["standard"]  # the reference's (wan/configs/wan_s2v_14B.py)
+    assert (s2v["steps"], s2v["shift"], s2v["guidance_scale"], s2v["frames_per_clip"], s2v["fps"]) \
+        == (40, 3.0, 4.5, 80, 16)
     for model in cfg.defined_model_names():
         table = admission.preset_table(cfg, model)
         assert table["draft"]["steps"] < table["standard"]["steps"] <= table["ultimate"]["steps"]
