@@ -300,6 +300,8 @@ def resolve(
         cache = check_cache(options["cache"])
     else:
         cache = check_cache(base["cache"], "cache") if base.get("cache") is not None else None
+    if s2v and cache is not None:  # the S2V DiT has no cache hooks: refused here, not by the stage later
+        raise _bad("custom_options.cache", f"step caching is not available for {model}")
     postprocess = resolve_postprocess(options, base, width, height, fps)
     # A distilled draft's LoRA goes first, at scale 1, before the request's own.
     distilling = loras.resolve(config, model, [{"name": base["distill_lora"], "scale": 1.0}]) \

@@ -168,6 +168,8 @@ def _lora_modules(header_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[s
 
 def _fit(lora: Lora, config: Config, model: str) -> str | None:
     """None if every part of `lora` fits `model`'s expert, else why not."""
+    if catalog.BY_ID.get(model) is not None and "audio" in dict(catalog.BY_ID[model].inputs):
+        return f"LoRAs are not supported for {model}"
     folder = model_folder(config, model)
     if folder is None:
         return "LoRAs are checked against diffusers-layout models only"

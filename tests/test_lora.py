@@ -235,7 +235,8 @@ def test_listing(served, lora_dir):
     assert sorted(by_name["highonly"]["models"]) == ["i2v-A14B", "t2v-A14B", "ti2v-5B"]
     for name in ("wide", "deep"):
         assert by_name[name]["models"] == [] and set(by_name[name]["not_fitting"]) == {"t2v-A14B", "i2v-A14B",
-                                                                                      "ti2v-5B"}
+                                                                                      "ti2v-5B", "s2v-14B"}
+    assert by_name["highonly"]["not_fitting"]["s2v-14B"] == "LoRAs are not supported for s2v-14B"
     assert by_name["evil"]["models"] == [] and "pickle" in by_name["evil"]["refused"]
     assert by_name["broken"]["models"] == [] and "header" in by_name["broken"]["refused"]
     assert body["scale"] == {"min": -2.0, "max": 2.0}

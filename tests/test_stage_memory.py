@@ -25,7 +25,7 @@ from broker.driver import default_params
 from common import messages as m
 from common.config import Config
 from common.errors import InsufficientMemory, JobFailedError, ModelLoadError
-from stages.models import model_dir
+from stages.models import load_component, model_dir
 from stages.placement import module_bytes, resolve_attention
 from tests.helpers import reference, running_stack, vae_frames
 
@@ -75,7 +75,9 @@ def test_each_stage_logs_its_placement_and_reports_memory(fp8_stack):
     # fp8 storage: dit_high holds exactly its experts with layerwise casting, less than in float32.
     fp32 = fp8 = 0
     for model in fp8_stack.config.model_names():
-        expert = WanTransformer3DModel.from_pretrained(model_dir(fp8_stack.config, model), subfolder="transformer")
+        # as the stage loads it (the S2V DiT comes from its official-layout folder)
+        expert = load_component(WanTransformer3DModel, model_dir(fp8_stack.config, model), "transformer",
+                                torch_dtype=torch.float32)
         fp32 += module_bytes(expert)
         expert.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
         fp8 += module_bytes(expert)
