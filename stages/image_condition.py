@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,9 +44,33 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop((x, y, x + width, y + height))
 
 
-def load_image(path: str | Path, width: int, height: int, sha256: str | None = None) -> Image.Image:
-    """The job's image from its spool file, as RGB of the job's size; with `sha256`, the file must
-    be the one the broker admitted."""
+def fit_short_side_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """What the S2V release does to its reference image and pose frames (torchvision's
+    `CenterCrop((height, width))(Resize(min(height, width))(image))` on a PIL image), written out:
+    the short side scaled to min(width, height) with PIL's bilinear filter (the long side
+    int(short * long / short_side), untouched when the short side is already that), then the
+    centre cut out at offsets round((size - target) / 2), black padding where the image is smaller."""
+    iw, ih = image.size
+    target = min(width, height)
+    short, long = min(iw, ih), max(iw, ih)
+    if short != target:
+        new_short, new_long = target, int(target * long / short)
+        size = (new_short, new_long) if iw <= ih else (new_long, new_short)
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    iw, ih = image.size
+    if iw < width or ih < height:
+        padded = Image.new("RGB", (max(iw, width), max(ih, height)))
+        padded.paste(image, ((width - iw) // 2 if width > iw else 0, (height - ih) // 2 if height > ih else 0))
+        image = padded
+        iw, ih = image.size
+    top, left = int(round((ih - height) / 2.0)), int(round((iw - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def load_image(path: str | Path, width: int, height: int, sha256: str | None = None,
+               fit: Callable[[Image.Image, int, int], Image.Image] = fit_image) -> Image.Image:
+    """The job's image from its spool file, as RGB of the job's size (fitted by `fit`); with
+    `sha256`, the file must be the one the broker admitted."""
     # The errors reach the client: they name the problem, never the spool path or the decoder's
     # text, which go to the stage's log.
     try:
@@ -68,7 +93,7 @@ def load_image(path: str | Path, width: int, height: int, sha256: str | None = N
         log.error("the input image %s does not decode: %s: %s", path, type(exc).__name__, exc)
         raise InvalidRequest("the job's input image does not decode", {"field": "image",
                                                                        "reason": type(exc).__name__}) from None
-    return fit_image(image, width, height)
+    return fit(image, width, height)
 
 
 @torch.no_grad()

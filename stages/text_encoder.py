@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderMode
 from common import messages as m
 from common.errors import InvalidRequest
 from stages.base import Stage
-from stages.image_condition import encode_condition, load_image
+from stages.image_condition import encode_condition, fit_short_side_and_crop, load_image
 from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
 from stages.runtime import stage_main
@@ -89,7 +89,8 @@ class TextEncoderStage(Stage):
         features, vae = self.s2v_models[p.model]
         if msg.image_path is None or msg.audio_path is None:
             raise InvalidRequest(f"{p.model} needs a reference image and an audio", {"model": p.model})
-        image = load_image(msg.image_path, p.width, p.height, p.image_sha256)
+        # fitted as the release fits it (resize the short side, crop the centre), not as I2V's are
+        image = load_image(msg.image_path, p.width, p.height, p.image_sha256, fit=fit_short_side_and_crop)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)  # as ToTensor
         ref_latents = sampler.vae_encode(vae, (pixels * 2 - 1).unsqueeze(0).unsqueeze(2))
         audio = read_audio(msg.audio_path, (p.audio or {}).get("sha256"))

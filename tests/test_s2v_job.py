@@ -406,7 +406,7 @@ def loop(system: System) -> Any:
 
     from common.audio import load_16k_mono
     from stages import official
-    from stages.image_condition import load_image
+    from stages.image_condition import fit_short_side_and_crop, load_image
     from stages.models import load_component, model_dir
     from stages.s2v import route, sampler
     from stages.s2v.audio_features import FOLDER, Wav2Vec2Features
@@ -423,7 +423,7 @@ def loop(system: System) -> Any:
     vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=torch.float32).eval()
     spool = system.state_dir / "ref.png"
     spool.write_bytes(IMAGE)
-    image = np.array(load_image(spool, 64, 64))
+    image = np.array(load_image(spool, 64, 64, fit=fit_short_side_and_crop))
     pixels = (torch.from_numpy(image).permute(2, 0, 1).float().div(255) * 2 - 1)[None, :, None]
 
     def frames(clips: int, pose: bytes | None = None) -> np.ndarray:
@@ -582,3 +582,28 @@ def test_a_pose_video_drives_each_clip_through_the_processes(system: System, loo
     assert frames.shape == want.shape == (2 * PER_CLIP - 3, 64, 64, 3)
     assert np.array_equal(frames, want)
     assert not np.array_equal(frames, loop(2))
+
+
+def test_reference_images_and_pose_frames_are_fitted_as_the_release_fits_them() -> None:
+    """The release's CenterCrop((h, w))(Resize(min(h, w))(image)) on PIL images (torchvision does
+    not import here), with the sizes and offsets torchvision's documented rules give spelled out."""
+    from stages.image_condition import fit_short_side_and_crop
+
+    rng = np.random.default_rng(5)
+
+    def image(w: int, h: int) -> Image.Image:
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    wide = image(100, 70)  # short side 70 -> 48, long int(48 * 100 / 70) = 68; left round(4 / 2) = 2
+    want = wide.resize((68, 48), Image.Resampling.BILINEAR).crop((2, 0, 66, 48))
+    assert np.array_equal(np.array(fit_short_side_and_crop(wide, 64, 48)), np.array(want))
+    tall = image(50, 90)  # short 50 -> 64, long int(64 * 90 / 50) = 115; top round(51 / 2) = 26
+    want = tall.resize((64, 115), Image.Resampling.BILINEAR).crop((0, 26, 64, 90))
+    assert np.array_equal(np.array(fit_short_side_and_crop(tall, 64, 64)), np.array(want))
+    square = image(60, 60)  # -> 48 x 48, narrower than 64: black bars of 8 on each side
+    got = np.array(fit_short_side_and_crop(square, 64, 48))
+    inner = np.array(square.resize((48, 48), Image.Resampling.BILINEAR))
+    assert got.shape == (48, 64, 3) and np.array_equal(got[:, 8:56], inner)
+    assert not got[:, :8].any() and not got[:, 56:].any()
+    same = image(80, 64)  # the short side is already 64: no resampling, only the crop
+    assert np.array_equal(np.array(fit_short_side_and_crop(same, 64, 64)), np.array(same)[:, 8:72])

@@ -22,7 +22,7 @@ from PIL import Image
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages.image_condition import fit_image
+from stages.image_condition import fit_short_side_and_crop
 from stages.s2v.sampler import S2VSettings
 from stages.s2v.transformer import MOTION_FRAMES
 
@@ -109,7 +109,7 @@ def pose_pixels(path: str | Path, sha256: str | None, s: S2VSettings, clips: int
             for i, frame in enumerate(container.decode(stream)):
                 if i % interval or len(frames) == wanted:
                     continue
-                image = fit_image(Image.fromarray(frame.to_ndarray(format="rgb24")), width, height)
+                image = fit_short_side_and_crop(Image.fromarray(frame.to_ndarray(format="rgb24")), width, height)
                 frames.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255) * 2 - 1)
     except (av.FFmpegError, IndexError, ValueError) as exc:
         log.error("the pose video %s does not decode: %s", path, exc)
