@@ -44,6 +44,25 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop((x, y, x + width, y + height))
 
 
+def read_input(path: str | Path, sha256: str | None, field: str, what: str) -> bytes:
+    """A job's input file (image, audio, pose video) from its spool folder; with `sha256`, it must be
+    the one the broker admitted. The errors reach the client: they name the problem (`what`,
+    `field`), never the spool path or the OS's text, which go to the stage's log."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        log.error("the %s %s is missing", what, path)
+        raise InvalidRequest(f"the job's {what} is missing", {"field": field}) from None
+    except OSError as exc:
+        log.error("the %s %s could not be read: %s", what, path, exc)
+        raise InvalidRequest(f"the job's {what} could not be read",
+                             {"field": field, "reason": type(exc).__name__}) from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        log.error("the %s %s is not the one admitted (SHA-256 differs)", what, path)
+        raise InvalidRequest(f"the job's {what} is not the one admitted (SHA-256 differs)", {"field": field})
+    return data
+
+
 def fit_short_side_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """What the S2V release does to its reference image and pose frames (torchvision's
     `CenterCrop((height, width))(Resize(min(height, width))(image))` on a PIL image), written out:
@@ -73,18 +92,7 @@ def load_image(path: str | Path, width: int, height: int, sha256: str | None = N
     `sha256`, the file must be the one the broker admitted."""
     # The errors reach the client: they name the problem, never the spool path or the decoder's
     # text, which go to the stage's log.
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        log.error("the input image %s is missing", path)
-        raise InvalidRequest("the job's input image is missing", {"field": "image"}) from None
-    except OSError as exc:
-        log.error("the input image %s could not be read: %s", path, exc)
-        raise InvalidRequest("the job's input image could not be read", {"field": "image",
-                                                                         "reason": type(exc).__name__}) from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        log.error("the input image %s is not the one admitted (SHA-256 differs)", path)
-        raise InvalidRequest("the job's input image is not the one admitted (SHA-256 differs)", {"field": "image"})
+    data = read_input(path, sha256, "image", "input image")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

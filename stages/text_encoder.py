@@ -17,7 +17,6 @@ the release starts from); the job then enters the DiT as clip 0 (`ClipDenoiseJob
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderMode
 from common import messages as m
 from common.errors import InvalidRequest
 from stages.base import Stage
-from stages.image_condition import encode_condition, fit_short_side_and_crop, load_image
+from stages.image_condition import encode_condition, fit_short_side_and_crop, load_image, read_input
 from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
 from stages.runtime import stage_main
@@ -93,7 +92,7 @@ class TextEncoderStage(Stage):
         image = load_image(msg.image_path, p.width, p.height, p.image_sha256, fit=fit_short_side_and_crop)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)  # as ToTensor
         ref_latents = sampler.vae_encode(vae, (pixels * 2 - 1).unsqueeze(0).unsqueeze(2))
-        audio = read_audio(msg.audio_path, (p.audio or {}).get("sha256"))
+        audio = read_input(msg.audio_path, (p.audio or {}).get("sha256"), "audio", "audio")
         per_frame = features.features(load_16k_mono(audio), s.frames_per_clip, p.fps)
         frames = per_frame.frames[: p.num_clips * s.frames_per_clip]  # the clips the job asked for
         window = sampler.initial_motion_window(s, p.height, p.width, self.vae_device)
@@ -177,21 +176,6 @@ class TextEncoderStage(Stage):
                 first_frame_mask=None if first_frame_mask is None else first_frame_mask.cpu(),
             )
         ]
-
-
-def read_audio(path: str, sha256: str | None) -> bytes:
-    """The job's audio from its spool file; with `sha256`, it must be the one the broker admitted.
-    The errors name the problem, never the path (that goes to the log)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        log.error("the audio %s could not be read: %s", path, exc)
-        raise InvalidRequest("the job's audio could not be read", {"field": "audio",
-                                                                  "reason": type(exc).__name__}) from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        log.error("the audio %s is not the one admitted (SHA-256 differs)", path)
-        raise InvalidRequest("the job's audio is not the one admitted (SHA-256 differs)", {"field": "audio"})
-    return data
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ and pose are dropped, so the messages (and the checkpoints) shrink as the job go
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -22,7 +21,7 @@ from PIL import Image
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages.image_condition import fit_short_side_and_crop
+from stages.image_condition import fit_short_side_and_crop, read_input
 from stages.s2v.sampler import S2VSettings
 from stages.s2v.transformer import MOTION_FRAMES
 
@@ -88,17 +87,10 @@ def pose_pixels(path: str | Path, sha256: str | None, s: S2VSettings, clips: int
                 fps: int) -> torch.Tensor:
     """The job's pose video as the release samples it for `clips` clips: from its first frame, every
     round(video fps / fps)-th frame, `clips x frames_per_clip` of them, the missing ones past its end
-    black (-1); each frame scaled to cover the job's size and centre-cropped (Lanczos, as the
-    reference image; the release resizes the short side and crops with torchvision). Returns
+    black (-1); each frame fitted as the release fits it (`fit_short_side_and_crop`, as the
+    reference image). Returns
     (1, 3, frames, H, W) float32 in [-1, 1]. The errors name the problem, never the path."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        log.error("the pose video %s could not be read: %s", path, exc)
-        raise InvalidRequest("the job's pose video could not be read", {"field": "pose_video"}) from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        log.error("the pose video %s is not the one admitted (SHA-256 differs)", path)
-        raise InvalidRequest("the job's pose video is not the one admitted", {"field": "pose_video"})
+    data = read_input(path, sha256, "pose_video", "pose video")
     wanted = clips * s.frames_per_clip
     frames: list[torch.Tensor] = []
     try:
