@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import platform
 import resource
@@ -25,12 +24,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.audio import AudioLimits, load_16k_mono, probe  # noqa: E402
 from stages.s2v.audio_features import Wav2Vec2Features, write_tiny_wav2vec2  # noqa: E402
+from tests.helpers import encode_audio  # noqa: E402
 
 LARGE = dict(  # wav2vec2-large-xlsr-53-english's config.json (the fields that set the cost)
     hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, conv_dim=(512,) * 7,
@@ -46,28 +45,7 @@ def audio_file(kind: str, seconds: float, rate: int = 44100) -> bytes:
     t = np.arange(n) / rate
     x = np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in (220, 330)])
     x += 0.05 * np.random.default_rng(0).standard_normal(x.shape)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=muxer) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        assert isinstance(stream, av.AudioStream)
-        fmt = stream.codec_context.format
-        step = stream.codec_context.frame_size or 4096
-        for pos in range(0, n, step):
-            block = x[:, pos:pos + step]
-            if fmt.name.startswith("s16"):
-                block = (block * 32767).astype(np.int16)
-            elif fmt.name.startswith("s32"):
-                block = (block * 2147483000).astype(np.int32)
-            else:
-                block = block.astype(np.float32)
-            planes = block if fmt.is_planar else block.T.reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format=fmt.name, layout="stereo")
-            frame.sample_rate, frame.pts = rate, pos
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    return encode_audio(x, rate, muxer, codec)
 
 
 def timed(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:

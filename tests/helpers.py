@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -551,3 +552,53 @@ def make_lora(folder: Path, expert: str, out: Path, seed: int, rank: int = 4, ta
     WanPipeline.save_lora_weights(out.parent, transformer_lora_layers=state, weight_name=out.name,
                                   transformer_lora_adapter_metadata=config.to_dict())
     return load_file(out)
+
+
+# ---- media files made here (uploads, pose videos) ----
+
+def encode_video(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "mpeg4", fps: int = 16) -> bytes:
+    """(H, W, 3) uint8 frames as a video file in memory (`fmt` container, `codec`), yuv420p."""
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+def encode_audio(x: np.ndarray, rate: int, muxer: str, codec: str) -> bytes:
+    """(channels, samples) float samples in [-1, 1] as an audio file in memory, encoded by PyAV in
+    the codec's own sample format (mono or stereo)."""
+    import av
+
+    channels, n = x.shape
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=muxer) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono" if channels == 1 else "stereo")
+        assert isinstance(stream, av.AudioStream)
+        fmt = stream.codec_context.format
+        step = stream.codec_context.frame_size or 1024
+        for pos in range(0, n, step):
+            block = x[:, pos:pos + step]
+            if fmt.name.startswith("s16"):
+                block = (block * 32767).astype(np.int16)
+            elif fmt.name.startswith("s32"):
+                block = (block * 2147483000).astype(np.int32)
+            else:
+                block = block.astype(np.float32)
+            planes = block if fmt.is_planar else block.T.reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format=fmt.name, layout=stream.layout.name)
+            frame.sample_rate, frame.pts = rate, pos
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()

@@ -38,6 +38,7 @@ from stages.s2v.audio_features import (
 )
 from tests import wan_reference
 from tests.error_bodies import check_error_body
+from tests.helpers import encode_audio
 
 SECONDS = 3.0
 MP3_SAMPLES_BOUND = 2e-6  # ffmpeg's mp3 decoder against libsndfile's mpg123 (measured 7.7e-7)
@@ -55,28 +56,7 @@ def encode(kind: str, rate: int, channels: int, seconds: float = SECONDS) -> byt
     t = np.arange(n) / rate
     noise = np.random.default_rng(channels).standard_normal((channels, n))
     x = np.stack([0.3 * np.sin(2 * np.pi * 220 * (c + 1) * t) for c in range(channels)]) + 0.05 * noise
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=muxer) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono" if channels == 1 else "stereo")
-        assert isinstance(stream, av.AudioStream)
-        fmt = stream.codec_context.format
-        step = stream.codec_context.frame_size or 1024
-        for pos in range(0, n, step):
-            block = x[:, pos:pos + step]
-            if fmt.name.startswith("s16"):
-                block = (block * 32767).astype(np.int16)
-            elif fmt.name.startswith("s32"):
-                block = (block * 2147483000).astype(np.int32)
-            else:
-                block = block.astype(np.float32)
-            planes = block if fmt.is_planar else block.T.reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format=fmt.name, layout=stream.layout.name)
-            frame.sample_rate, frame.pts = rate, pos
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    return encode_audio(x, rate, muxer, codec)
 
 
 def wav_bytes(rate: int, channels: int, seconds: float) -> bytes:

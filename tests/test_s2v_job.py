@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 import time
 import wave
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from common import wire
 from common.config import Config, profile_path
 from common.errors import FieldError, InsufficientMemory
 from stages.runtime import next_stage
-from tests.helpers import System, kill9, running_system, short_tmpdir, wait_for
+from tests.helpers import System, encode_video, kill9, running_system, wait_for
 from tests.test_uploads import post_multipart
 
 ROUTE = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
@@ -138,17 +137,6 @@ def test_the_next_clip_goes_back_to_the_first_dit() -> None:
 
 
 # ---- the broker's idea of an S2V job -------------------------------------------------------------
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    state = short_tmpdir("wsv-")
-    b = Broker(Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(state)}))
-    try:
-        yield b
-    finally:
-        b.close()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def started(broker: Broker, clips: int, job_id: str = "s2vjob") -> str:
@@ -368,19 +356,12 @@ def png_bytes(width: int = 80, height: int = 64) -> bytes:
 
 def pose_mp4(frames: int = 20, size: int = 64) -> bytes:
     """A moving bar, 16 fps MPEG-4: both sides decode the same file, so they see the same pixels."""
-    out = io.BytesIO()
-    with av.open(out, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=16)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            img = np.zeros((size, size, 3), np.uint8)
-            img[:, (3 * i) % size : (3 * i) % size + 8] = (40 + 10 * i, 200, 255 - 9 * i)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+    images = []
+    for i in range(frames):
+        img = np.zeros((size, size, 3), np.uint8)
+        img[:, (3 * i) % size : (3 * i) % size + 8] = (40 + 10 * i, 200, 255 - 9 * i)
+        images.append(img)
+    return encode_video(images, "mp4", "mpeg4")
 
 
 AUDIO, IMAGE, POSE = wav_bytes(1.5), png_bytes(), pose_mp4()

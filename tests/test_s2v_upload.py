@@ -38,7 +38,7 @@ from common.config import PROFILES_DIR, Config
 from common.errors import ServerError
 from gateway.client import ApiError, Client
 from gateway.uploads import UploadLimits, check_video
-from tests.helpers import System, short_tmpdir
+from tests.helpers import System, encode_video, short_tmpdir
 from tests.test_uploads import multipart, post_multipart
 
 S2V = {"prompt": "a woman speaks", "model": "s2v", "quality_preset": "draft"}
@@ -69,34 +69,16 @@ def flac(seconds: float, rate: int = 44100) -> bytes:
     return out.getvalue()
 
 
+def flat_frames(frames: int = 8, size: int = 64) -> list[np.ndarray]:
+    return [np.full((size, size, 3), 20 * i % 255, np.uint8) for i in range(frames)]
+
+
 def mp4(frames: int = 8, size: int = 64) -> bytes:
-    out = io.BytesIO()
-    with av.open(out, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=16)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            img = np.full((size, size, 3), 20 * i % 255, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+    return encode_video(flat_frames(frames, size), "mp4", "mpeg4")
 
 
 def webm(frames: int = 8, size: int = 64) -> bytes:
-    out = io.BytesIO()
-    with av.open(out, "w", format="webm") as container:
-        stream = container.add_stream("libvpx-vp9", rate=16)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            img = np.full((size, size, 3), 20 * i % 255, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+    return encode_video(flat_frames(frames, size), "webm", "libvpx-vp9")
 
 
 def png(w: int = 80, h: int = 48) -> bytes:
