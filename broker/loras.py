@@ -13,10 +13,13 @@ Files and names:
   does not parse, or a NAME with both a plain and a high file.
 
 Keys are diffusers' LoRA format (what `save_lora_weights` writes): `transformer.<module>.lora_A.weight`
-(rank x in) and `.lora_B.weight` (out x rank), optionally `.lora_B.bias`. A LoRA fits a model when
-every module it names is a linear layer of that expert with those shapes, read from the safetensors
-headers of the model's own weights (diffusers layout). Only headers are read here, by hand: the
-broker never imports torch. Hashes are cached by (path, size, mtime), so a scan is cheap.
+(rank x in) and `.lora_B.weight` (out x rank), optionally `.lora_B.bias`; or one of the formats
+diffusers' Wan loader converts on load (the official names under `diffusion_model.`, musubi-tuner's
+`lora_unet_*`), read as what they convert to (broker/lora_keys.py). A LoRA fits a model when every
+module it names is a linear layer of that expert with those shapes, read from the safetensors
+headers of the model's own weights, in either checkpoint layout (an official checkpoint's names
+mapped to diffusers'). Only headers are read here, by hand: the broker never imports torch. Hashes
+are cached by (path, size, mtime), so a scan is cheap.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker import lora_keys
 from common import catalog
 from common.config import Config
 from common.errors import LoraIncompatible, LoraNotFound, ValidationError
@@ -90,24 +94,49 @@ def sha256_of(path: Path) -> str:
     return _hashes[key]
 
 
-def model_folder(config: Config, model: str) -> Path | None:
-    """The diffusers-layout folder of a served model (a tiny one where the stages build it); None
-    for the official layout, whose weights this module does not map."""
+def model_folder(config: Config, model: str) -> tuple[Path, str] | None:
+    """(folder, layout) of a served model's weights (a tiny one where the stages build it); None
+    where the config gives no folder. A folder left to detection is official when it has no
+    model_index.json (stages/models.layout_of)."""
     spec = config.model(model)
-    if spec.layout == "official":
-        return None
     if spec.tiny:  # as stages/tiny_models.ensure names it
-        return config.model_cache_dir / f"tiny-{spec.tiny_shape or model}-seed{spec.seed}"
-    return config.path(spec.path) if spec.path else None
+        shape = spec.tiny_shape or model
+        if spec.layout == "official":
+            return config.model_cache_dir / f"tiny-{shape}-seed{spec.seed}-official", "official"
+        return config.model_cache_dir / f"tiny-{shape}-seed{spec.seed}", "diffusers"
+    if not spec.path:
+        return None
+    folder = config.path(spec.path)
+    layout = spec.layout or ("diffusers" if (folder / "model_index.json").is_file() else "official")
+    return folder, layout
 
 
-def expert_shapes(folder: Path, expert: str) -> dict[str, tuple[int, ...]] | None:
-    """Tensor shapes of one expert's weights (`<folder>/<expert>/`), from the headers; None if absent."""
-    sub = folder / expert
+# Where the official layout keeps each expert (stages/official.EXPERT_DIRS): the A14B experts in
+# folders of their own, a one-DiT model's weights at the top.
+OFFICIAL_EXPERT_DIRS = {"transformer": "high_noise_model", "transformer_2": "low_noise_model"}
+OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _weight_files(sub: Path) -> list[Path]:
     index = sub / f"{WEIGHTS}.index.json"
-    files = [sub / WEIGHTS] if (sub / WEIGHTS).is_file() else []
-    if not files and index.is_file():
-        files = [sub / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (sub / WEIGHTS).is_file():
+        return [sub / WEIGHTS]
+    if index.is_file():
+        return [sub / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return []
+
+
+def expert_shapes(folder: Path, expert: str, layout: str = "diffusers") -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes of one expert's weights, from the headers, under diffusers' names (an official
+    checkpoint's keys are renamed as stages/official_keys maps them); None if absent."""
+    if layout == "official":
+        split = (folder / OFFICIAL_EXPERT_DIRS["transformer"]).is_dir()
+        if not split and expert != "transformer":
+            return None
+        sub = folder / OFFICIAL_EXPERT_DIRS[expert] if split else folder
+    else:
+        sub = folder / expert
+    files = _weight_files(sub)
     if not files:
         return None
     key = (str(files[0]), files[0].stat().st_mtime_ns)
@@ -115,8 +144,23 @@ def expert_shapes(folder: Path, expert: str) -> dict[str, tuple[int, ...]] | Non
         found: dict[str, tuple[int, ...]] = {}
         for f in files:
             found.update(shapes(read_header(f)))
+        if layout == "official":
+            found = _diffusers_names(found)
         _model_shapes[key] = found
     return _model_shapes[key]
+
+
+def _diffusers_names(official: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """An official DiT's linear weights (two-dimensional `*.weight`) under diffusers' names, for the
+    modules a LoRA can target (broker/lora_keys maps the official module names, as diffusers' LoRA
+    converter does)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, shape in official.items():
+        if key.endswith(".weight") and len(shape) == 2:
+            module = lora_keys.module_name(key[: -len(".weight")], image_attention=True)
+            if module is not None:
+                out[module + ".weight"] = shape
+    return out
 
 
 @dataclass
@@ -158,7 +202,9 @@ def _lora_modules(header_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[s
                 out.setdefault(prefix, {}).setdefault(rest[: -len(suffix)], {})[slot] = shape
                 break
         else:
-            raise ValueError(f"key {key[:80]!r} is not in diffusers' LoRA format (transformer.<module>.lora_A.weight)")
+            raise ValueError(f"key {key[:80]!r} is in none of the LoRA formats read here: diffusers' "
+                             "(transformer.<module>.lora_A.weight), the official names (diffusion_model.*) "
+                             "or musubi-tuner's (lora_unet_*)")
     for prefix, modules in out.items():
         for module, slots in modules.items():
             if "A" not in slots or "B" not in slots or len(slots["A"]) != 2 or len(slots["B"]) != 2:
@@ -170,13 +216,14 @@ def _fit(lora: Lora, config: Config, model: str) -> str | None:
     """None if every part of `lora` fits `model`'s expert, else why not."""
     if catalog.BY_ID.get(model) is not None and "audio" in dict(catalog.BY_ID[model].inputs):
         return f"LoRAs are not supported for {model}"
-    folder = model_folder(config, model)
-    if folder is None:
-        return "LoRAs are checked against diffusers-layout models only"
+    where = model_folder(config, model)
+    if where is None:
+        return f"{model} has no weights folder in the config"
+    folder, layout = where
     for expert, modules in lora.modules.items():
-        base = expert_shapes(folder, expert)
+        base = expert_shapes(folder, expert, layout)
         if base is None:
-            if expert == "transformer_2" and (folder / "transformer").is_dir():
+            if expert == "transformer_2" and expert_shapes(folder, "transformer", layout) is not None:
                 return f"{model} has one expert; this LoRA has a low-noise (transformer_2) part"
             return f"the weights of {model} are not on disk yet"
         for module, (a, b) in modules.items():
@@ -210,7 +257,7 @@ def scan(config: Config) -> dict[str, Lora]:
         name = base if expert else stem
         lora = found.setdefault(name, Lora(name))
         try:
-            lora_modules = _lora_modules(shapes(read_header(path)))
+            lora_modules = _lora_modules(lora_keys.to_diffusers(shapes(read_header(path))))
         except (ValueError, OSError) as exc:
             lora.refused = f"{path.name}: {exc}"
             continue

@@ -554,6 +554,22 @@ def make_lora(folder: Path, expert: str, out: Path, seed: int, rank: int = 4, ta
     return load_file(out)
 
 
+def official_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA (`transformer.<module>.lora_A.weight`, as make_lora saves it with
+    lora_alpha `alpha`) in the official names ComfyUI and the published Wan LoRAs use:
+    `diffusion_model.<official module>.lora_down.weight` / `.lora_up.weight` and `.alpha`, renamed
+    by the official loader's own table (stages/official_keys)."""
+    from stages.official_keys import transformer_key_to_official
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, slot = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        official = "diffusion_model." + transformer_key_to_official(module + ".weight").removesuffix(".weight")
+        out[f"{official}.lora_{'down' if slot == 'A.weight' else 'up'}.weight"] = value
+        out[f"{official}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
 # ---- media files made here (uploads, pose videos) ----
 
 def encode_video(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "mpeg4", fps: int = 16) -> bytes:

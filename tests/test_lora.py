@@ -34,7 +34,7 @@ from common.config import Config
 from common.errors import ConfigError, JobFailedError
 from stages.lora import LoraCache
 from stages.models import model_dir
-from tests.helpers import ATTENTION, make_lora, reference, vae_frames
+from tests.helpers import ATTENTION, make_lora, official_lora, reference, vae_frames
 
 
 def fill(lora_dir: Path, t2v: Path, ti2v: Path) -> None:
@@ -48,6 +48,9 @@ def fill(lora_dir: Path, t2v: Path, ti2v: Path) -> None:
     make_lora(ti2v, "transformer", lora_dir / "five.safetensors", seed=3, rank=2,
               targets=[*ATTENTION, "proj_out"], alpha=3)
     make_lora(t2v, "transformer", lora_dir / "highonly.safetensors", seed=4, rank=3)
+    # x again in the official names (diffusion_model.*, lora_down/lora_up, alpha) ComfyUI users have.
+    save_file(official_lora(high, alpha=8), lora_dir / "comfy.high.safetensors")
+    save_file(official_lora(low, alpha=8), lora_dir / "comfy.low.safetensors")
     # Shapes that fit no tiny model: lora_A takes 25 inputs where to_q takes 24.
     save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 25),
                "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.ones(24, 4)}, lora_dir / "wide.safetensors")
@@ -103,6 +106,7 @@ def jobs(stack, lora_dir):
         "x": with_loras(stack, base, ("x", 0.8)),
         "none": base,
         "x_again": with_loras(stack, base, ("x", 0.8)),
+        "comfy": with_loras(stack, base, ("comfy", 0.8)),
         "both": with_loras(stack, base, ("both", 0.8)),
         "two": with_loras(stack, base, ("highonly", -0.7), ("x", 1.5)),
         "five": with_loras(stack, five, ("five", 1.3)),
@@ -112,7 +116,7 @@ def jobs(stack, lora_dir):
             for name, job_id in ids.items()}
 
 
-@pytest.mark.parametrize("case", ["x", "five", "two"])
+@pytest.mark.parametrize("case", ["x", "five", "two", "comfy"])
 def test_frames_equal_wanpipeline_with_load_lora_weights(stack, lora_dir, jobs, case):
     p, _, ours = jobs[case]
     ref = reference(model_dir(stack.config, p.model), p, prepare=load_as_diffusers(lora_dir, p))
@@ -134,6 +138,97 @@ def test_switching_per_job_gives_fresh_frames(stack, jobs):
 
 def test_one_file_with_both_parts_equals_the_pair(jobs):
     assert np.array_equal(jobs["both"][2], jobs["x"][2])
+
+
+def test_the_official_names_load_as_the_diffusers_file(jobs):
+    """x saved in the official names (lora_down/lora_up, alpha 8 for rank 4) is x: diffusers folds
+    alpha / rank into lora_A, a factor of 2, exact in floating point."""
+    assert np.array_equal(jobs["comfy"][2], jobs["x"][2])
+
+
+def every_rule_file(kind: str) -> dict[str, torch.Tensor]:
+    """A LoRA in a non-diffusers format that uses every rule of diffusers' Wan converter: the
+    official names (with lora_down/up and alphas, or lora_A/B without) or musubi-tuner's."""
+    g = torch.Generator().manual_seed(0)
+    r, dim, ffn = 2, 8, 12
+    def pair(name: str, out: int, inp: int, down: str = "lora_down", up: str = "lora_up") -> dict[str, torch.Tensor]:
+        return {f"{name}.{down}.weight": torch.randn(r, inp, generator=g),
+                f"{name}.{up}.weight": torch.randn(out, r, generator=g), f"{name}.alpha": torch.tensor(3.0)}
+    sd: dict[str, torch.Tensor] = {}
+    if kind == "musubi":
+        for i in range(2):
+            for attn in ("self_attn", "cross_attn"):
+                for o in "qkvo":
+                    sd |= pair(f"lora_unet_blocks_{i}_{attn}_{o}", dim, dim)
+            for o in ("k_img", "v_img"):
+                sd |= pair(f"lora_unet_blocks_{i}_cross_attn_{o}", dim, dim)
+            sd |= pair(f"lora_unet_blocks_{i}_ffn_0", ffn, dim) | pair(f"lora_unet_blocks_{i}_ffn_2", dim, ffn)
+        return sd
+    names = "lora_A", "lora_B"
+    down, up = names if kind == "official_ab" else ("lora_down", "lora_up")
+    p = "diffusion_model."
+    for i in (3, 4):  # blocks need not start at 0
+        for attn in ("self_attn", "cross_attn"):
+            for o in "qkvo":
+                sd |= pair(f"{p}blocks.{i}.{attn}.{o}", dim, dim, down, up)
+            sd[f"{p}blocks.{i}.{attn}.o.diff_b"] = torch.randn(dim, generator=g)
+            sd[f"{p}blocks.{i}.{attn}.norm_q.diff"] = torch.zeros(dim)  # dropped
+        for o in ("k_img", "v_img"):
+            sd |= pair(f"{p}blocks.{i}.cross_attn.{o}", dim, dim, down, up)
+        sd |= pair(f"{p}blocks.{i}.ffn.0", ffn, dim, down, up) | pair(f"{p}blocks.{i}.ffn.2", dim, ffn, down, up)
+        sd[f"{p}blocks.{i}.ffn.0.diff_b"] = torch.randn(ffn, generator=g)
+        sd[f"{p}blocks.{i}.modulation.diff"] = torch.zeros(1, 6, dim)  # a whole-weight delta: dropped
+    for name, out, inp in (("time_projection.1", 6 * dim, dim), ("text_embedding.0", dim, 16), ("text_embedding.2",
+                           dim, dim), ("time_embedding.0", dim, 4), ("time_embedding.2", dim, dim)):
+        sd[f"{p}{name}.{down}.weight"] = torch.randn(r, inp, generator=g)
+        sd[f"{p}{name}.{up}.weight"] = torch.randn(out, r, generator=g)
+    sd[f"{p}time_projection.1.diff_b"] = torch.randn(6 * dim, generator=g)
+    sd[f"{p}head.head.diff"] = torch.randn(4, dim, generator=g)  # the LightX2V distill LoRAs' head
+    sd[f"{p}head.head.diff_b"] = torch.randn(4, generator=g)
+    sd[f"{p}img_emb.proj.1.{down}.weight"] = torch.randn(r, 10, generator=g)
+    sd[f"{p}img_emb.proj.1.{up}.weight"] = torch.randn(10, r, generator=g)
+    sd[f"{p}img_emb.proj.1.diff_b"] = torch.randn(10, generator=g)
+    if kind == "official_ab":
+        sd = {k: v for k, v in sd.items() if not k.endswith(".alpha")}
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["official", "official_ab", "musubi"])
+def test_the_brokers_key_map_is_what_diffusers_converts_to(kind):
+    """The names and shapes the broker checks a non-diffusers LoRA by (broker/lora_keys, no torch)
+    are those diffusers' Wan loader converts the same file to, rule by rule."""
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    from broker import lora_keys
+
+    sd = every_rule_file(kind)
+    converted = WanLoraLoaderMixin.lora_state_dict(dict(sd))
+    ours = lora_keys.to_diffusers({k: tuple(v.shape) for k, v in sd.items()})
+    assert ours == {k: tuple(v.shape) for k, v in converted.items()}
+    assert len(ours) > 20
+
+
+@pytest.mark.parametrize("kind, drop, words", [
+    ("official", ["diffusion_model.blocks.3.ffn.0.lora_up.weight"], "lacks a 2-D lora_A or lora_B"),
+    ("official", [f"diffusion_model.blocks.3.ffn.0.lora_{x}.weight" for x in ("up", "down")], "no LoRA weights"),
+    ("musubi", ["lora_unet_blocks_1_ffn_2.alpha"], "lacks lora_down, lora_up or alpha"),
+])
+def test_a_file_diffusers_cannot_convert_is_refused_by_the_broker_too(kind, drop, words):
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    from broker import lora_keys
+
+    sd = every_rule_file(kind)
+    for key in drop:
+        del sd[key]
+    with pytest.raises((KeyError, ValueError)):  # diffusers' converter fails on it
+        WanLoraLoaderMixin.lora_state_dict(dict(sd))
+    with pytest.raises(ValueError, match=words):
+        loras._lora_modules(lora_keys.to_diffusers({k: tuple(v.shape) for k, v in sd.items()}))
+    sd = every_rule_file(kind)
+    sd["diffusion_model.patch_embedding.lora_down.weight" if kind == "official" else "lora_unet_x"] = torch.ones(1, 1)
+    with pytest.raises(ValueError, match="not a"):
+        lora_keys.to_diffusers({k: tuple(v.shape) for k, v in sd.items()})
 
 
 def test_both_experts_got_their_part(stack, lora_dir, jobs):
@@ -222,7 +317,8 @@ def test_listing(served, lora_dir):
     status, body = served.json("GET", "/api/v1/loras")
     assert status == 200
     by_name = {x["name"]: x for x in body["loras"]}
-    assert set(by_name) == {"x", "both", "five", "highonly", "wide", "deep", "evil", "broken"}
+    assert set(by_name) == {"x", "both", "five", "highonly", "wide", "deep", "evil", "broken", "comfy"}
+    assert by_name["comfy"]["models"] == by_name["x"]["models"] and by_name["comfy"]["rank"] == 4
     x = by_name["x"]
     assert x["files"] == {"transformer": "x.high.safetensors", "transformer_2": "x.low.safetensors"}
     assert x["sha256"] == {e: hashlib.sha256((lora_dir / f).read_bytes()).hexdigest() for e, f in x["files"].items()}

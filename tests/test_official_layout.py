@@ -17,12 +17,14 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from broker import loras
 from broker.driver import Driver, default_params
+from common import messages as m
 from common.config import Config
 from common.errors import ConfigError, ModelLoadError
 from stages import official, official_keys, tiny_models
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
-from tests.helpers import StageStack, short_tmpdir, stack_env, vae_frames
+from tests.helpers import StageStack, make_lora, reference, short_tmpdir, stack_env, vae_frames
 
 SHAPES = ("t2v-A14B", "ti2v-5B", "i2v-A14B")
 
@@ -53,6 +55,22 @@ def safetensors_shapes(folder):
             shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert set(shapes) == set(index["weight_map"])
     return shapes
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_broker_reads_official_weights_under_diffusers_names(folders, shape):
+    """What the broker checks LoRAs against: the linear weights of each expert, read from the
+    official checkpoint's headers and renamed (broker/lora_keys), are the diffusers folder's."""
+    diffusers_folder, official_folder = folders[shape]
+    for expert in ("transformer", "transformer_2"):
+        want = loras.expert_shapes(diffusers_folder, expert)
+        got = loras.expert_shapes(official_folder, expert, "official")
+        if want is None:
+            assert got is None and shape == "ti2v-5B"
+            continue
+        linear = {k: s for k, s in want.items() if k.endswith(".weight") and len(s) == 2
+                  and not k.startswith("patch_embedding")}
+        assert got == linear and len(got) > 10
 
 
 def test_official_files_are_named_and_shaped_as_the_release(folders):
@@ -273,6 +291,30 @@ def test_stage_processes_give_identical_frames_from_official_folders(stack, fold
                 a, b = vae_frames(official_stack, ours), vae_frames(stack, theirs)
                 assert a.shape == (5, h, w, 3) and a.std() > 1.0
                 assert np.array_equal(a, b), f"{model}: max |diff| {np.abs(a.astype(int) - b).max()}"
+            # A LoRA on the official checkpoint (both experts): the broker checks it against the
+            # official weights' names and shapes, the DiT loads it as on the diffusers layout, and
+            # the frames are WanPipeline's with load_lora_weights on the diffusers folder.
+            t2v = folders["t2v-A14B"][0]
+            lora_dir = official_stack.config.lora_dir
+            lora_dir.mkdir(parents=True, exist_ok=True)
+            make_lora(t2v, "transformer", lora_dir / "x.high.safetensors", seed=1)
+            make_lora(t2v, "transformer_2", lora_dir / "x.low.safetensors", seed=2)
+            assert "one expert" in loras.scan(official_stack.config)["x"].fits["ti2v-5B"]
+            p = default_params(stack.config, "t2v-A14B", prompt="a cat dances on a neon stage", negative_prompt="",
+                               seed=3, steps=4, height=32, width=32, num_frames=5, guidance_scale=4.0,
+                               guidance_scale_2=3.0)
+            p = m.JobParams(**{**p.__dict__, "loras": loras.resolve(official_stack.config, "t2v-A14B",
+                                                                    [{"name": "x", "scale": 0.8}])})
+            job = driver.submit(p)
+            assert driver.wait(job, timeout_s=300).done is not None
+
+            def with_x(pipe):
+                pipe.load_lora_weights(str(lora_dir / "x.high.safetensors"), adapter_name="x")
+                pipe.load_lora_weights(str(lora_dir / "x.low.safetensors"), adapter_name="x",
+                                       load_into_transformer_2=True)
+                pipe.set_adapters(["x"], [0.8])
+
+            assert np.array_equal(vae_frames(official_stack, job), reference(t2v, p, prepare=with_x))
         # Nothing tiny was built (the DiT's preview projection fit of these VAEs is cached there).
         assert not (state / "models").exists() or not [p for p in (state / "models").iterdir()
                                                         if p.name != "preview-fits"]
