@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["env", "sdpa_probe", "ti2v", "a14b", "vae22_float32", "vae21_float32", "vae22_bfloat16", "vae21_bfloat16"]
 
@@ -84,3 +86,19 @@ def test_transport_small(tmp_path: Path) -> None:
         assert all(finite_positive(h[mode]["median_s"]) for mode in ("framed", "shared", "memcpy"))
     assert len(results["segments"]) <= len(names)  # reused: at most one per message size
     assert (tmp_path / "transport.md").read_text().count("\n| ") == len(names) + 2
+
+
+def test_draft_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/draft.py --small, in this process (its imports are loaded already): the distilled draft
+    through our DiT and VAE stages with the LoRA files, the undistilled draft, and WanPipeline with
+    the same LoRA and sigmas, whose frames are ours bit for bit (float32 on the CPU)."""
+    from bench import draft
+
+    monkeypatch.setattr(sys, "argv", ["draft.py", "--small", "--out", str(tmp_path)])
+    draft.main()
+    results = json.loads((tmp_path / "draft_cpu_small.json").read_text())
+    assert (results["distilled"]["steps"], results["distilled"]["passes_per_step"]) == (4, 1)
+    assert (results["undistilled"]["steps"], results["undistilled"]["passes_per_step"]) == (20, 2)
+    assert results["diffusers"]["frames_vs_ours"]["identical"] is True
+    assert results["distilled"]["mp4_bytes"] > 1000 and results["text_encoder"]["forward_s"] > 0
+    assert "| ours, distilled | 4 x 1 |" in (tmp_path / "draft_cpu_small.md").read_text()
