@@ -109,7 +109,7 @@ def test_detected_from_keys_with_or_without_the_module_prefix(tmp_path, model, p
 
 
 def broken(kind: str) -> Any:
-    state = tiny_state()
+    state: Any = tiny_state()
     if kind == "missing key":
         del state["block2.convblock.1.beta"]
     elif kind == "unexpected key":
