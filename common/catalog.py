@@ -198,7 +198,8 @@ ENCODING_FIELDS: tuple[str, ...] = tuple(f.name for f in ENCODING_OPTIONS)
 
 POSTPROCESS_OPTIONS: tuple[Field, ...] = (
     Field("interpolate_fps", "integer", "interpolate the video to this frame rate (above fps; motion-compensated, "
-          "ffmpeg minterpolate); null: the preset's", nullable=True, minimum=2, maximum=60),
+          "ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's", nullable=True, minimum=2,
+          maximum=60),
     Field("interpolate_method", "string", "how to interpolate to interpolate_fps: minterpolate (ffmpeg, "
           "motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile "
           "configures RIFE weights); null: rife where configured, else minterpolate", nullable=True,
