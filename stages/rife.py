@@ -59,7 +59,10 @@ VERSION = "4.25/4.26"  # the layouts are the same: one implementation serves bot
 BLOCKS = 5
 SCALES = (16, 8, 4, 2, 1)  # each block's downscale (the release's scale_list at scale 1.0)
 PAD = 64  # 1/16 for the first block, then two stride-2 convs
-MAX_BATCH = 4  # output frames of one interval computed together (16 -> 60 fps: 3 or 4 per interval)
+# Output frames of one interval computed together (16 -> 60 fps: 3 or 4 per interval), at most
+# this many (padded) pixels in all: 4 at 480p, 1 at 720p (about 1 GB of float32 maps per 720p frame).
+MAX_BATCH = 4
+MAX_BATCH_PIXELS = 4 * 832 * 512
 TRAINING_ONLY = ("teacher.", "caltime.")  # modules the training script has, unused at inference
 SLOPE = 0.2  # LeakyReLU's negative slope, everywhere in the network
 
@@ -186,6 +189,8 @@ class IFNet(nn.Module):
 
 
 def resize(x: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor == 1:  # bilinear at scale 1 samples every pixel at its own place: the same numbers, no copy
+        return x
     return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
@@ -335,9 +340,10 @@ class Interpolator:
                 timesteps: list[float], height: int, width: int) -> list[np.ndarray]:
         """The frames at `timesteps` between two prepared frames, as (H, W, 3) uint8."""
         out: list[np.ndarray] = []
+        batch = max(1, min(MAX_BATCH, MAX_BATCH_PIXELS // (a[0].shape[2] * a[0].shape[3])))
         with torch.inference_mode():
-            for i in range(0, len(timesteps), MAX_BATCH):
-                t = torch.tensor(timesteps[i:i + MAX_BATCH], device=self.device, dtype=self.dtype)
+            for i in range(0, len(timesteps), batch):
+                t = torch.tensor(timesteps[i:i + batch], device=self.device, dtype=self.dtype)
                 frames = self.model(a[0], b[0], t, a[1], b[1])[:, :, :height, :width]
                 pixels = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
                 out.extend(pixels.cpu().numpy())
