@@ -197,13 +197,18 @@ def resize(x: torch.Tensor, factor: float) -> torch.Tensor:
 def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Backward warp: out[y, x] = image[y + flow_y, x + flow_x] (bilinear, border pixels beyond the edge)."""
     _, _, height, width = image.shape
-    ys = torch.arange(height, device=image.device, dtype=flow.dtype).view(1, height, 1)
-    xs = torch.arange(width, device=image.device, dtype=flow.dtype).view(1, 1, width)
+    ys = torch.arange(height, device=image.device, dtype=torch.float32).view(1, height, 1)
+    xs = torch.arange(width, device=image.device, dtype=torch.float32).view(1, 1, width)
     # grid_sample's coordinates with align_corners=True: -1 is pixel 0, +1 is pixel side - 1.
-    gx = (xs + flow[:, 0]) * (2 / (width - 1)) - 1
-    gy = (ys + flow[:, 1]) * (2 / (height - 1)) - 1
-    grid = torch.stack((gx, gy), dim=-1).to(image.dtype)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    gx = (xs + flow[:, 0].float()) * (2 / (width - 1)) - 1
+    gy = (ys + flow[:, 1].float()) * (2 / (height - 1)) - 1
+    grid = torch.stack((gx, gy), dim=-1)
+    if image.dtype == torch.float32:
+        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    # In half precision the grid would place samples to within a third of a pixel at 1280 wide (a
+    # few pixels in bfloat16): sample in float32, keep the result in the model's dtype.
+    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.to(image.dtype)
 
 
 # ---- weights -------------------------------------------------------------------------------------
