@@ -92,10 +92,13 @@ def test_the_release_layout_has_the_published_keys_and_shapes():
     assert rife.detect(dict(state), Path("flownet.pkl")) == RELEASE
 
 
-@pytest.mark.parametrize("prefix,name", [("module.", "flownet.pkl"), ("", "rife.pth"), ("", "rife.safetensors")])
+@pytest.mark.parametrize("prefix,name", [("module.", "flownet.pkl"), ("", "rife.pth"), ("", "rife.safetensors"),
+                                         ("module.", "training.pkl")])
 def test_detected_from_keys_with_or_without_the_module_prefix(tmp_path, model, prefix, name):
     path = tmp_path / name
-    if name.endswith(".safetensors"):
+    if name == "training.pkl":  # a training checkpoint's teacher block: dropped, the rest loads strictly
+        save({**tiny_state(), "teacher.conv0.0.0.weight": torch.zeros(2, 3, 3, 3)}, path, prefix)
+    elif name.endswith(".safetensors"):
         from safetensors.torch import save_file
 
         save_file({prefix + k: v.contiguous() for k, v in tiny_state().items()}, str(path))
