@@ -2,8 +2,8 @@
 
 The request is the plan's: `prompt`, `negative_prompt?`, `model`, `quality_preset` (or `quality`),
 `seed?`, `priority?`, `custom_options?` {`steps`, `cfg_scale`, `cfg_scale_2`, `shift`, `resolution`,
-`fps`, `duration`, `num_frames`, `codec`, `crf`, `bit_depth`, `lossless_master`, `interpolate_fps`, `upscale`,
-`upscale_to`}; common/catalog.py defines each field and its bounds, and the OpenAPI
+`fps`, `duration`, `num_frames`, `codec`, `crf`, `bit_depth`, `lossless_master`, `interpolate_fps`,
+`interpolate_method`, `upscale`, `upscale_to`}; common/catalog.py defines each field and its bounds, and the OpenAPI
 document is generated from the same tables. Presets and the sizes each model supports come from the
 profile (`[presets.<model>.<preset>]`, `[models.<model>]`), so a profile can scale them to its hardware.
 """
@@ -302,7 +302,7 @@ def resolve(
         cache = check_cache(base["cache"], "cache") if base.get("cache") is not None else None
     if s2v and cache is not None:  # the S2V DiT has no cache hooks: refused here, not by the stage later
         raise _bad("custom_options.cache", f"step caching is not available for {model}")
-    postprocess = resolve_postprocess(options, base, width, height, fps)
+    postprocess = resolve_interpolation(config, model, options, resolve_postprocess(options, base, width, height, fps))
     # A distilled draft's LoRA goes first, at scale 1, before the request's own.
     distilling = loras.resolve(config, model, [{"name": base["distill_lora"], "scale": 1.0}]) \
         if base.get("distill_lora") else []
@@ -366,6 +366,33 @@ def resolve_postprocess(options: dict[str, Any], base: dict[str, Any], width: in
         raise _bad("custom_options.upscale", f"the upscaled video, {out_w}x{out_h}, is larger than 8K",
                    width=out_w, height=out_h, max_pixels=catalog.MAX_OUTPUT_PIXELS, max_side=catalog.MAX_OUTPUT_SIDE)
     return wanted
+
+
+def rife_configured(config: Config, model: str) -> bool:
+    """Whether every muxer on `model`'s route has RIFE weights (`rife_weights`)."""
+    muxers = [config.stage(name) for name in config.route(model) if config.stage(name).kind == "muxer"]
+    return bool(muxers) and all(spec.rife_weights for spec in muxers)
+
+
+def resolve_interpolation(config: Config, model: str, options: dict[str, Any],
+                          postprocess: dict[str, Any]) -> dict[str, Any]:
+    """`postprocess` with its `interpolate_method`: the request's, else rife where the route's muxer
+    has RIFE weights (an operator who configures them wants them used), else none (minterpolate).
+    RIFE asked of a profile with no weights, or a method with nothing to interpolate, is refused."""
+    method = _option(options, "interpolate_method", None)
+    if postprocess.get("interpolate_fps") is None:
+        if method is not None:
+            raise _bad("custom_options.interpolate_method", "interpolate_method needs interpolation: give "
+                       "interpolate_fps (or a preset that interpolates)", method=method)
+        return postprocess
+    configured = rife_configured(config, model)
+    if method == "rife" and not configured:
+        raise _bad("custom_options.interpolate_method", "RIFE interpolation is not available: this server's "
+                   "profile configures no RIFE weights (the muxer's rife_weights)", method=method,
+                   allowed=["minterpolate"])
+    if method is None and configured:
+        method = "rife"
+    return postprocess if method is None else {**postprocess, "interpolate_method": method}
 
 
 def resolve_encoding(options: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:

@@ -180,6 +180,9 @@ DEFAULT_CODEC = "h264"
 # Named upscale targets: the short side of the output (the aspect is kept).
 UPSCALE_TARGETS: dict[str, int] = {"1080p": 1080, "4k": 2160, "8k": 4320}
 MAX_UPSCALE = 8.0
+# How interpolate_fps is reached: ffmpeg's minterpolate (CPU, no weights) or RIFE 4.25/4.26 (the
+# muxer's device, the profile's rife_weights). Unset: rife where the muxer has weights, else minterpolate.
+INTERPOLATION_METHODS: tuple[str, ...] = ("minterpolate", "rife")
 
 ENCODING_OPTIONS: tuple[Field, ...] = (
     Field("codec", "string", "video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)",
@@ -195,7 +198,12 @@ ENCODING_FIELDS: tuple[str, ...] = tuple(f.name for f in ENCODING_OPTIONS)
 
 POSTPROCESS_OPTIONS: tuple[Field, ...] = (
     Field("interpolate_fps", "integer", "interpolate the video to this frame rate (above fps; motion-compensated, "
-          "ffmpeg minterpolate); null: the preset's", nullable=True, minimum=2, maximum=60),
+          "ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's", nullable=True, minimum=2,
+          maximum=60),
+    Field("interpolate_method", "string", "how to interpolate to interpolate_fps: minterpolate (ffmpeg, "
+          "motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile "
+          "configures RIFE weights); null: rife where configured, else minterpolate", nullable=True,
+          enum=INTERPOLATION_METHODS),
     Field("upscale", "number", "upscale by this factor (Lanczos), keeping the aspect; null: the preset's",
           nullable=True, minimum=1.0, maximum=MAX_UPSCALE),
     Field("upscale_to", "string", "upscale to a named size (short side 1080, 2160, 4320; aspect kept); "

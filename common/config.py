@@ -265,6 +265,9 @@ class StageSpec:
     crf_av1: int = 32  # muxer: AV1's crf (0..63), unless the job gives one
     av1_preset: int = 8  # muxer: SVT-AV1 speed preset, 0 (slowest) .. 13
     audio_bitrate: int = 192_000  # muxer: the AAC bit rate of a speech-to-video job's audio track
+    # muxer: a RIFE v4.25/v4.26 flownet.pkl / .pth / .safetensors (stages/rife.py), run on `device`;
+    # None: interpolation is minterpolate only (a request for RIFE is refused at submit)
+    rife_weights: str | None = None
 
 
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
@@ -272,7 +275,8 @@ STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
     "dit": _COMMON_STAGE_KEYS | {"part", "compute_dtype"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
-    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate"},
+    "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate",
+                                   "rife_weights"},
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")

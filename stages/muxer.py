@@ -1,11 +1,14 @@
 """Muxer stage: uint8 frames -> post-processing -> MP4 (H.264, HEVC or AV1), and a lossless master.
 
 Per job: the VAE's frames go through the job's post-processing (stages/postprocess.py:
-interpolation, upscaling), streamed frame by frame into the MP4's encoder (stages/encoders.py);
-with `lossless_master`, the same source frames also go, untouched, into an FFV1 Matroska file.
+interpolation with minterpolate or RIFE, upscaling), streamed frame by frame into the MP4's
+encoder (stages/encoders.py); with `lossless_master`, the same source frames also go, untouched,
+into an FFV1 Matroska file.
 A speech-to-video job (`JobParams.audio`) also gets its audio: the file the broker stored in the
 job's spool folder, checked against its sha256, cut to the video from the audio time of frame 0
 and encoded as AAC (stages/soundtrack.py; the master carries it as float PCM).
+With `rife_weights` set, the muxer loads that RIFE model at startup on its `device` (and `dtype`
+on CUDA); a file whose keys or shapes do not match stops startup with MODEL_LOAD_ERROR.
 Every file is written to a temporary name in the results folder, fsynced and renamed into place
 (and the folder fsynced) only once every output is complete, so a reader never sees a partial
 file, even after a crash or power loss, and a job that fails part way leaves none of its files.
@@ -28,9 +31,10 @@ import numpy as np
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages import postprocess
+from stages import postprocess, rife
 from stages.base import Stage
 from stages.encoders import Encoding, Track, check_frames, job_encoding, write_outputs
+from stages.placement import Placement, module_bytes
 from stages.runtime import stage_main
 from stages.soundtrack import Soundtrack, decode
 
@@ -86,6 +90,7 @@ def postprocess_metadata(applied: dict[str, object]) -> dict[str, str]:
 
 class MuxerStage(Stage):
     kind = "muxer"
+    rife: rife.Interpolator | None = None  # with `rife_weights`: loaded by setup()
 
     def setup(self) -> None:
         # Past a file size limit (RLIMIT_FSIZE) a write must fail with EFBIG, not kill the process.
@@ -98,6 +103,13 @@ class MuxerStage(Stage):
             log.error("results folder is not usable: %s", exc.strerror)
         for name in remove_stale_temp_files(self.results_dir):
             log.warning("removed %s, left by a muxer that was killed while writing", name)
+        if self.spec.rife_weights:  # a file that does not match is refused here (MODEL_LOAD_ERROR), not at a job
+            self.placement = Placement.from_spec(self.spec)
+            self.rife = rife.Interpolator(self.config.path(self.spec.rife_weights), self.placement.device,
+                                          self.placement.dtype)
+            self.placement.components["rife"] = module_bytes(self.rife.model)
+            log.info("RIFE v%s from %s (sha256 %s) on %s, %s", rife.VERSION, self.rife.path, self.rife.sha256[:12],
+                     self.rife.device, self.rife.describe()["dtype"])
 
     def handle(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.MuxJob):
@@ -107,7 +119,7 @@ class MuxerStage(Stage):
         frames = msg.frames.numpy()
         check_frames(frames)
         p = msg.params
-        plan = postprocess.plan(p, int(frames.shape[2]), int(frames.shape[1]))
+        plan = postprocess.plan(p, int(frames.shape[2]), int(frames.shape[1]), self.rife)
         encoding = job_encoding(p.encoding, self.spec)
         path = self.results_dir / f"{msg.job_id}.mp4"
         master = self.results_dir / f"{msg.job_id}.mkv" if p.encoding.get("lossless_master") else None

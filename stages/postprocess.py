@@ -3,14 +3,19 @@
 The muxer process does it, between the VAE's frames and the encoder, for one reason: frames at the
 output size (an 8K frame is 100 MB as RGB) then exist only here, one filter-graph's worth at a
 time, on their way into the encoder; a stage of its own would have to send them over the wire (or
-the whole clip at once). Both methods run on the CPU through FFmpeg (PyAV's filter graph), so the
-muxer needs no device; a model-based interpolator or upscaler would give the muxer a `device`.
+the whole clip at once). minterpolate and Lanczos run on the CPU through FFmpeg (PyAV's filter
+graph); RIFE runs on the muxer stage's `device` (a GPU when it has one).
 
 - Interpolation to `interpolate_fps`: FFmpeg's motion-compensated `minterpolate` (mci, bidirectional
   motion estimation, overlapped-block compensation). It runs at the source size, before any upscale
   (cheaper), on YUV 4:4:4 converted with the BT.709 matrix. It stops one input interval early, so
   the last frame is fed twice: n frames at f fps give (n - 1) x F / f + 1 frames at F fps (rounded
   down), covering the same span.
+- Or, when the job asks for `interpolate_method = "rife"` (admission's default where the muxer has
+  RIFE weights, `rife_weights`): RIFE v4.25/v4.26 (stages/rife.py) on the muxer's device, a pair of
+  neighbouring frames at a time, at the same output times: output frame k shows source time
+  k x f / F, so the frame count is the same as minterpolate's. Its frames then go through the same
+  upscale (the graph below, without minterpolate).
 - Upscaling by `upscale` (a factor) or to `upscale_to` (1080p, 4k, 8k: the short side; the aspect
   kept, even sides; `catalog.output_size`): Lanczos (FFmpeg's `scale`, `flags=lanczos`).
 
@@ -21,7 +26,7 @@ holds more than the filter graph's few frames at the output size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -29,6 +34,8 @@ import av
 
 from common import catalog
 from common import messages as m
+from common.errors import ModelLoadError
+from stages import rife as rife_model
 
 INTERPOLATION = "minterpolate"
 MINTERPOLATE_ARGS = "mi_mode=mci:mc_mode=aobmc:me_mode=bidir:vsbmc=1"
@@ -44,6 +51,8 @@ class Plan:
     out_width: int
     out_height: int
     out_fps: int
+    method: str = INTERPOLATION  # "minterpolate" | "rife"
+    rife: rife_model.Interpolator | None = field(default=None, compare=False)
 
     @property
     def interpolate(self) -> bool:
@@ -68,7 +77,9 @@ class Plan:
         if not self.active:
             return {}
         out: dict[str, Any] = {"width": self.out_width, "height": self.out_height, "fps": self.out_fps}
-        if self.interpolate:
+        if self.interpolate and self.method == "rife" and self.rife is not None:
+            out["interpolation"] = {"method": "rife", "from_fps": self.fps, "fps": self.out_fps, **self.rife.describe()}
+        elif self.interpolate:
             out["interpolation"] = {"method": INTERPOLATION, "mode": "mci", "from_fps": self.fps, "fps": self.out_fps}
         if self.upscale:
             out["upscale"] = {"method": "lanczos", "from": f"{self.width}x{self.height}",
@@ -76,11 +87,16 @@ class Plan:
         return out
 
 
-def plan(p: m.JobParams, width: int, height: int) -> Plan:
-    """The plan for frames of `width` x `height` of a job with parameters `p`."""
+def plan(p: m.JobParams, width: int, height: int, rife: rife_model.Interpolator | None = None) -> Plan:
+    """The plan for frames of `width` x `height` of a job with parameters `p`; `rife`: the muxer's
+    RIFE model, if it has one (a job that asks for RIFE needs it)."""
     out_w, out_h = catalog.output_size(width, height, p.postprocess)
     fps = int(p.postprocess.get("interpolate_fps") or p.fps)
-    return Plan(width, height, p.fps, out_w, out_h, max(fps, p.fps))
+    method = str(p.postprocess.get("interpolate_method") or INTERPOLATION)
+    if method == "rife" and fps > p.fps and rife is None:  # admission refuses it; a muxer configured since may not
+        raise ModelLoadError("the job asks for RIFE interpolation but this muxer has no RIFE weights (rife_weights)",
+                             {"field": "custom_options.interpolate_method", "method": method})
+    return Plan(width, height, p.fps, out_w, out_h, max(fps, p.fps), method, rife if method == "rife" else None)
 
 
 class Pipeline:
@@ -91,12 +107,16 @@ class Pipeline:
         self.count = 0
         self.last: av.VideoFrame | None = None
         self.graph: Any = None
-        if not plan.active:
+        # RIFE interpolates before the graph, which then only upscales (at the output rate).
+        self.rife = rife_model.Stream(plan.rife, plan.fps, plan.out_fps) \
+            if plan.interpolate and plan.method == "rife" and plan.rife is not None else None
+        self.rate = plan.out_fps if self.rife is not None else plan.fps  # the graph's input rate
+        if not plan.upscale and (self.rife is not None or not plan.active):
             return
         graph = av.filter.Graph()
         chain = [graph.add_buffer(width=plan.width, height=plan.height, format=av.VideoFormat("rgb24"),
-                                  time_base=Fraction(1, plan.fps))]
-        if plan.interpolate:
+                                  time_base=Fraction(1, self.rate))]
+        if plan.interpolate and self.rife is None:
             # minterpolate takes YUV: convert with BT.709 ourselves (FFmpeg would pick BT.601).
             chain.append(graph.add("scale", "out_color_matrix=bt709:out_range=tv"))
             chain.append(graph.add("format", "pix_fmts=yuv444p"))
@@ -111,6 +131,10 @@ class Pipeline:
         self.graph = graph
 
     def push(self, frame: av.VideoFrame) -> Iterator[av.VideoFrame]:
+        if self.rife is not None:
+            for out in self.rife.push(frame.to_ndarray(format="rgb24")):
+                yield from self._upscaled(av.VideoFrame.from_ndarray(out, format="rgb24"))
+            return
         if self.graph is None:
             yield frame
             return
@@ -118,15 +142,24 @@ class Pipeline:
         self.last = frame
 
     def flush(self) -> Iterator[av.VideoFrame]:
+        if self.rife is not None:
+            for out in self.rife.flush():
+                yield from self._upscaled(av.VideoFrame.from_ndarray(out, format="rgb24"))
         if self.graph is None:
             return
-        if self.plan.interpolate and self.last is not None:
+        if self.plan.interpolate and self.rife is None and self.last is not None:
             yield from self._push(self.last)  # minterpolate ends one input interval early
         self.graph.push(None)
         yield from self._drain()
 
+    def _upscaled(self, frame: av.VideoFrame) -> Iterator[av.VideoFrame]:
+        if self.graph is None:
+            yield frame
+        else:
+            yield from self._push(frame)
+
     def _push(self, frame: av.VideoFrame) -> Iterator[av.VideoFrame]:
-        frame.pts, frame.time_base = self.count, Fraction(1, self.plan.fps)
+        frame.pts, frame.time_base = self.count, Fraction(1, self.rate)
         self.count += 1
         self.graph.push(frame)
         yield from self._drain()

@@ -498,8 +498,13 @@ export interface paths {
                             fps?: number;
                             /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
                             frames_per_clip?: number | null;
-                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's */
                             interpolate_fps?: number | null;
+                            /**
+                             * @description how to interpolate to interpolate_fps: minterpolate (ffmpeg, motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile configures RIFE weights); null: rife where configured, else minterpolate
+                             * @enum {string|null}
+                             */
+                            interpolate_method?: "minterpolate" | "rife" | null;
                             /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
                             loras?: {
                                 /** @description a LoRA of GET /api/v1/loras that fits the model */
@@ -631,8 +636,13 @@ export interface paths {
                                 fps?: number;
                                 /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
                                 frames_per_clip?: number | null;
-                                /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                                /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's */
                                 interpolate_fps?: number | null;
+                                /**
+                                 * @description how to interpolate to interpolate_fps: minterpolate (ffmpeg, motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile configures RIFE weights); null: rife where configured, else minterpolate
+                                 * @enum {string|null}
+                                 */
+                                interpolate_method?: "minterpolate" | "rife" | null;
                                 /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
                                 loras?: {
                                     /** @description a LoRA of GET /api/v1/loras that fits the model */
@@ -2321,8 +2331,13 @@ export interface paths {
                             fps?: number;
                             /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
                             frames_per_clip?: number | null;
-                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's */
                             interpolate_fps?: number | null;
+                            /**
+                             * @description how to interpolate to interpolate_fps: minterpolate (ffmpeg, motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile configures RIFE weights); null: rife where configured, else minterpolate
+                             * @enum {string|null}
+                             */
+                            interpolate_method?: "minterpolate" | "rife" | null;
                             /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
                             loras?: {
                                 /** @description a LoRA of GET /api/v1/loras that fits the model */
@@ -2366,8 +2381,13 @@ export interface paths {
                         input_reference?: string | {
                             image_url?: string;
                         } | null;
-                        /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate); null: the preset's */
+                        /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's */
                         interpolate_fps?: number | null;
+                        /**
+                         * @description how to interpolate to interpolate_fps: minterpolate (ffmpeg, motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile configures RIFE weights); null: rife where configured, else minterpolate
+                         * @enum {string|null}
+                         */
+                        interpolate_method?: "minterpolate" | "rife" | null;
                         /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
                         loras?: {
                             /** @description a LoRA of GET /api/v1/loras that fits the model */
