@@ -31,14 +31,15 @@ channels or scale do not match the model's VAE, is refused with MODEL_LOAD_ERROR
 
 Decoding runs over chunks of latent frames: the frames of a chunk go through every layer together
 (frame-parallel), and each memory block carries its last input frame to the next chunk, so any
-chunking gives the same frames as a frame-by-frame decode while the activations stay bounded.
+chunking gives the same frames as a frame-by-frame decode while the activations stay bounded. Layers
+18-22 carry nothing across frames: a preview runs them on the frames it shows only.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ MEMORY_BLOCKS = (3, 4, 5, 9, 10, 11, 15, 16, 17)
 TIME_GROWS = (7, 13, 19)
 TIME_SCALE = 4  # both time grows after the first double the frames
 TRIM = TIME_SCALE - 1  # frames dropped at the start
+BODY = 18  # layers 0-17 carry memory across frames; 18-22 work on each frame alone
 CHUNK_ELEMENTS = 1 << 26  # per-tensor activation bound that sets how many latent frames decode at once
 
 
@@ -124,27 +126,33 @@ class TaehvDecoder(nn.Module):
         stages += [nn.ReLU(), conv3(c3, 3 * p * p)]
         self.decoder = nn.Sequential(*stages)
 
-    def chunk_frames(self, height: int, width: int) -> int:
-        """Latent frames decoded at once, so that no activation exceeds CHUNK_ELEMENTS (at least 1)."""
+    def chunk_frames(self, height: int, width: int, every_frame: bool = True) -> int:
+        """Latent frames decoded at once, so that no activation exceeds CHUNK_ELEMENTS (at least 1).
+        `every_frame`: the last stage (the largest tensors) runs on every frame, not a few."""
         c0, c1, c2, c3 = self.layout.widths
         pixels = height * width
-        # per latent frame: (frames, channels, pixels) at each stage's widest tensor (a memory block's concat)
-        per_frame = max(2 * c0 * pixels, 2 * c1 * 4 * pixels, 2 * 2 * c2 * 16 * pixels, 4 * c3 * 64 * pixels)
+        # per latent frame: frames x channels x pixels at each stage's widest tensor (a memory block's concat)
+        sizes = [2 * c0 * pixels, 2 * c1 * 4 * pixels, 2 * 2 * c2 * 16 * pixels]
+        per_frame = max(sizes + ([4 * c3 * 64 * pixels] if every_frame else []))
         return max(1, CHUNK_ELEMENTS // per_frame)
 
-    def chunks(self, latents: torch.Tensor, chunk: int | None = None) -> Iterator[torch.Tensor]:
-        """Decode (z, T, h, w) normalised latents; yields the frames chunk by chunk, in order, as
-        (n, 3, 8ph, 8pw) in [0, 1] (4T - 3 frames in all). `chunk`: latent frames per pass."""
+    def chunks(self, latents: torch.Tensor, chunk: int | None = None,
+               keep: Collection[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Decode (z, T, h, w) normalised latents chunk by chunk, in order: yields (indices, frames),
+        frames (n, 3, 8ph, 8pw) in [0, 1] of the 4T - 3 in all. `chunk`: latent frames per pass.
+        `keep`: the indices of the frames wanted (None: all); layers 18-22 (nothing carried across
+        frames) run on those only, the layers before on every frame (their memory needs them)."""
         z, total, h, w = latents.shape
         if z != self.layout.latent_channels:
             raise ValueError(f"latents have {z} channels, the decoder takes {self.layout.latent_channels}")
-        step = chunk or self.chunk_frames(h, w)
+        step = chunk or self.chunk_frames(h, w, keep is None)
         memory: dict[int, torch.Tensor] = {}  # memory block index -> its input at the last frame so far
-        dropped = 0
+        body_frames = 0  # frames out of layer 17 so far (2 per latent frame)
         param = next(self.parameters())
+        layers: list[nn.Module] = list(self.decoder)
         for start in range(0, total, step):
             x = latents[:, start:start + step].to(param.device, param.dtype).permute(1, 0, 2, 3)
-            for index, layer in enumerate(self.decoder):
+            for index, layer in enumerate(layers[:BODY]):
                 if isinstance(layer, MemoryBlock):
                     before = memory.get(index)
                     if before is None:
@@ -154,18 +162,25 @@ class TaehvDecoder(nn.Module):
                     x = layer(x, past)
                 else:
                     x = layer(x)
+            # Layer 19 makes frames 2b and 2b + 1 of body frame b; the first TRIM are dropped.
+            first = 2 * body_frames - TRIM
+            body_frames += x.shape[0]
+            wanted = [i for i in range(2 * x.shape[0]) if first + i >= 0 and (keep is None or first + i in keep)]
+            if not wanted:
+                continue
+            sources = sorted({i // 2 for i in wanted})
+            grown = layers[BODY + 1](layers[BODY](x[sources]))  # 2 frames per source, in order
+            at = {b: n for n, b in enumerate(sources)}
+            y = grown[[2 * at[i // 2] + i % 2 for i in wanted]]
+            for layer in layers[BODY + 2:]:
+                y = layer(y)
             if self.layout.patch_size > 1:
-                x = F.pixel_shuffle(x, self.layout.patch_size)
-            x = x.clamp(0, 1)
-            if dropped < TRIM:
-                cut = min(TRIM - dropped, x.shape[0])
-                x, dropped = x[cut:], dropped + cut
-            if x.shape[0]:
-                yield x
+                y = F.pixel_shuffle(y, self.layout.patch_size)
+            yield [first + i for i in wanted], y.clamp(0, 1)
 
     def decode(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """(z, T, h, w) -> (4T - 3, 3, 8ph, 8pw) in [0, 1]."""
-        return torch.cat(list(self.chunks(latents, chunk)))
+        return torch.cat([frames for _, frames in self.chunks(latents, chunk)])
 
 
 # ---- reading and checking a weights file ----
@@ -277,20 +292,18 @@ class TaehvPreview:
     def frames(self, latents: torch.Tensor, count: int) -> np.ndarray:
         """`count` of the decoded frames, evenly spaced from first to last (1: the middle one), as
         (count, H, W, 3) uint8. The decoder is causal: decoding stops at the last picked frame, and
-        the other frames are dropped as each chunk is done."""
+        the last layers (the largest tensors, 8x8p the latent's pixels) run on the picked frames only."""
         from stages.previews import picks
 
         total = latents.shape[2]
         wanted = picks(TIME_SCALE * total - TRIM, count)
-        kept: list[torch.Tensor] = []
-        seen = 0
+        kept: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            for part in self.model.chunks(latents[0]):
-                kept += [part[i - seen] for i in wanted if seen <= i < seen + part.shape[0]]
-                seen += part.shape[0]
-                if seen > wanted[-1]:
+            for indices, frames in self.model.chunks(latents[0], keep=set(wanted)):
+                kept.update(zip(indices, frames, strict=True))
+                if indices[-1] >= wanted[-1]:
                     break
-            rgb = torch.stack(kept).permute(0, 2, 3, 1).float().mul(255).round().to(torch.uint8)
+            rgb = torch.stack([kept[i] for i in wanted]).permute(0, 2, 3, 1).float().mul(255).round().to(torch.uint8)
         return rgb.cpu().numpy()
 
 

@@ -171,6 +171,10 @@ def test_decode_equals_the_frame_by_frame_reference_for_any_chunking(tmp_path: P
         assert expected.std() > 0.01  # not a flat image: the weights reach the output
         for chunk in (1, 2, 3):
             assert torch.allclose(model.decode(latents, chunk), expected, atol=1e-5), chunk
+            # Only some frames through the last layers: the same frames.
+            parts = list(model.chunks(latents, chunk, keep={0, 5, 8}))
+            assert [i for indices, _ in parts for i in indices] == [0, 5, 8]
+            assert torch.allclose(torch.cat([f for _, f in parts]), expected[[0, 5, 8]], atol=1e-5), chunk
 
 
 def test_t_latent_frames_decode_to_4t_minus_3(tmp_path: Path) -> None:
