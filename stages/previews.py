@@ -298,7 +298,11 @@ class Previewer:
         if len(self.last) > 1000:  # forget jobs long gone
             for old in sorted(self.last, key=self.last.__getitem__)[:500]:
                 del self.last[old]
-        frames = projection.frames(x0, self.section.frames)
+        try:
+            frames = projection.frames(x0, self.section.frames)
+        except (RuntimeError, ValueError) as exc:  # e.g. a TAEHV decode out of GPU memory: no preview this time
+            log.warning("could not render a preview with %s: %s", projection.source, type(exc).__name__)
+            return None
         data = encode(tile(frames), self.section.format, self.section.quality)
         name = spool.preview_name(done, self.extension)
         try:

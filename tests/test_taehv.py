@@ -204,6 +204,8 @@ def test_a_taehv_preview_is_the_decoded_frames_in_the_grid(tmp_path: Path) -> No
         picked = (decoded[previews.picks(9, count)].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
         expected = rgb(previews.encode(previews.tile(picked), fmt, 100))
         assert np.abs(image - expected).mean() < 0.5
+    # A decode that fails (here: latents of another VAE) costs the preview, never the job.
+    assert writer.write("m", "job-x", 3, torch.randn(1, 48, 2, 4, 6)) is None
     # Pixel resolution past the 512 px box: contained in it, the aspect kept.
     wide = renderer.frames(torch.randn(1, 16, 2, 4, 80), 4)
     assert wide.shape == (4, 32, 640, 3) and wide.dtype == np.uint8
