@@ -111,7 +111,7 @@ def taehv_costs(device: torch.device, repeats: int) -> dict[str, dict[str, float
                     writer.write("m", "bench", 1, x0)  # ends with a copy to the host: synchronised
                     times.append(time.perf_counter() - start)
                 row = {"median_ms": round(statistics.median(times) * 1000, 1), "frames": count,
-                       "chunk_latent_frames": renderer.model.chunk_frames(shape[3], shape[4])}
+                       "chunk_latent_frames": renderer.model.chunk_frames(shape[3], shape[4], False)}
                 if device.type == "cuda":
                     row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 out[name + (" grid" if count > 1 else " middle")] = row
