@@ -125,7 +125,7 @@ class Runs:
 
 @pytest.mark.parametrize("case", ["missing key", "wrong shape", "bad patch", "extra key", "not a state dict",
                                   "code in the pickle", "garbage", "int weights", "latent channels", "scale"])
-def test_a_wrong_file_is_refused_naming_it(tmp_path: Path, case: str) -> None:
+def test_a_wrong_file_is_refused_naming_it(tmp_path: Path, case: str, capfd: pytest.CaptureFixture[str]) -> None:
     state = tiny_state()
     path = tmp_path / "taew2_1.pth"
     z, spatial = 16, 8
@@ -155,6 +155,7 @@ def test_a_wrong_file_is_refused_naming_it(tmp_path: Path, case: str) -> None:
         load_checked(path, z, spatial)
     assert caught.value.code == "MODEL_LOAD_ERROR"
     assert str(path) in caught.value.message and caught.value.details["path"] == str(path)
+    assert "runs code" not in capfd.readouterr().out  # the pickle's code never ran
 
 
 # ---- decoding ----
