@@ -3,7 +3,13 @@
 timing `--runs / 2` jobs after a warm-up), and one preview (projection + encode + write)
 in-process at the latent sizes of real jobs, on this machine's CPU.
 
+With `--taehv`, only the TAEHV path instead (stages/taehv.py: a decoder of the released size,
+widths 256/128/64/64, random weights; speed does not depend on them): one preview (decode up to the
+last picked frame, JPEG, write) for a 4-frame grid and for the middle frame, at small latent sizes
+on a CPU, at the real jobs' sizes on a GPU (`--device cuda`), with the GPU's peak memory.
+
     .venv/bin/python bench/previews.py [--runs 12] [--out bench/results/previews.json]
+    .venv/bin/python bench/previews.py --taehv [--device cuda] [--out bench/results/previews_taehv.json]
 """
 
 from __future__ import annotations
@@ -71,12 +77,69 @@ def preview_costs(repeats: int = 20) -> dict[str, dict[str, float]]:
     return out
 
 
+# (name, latent shape, latent channels and patch size): the CPU sizes are small (a full 720p decode
+# is about 13 T multiply-adds: minutes on two cores).
+TAEHV_CPU_SIZES = [
+    ("A14B 128x128x17", (1, 16, 5, 16, 16), 1),
+    ("A14B 256x256x17", (1, 16, 5, 32, 32), 1),
+    ("TI2V-5B 256x256x17", (1, 48, 5, 16, 16), 2),
+]
+TAEHV_GPU_SIZES = [(name, shape, 1 if shape[1] == 16 else 2) for name, shape, _ in REAL_SIZES]
+
+
+def taehv_costs(device: torch.device, repeats: int) -> dict[str, dict[str, float]]:
+    from stages import taehv
+
+    state = short_tmpdir("wsv-")
+    config = Config.load(environ={"WAN_SERVER__RUNTIME__STATE_DIR": str(state)})
+    sizes = TAEHV_GPU_SIZES if device.type == "cuda" else TAEHV_CPU_SIZES
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, shape, patch in sizes:
+            layout = taehv.Layout(shape[1], patch, (256, 128, 64, 64), 1, False)
+            renderer = taehv.TaehvPreview(taehv.TaehvDecoder(layout).eval().requires_grad_(False), device,
+                                          Path("random"))
+            x0 = torch.randn(shape, device=device)
+            for count in (4, 1):
+                writer = previews.Previewer(config, PreviewsSection(frames=count), {"m": renderer})
+                writer.write("m", "bench", 1, x0)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    writer.write("m", "bench", 1, x0)  # ends with a copy to the host: synchronised
+                    times.append(time.perf_counter() - start)
+                row = {"median_ms": round(statistics.median(times) * 1000, 1), "frames": count,
+                       "chunk_latent_frames": renderer.model.chunk_frames(shape[3], shape[4], False)}
+                if device.type == "cuda":
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                out[name + (" grid" if count > 1 else " middle")] = row
+                print(name, row, flush=True)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=12)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "previews.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--taehv", action="store_true", help="time the TAEHV decoder's previews only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.taehv:
+        device = torch.device(args.device)
+        taehv_result = {"one_preview": taehv_costs(device, args.repeats), "device": str(device),
+                        "dtype": "float16" if device.type == "cuda" else "float32",
+                        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+        out = args.out or Path(__file__).parent / "results" / "previews_taehv.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(taehv_result, indent=1) + "\n")
+        return
+    args.out = args.out or Path(__file__).parent / "results" / "previews.json"
     model_cache = short_tmpdir("wsm-")
     on: list[float] = []
     off: list[float] = []

@@ -240,6 +240,10 @@ class ModelSpec:
     # S2V: pixel frames of the motion window re-encoded for the next clip (the release's 73; a tiny
     # model may use fewer, so its VAE passes stay small).
     motion_frames: int = 73
+    # A TAEHV tiny decoder's weights (taew2_1 for the Wan2.1 VAE, taew2_2 for Wan2.2; .pth or
+    # .safetensors) the DiT stages decode live previews with, instead of the latent-to-RGB projection
+    # (stages/taehv.py). Checked against the model's VAE at stage startup (MODEL_LOAD_ERROR).
+    preview_decoder: str | None = None
 
 
 @dataclass(frozen=True)

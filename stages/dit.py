@@ -44,7 +44,7 @@ from stages.base import Stage
 from stages.lora import LoraCache
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from stages.placement import Placement
-from stages.previews import Previewer, Projection, projection_for
+from stages.previews import Previewer, Renderer, projection_for
 from stages.runtime import stage_main
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class DitStage(Stage):
         if self.part not in schedule.PARTS:
             raise InvalidRequest(f"dit part must be one of {schedule.PARTS}, got {self.part!r}")
         self.models: dict[str, dict] = {}
-        projections: dict[str, Projection] = {}
+        projections: dict[str, Renderer] = {}
         self.s2v_models: dict[str, dict[str, Any]] = {}
         for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
@@ -97,7 +97,13 @@ class DitStage(Stage):
             self.add_model(model, info, experts, scheduler_config(folder, model_spec.flow_shift),
                            boundary_ratio=boundary, split_fraction=model_spec.split_fraction)
             log.info("loaded %s of %s on %s (%s), part %s", "+".join(names), model, self.device, self.dtype, self.part)
-            if self.config.previews.enabled:
+            if self.config.previews.enabled and model_spec.preview_decoder:  # a TAEHV decoder; a bad file stops
+                from stages.taehv import preview_for  # the stage with MODEL_LOAD_ERROR
+
+                projections[model] = preview_for(
+                    self.config.path(model_spec.preview_decoder), latent_channels=info.z_dim,
+                    spatial_scale=info.vae_scale_spatial, temporal_scale=info.vae_scale_temporal, device=self.device)
+            elif self.config.previews.enabled:
                 try:
                     projections[model] = projection_for(folder, self.config.model_cache_dir).to(self.device)
                 except Exception:  # previews are a side product: without a projection the model just has none

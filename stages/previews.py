@@ -19,6 +19,11 @@ every decoder reads (browsers, PyAV/ffmpeg, PIL): an animated WebP would show th
 FFmpeg's WebP decoder here does not read animated files, and it costs one encode per latent frame.
 A grid of a few moments shows what the user decides on while it renders (layout, subject, how it
 moves) at a size that fits a 512 px box.
+
+With a TAEHV decoder configured for the model (`[models.<id>] preview_decoder`, stages/taehv.py)
+the same grid is made of decoded frames at pixel resolution instead: `frames` of the clip's frames,
+evenly spaced from the first to the last, scaled into the same 512 px box. Same layout, same still
+image for every client; only sharper (a latent pixel is 8x8 or 16x16 pixels).
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -90,6 +95,20 @@ class Projection:
         """(1, z, F, H, W) latents -> (F, H, W, 3) uint8, on the latents' device."""
         rgb = torch.einsum("cfhw,cr->fhwr", latents[0].float(), self.weight) + self.bias
         return ((rgb + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    def frames(self, latents: torch.Tensor, count: int) -> np.ndarray:
+        """`count` latent frames, evenly spaced from first to last (1: the middle one), projected:
+        (count, H, W, 3) uint8."""
+        return self.rgb(latents[:, :, picks(latents.shape[2], count)]).cpu().numpy()
+
+
+class Renderer(Protocol):
+    """What makes a preview's frames: a Projection, or a TAEHV decoder (stages/taehv.py)."""
+
+    @property
+    def source(self) -> str: ...  # "wan2.1" | "wan2.2" | "fit" | "taehv"
+
+    def frames(self, latents: torch.Tensor, count: int) -> np.ndarray: ...
 
 
 def published(name: str) -> Projection:
@@ -203,22 +222,33 @@ def projection_for(folder: Path, cache_dir: Path) -> Projection:
 
 # ---- rendering and throttling ----
 
-def grid(frames: np.ndarray, count: int) -> np.ndarray:
-    """(F, H, W, 3) -> one image: `count` frames evenly spaced from first to last, in a grid
-    (1: the middle frame)."""
-    total = frames.shape[0]
+def picks(total: int, count: int) -> list[int]:
+    """The indices of `count` of `total` frames, evenly spaced from first to last (1: the middle one)."""
     count = max(1, min(count, total))
     if count == 1:
-        return frames[total // 2]
-    picks = [round(i * (total - 1) / (count - 1)) for i in range(count)]
+        return [total // 2]
+    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+
+
+def tile(frames: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) -> one image: the frames in a grid, left to right, top to bottom."""
+    count = frames.shape[0]
+    if count == 1:
+        return frames[0]
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     h, w = frames.shape[1:3]
     out = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for n, index in enumerate(picks):
+    for n, frame in enumerate(frames):
         r, c = divmod(n, cols)
-        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = frames[index]
+        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = frame
     return out
+
+
+def grid(frames: np.ndarray, count: int) -> np.ndarray:
+    """(F, H, W, 3) -> one image: `count` frames evenly spaced from first to last, in a grid
+    (1: the middle frame)."""
+    return tile(frames[picks(frames.shape[0], count)])
 
 
 def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -239,10 +269,10 @@ def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
 class Previewer:
     """Makes a job's previews in a DiT stage: when one is due, and the image file."""
 
-    def __init__(self, config: Config, section: PreviewsSection, projections: dict[str, Projection]):
+    def __init__(self, config: Config, section: PreviewsSection, projections: Mapping[str, Renderer]):
         self.config = config
         self.section = section
-        self.projections = projections  # model -> projection, on the stage's device
+        self.projections = dict(projections)  # model -> projection or TAEHV decoder, on the stage's device
         self.extension = EXTENSIONS[section.format]
         self.last: dict[str, float] = {}  # job id -> when its last preview was made (monotonic)
 
@@ -259,8 +289,8 @@ class Previewer:
         return last is None or time.monotonic() - last >= self.section.interval_s
 
     def write(self, model: str, job_id: str, done: int, x0: torch.Tensor) -> str | None:
-        """Project, encode and write the preview of `x0` (normalised latents); its file name, or
-        None when there is no projection for the model or the file could not be written."""
+        """Render (project, or decode with TAEHV), encode and write the preview of `x0` (normalised
+        latents); its file name, or None when the model has neither or the file could not be written."""
         projection = self.projections.get(model)
         if projection is None:
             return None
@@ -268,8 +298,12 @@ class Previewer:
         if len(self.last) > 1000:  # forget jobs long gone
             for old in sorted(self.last, key=self.last.__getitem__)[:500]:
                 del self.last[old]
-        frames = projection.rgb(x0).cpu().numpy()
-        data = encode(grid(frames, self.section.frames), self.section.format, self.section.quality)
+        try:
+            frames = projection.frames(x0, self.section.frames)
+        except (RuntimeError, ValueError) as exc:  # e.g. a TAEHV decode out of GPU memory: no preview this time
+            log.warning("could not render a preview with %s: %s", projection.source, type(exc).__name__)
+            return None
+        data = encode(tile(frames), self.section.format, self.section.quality)
         name = spool.preview_name(done, self.extension)
         try:
             spool.write_preview(self.config, job_id, name, data)
