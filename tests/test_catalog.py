@@ -139,7 +139,8 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
                            "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
                            "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p",
-                           "interpolate_method": "minterpolate", "loras": [], "cache": {"method": "first_block", "threshold": 0.1},
+                           "interpolate_method": "minterpolate", "loras": [],
+                           "cache": {"method": "first_block", "threshold": 0.1},
                            # s2v-14B's (checked, unused by ti2v): tests/test_s2v_upload.py resolves them
                            "max_area": 4096, "frames_per_clip": 8, "num_clips": 1},
     }
