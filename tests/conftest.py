@@ -30,6 +30,8 @@ from tests.helpers import (  # noqa: E402
     running_stack,
     running_system,
     short_tmpdir,
+    tiny_rife_state,
+    tiny_taehv_state,
 )
 
 # Stage processes run with one torch thread (the tiny profile's setting); in-process references
@@ -97,11 +99,14 @@ def keyed_system(model_cache: Path, foreign_origins: tuple[str, str]) -> Iterato
     test_cors, test_studio, test_webhooks: each takes it through `keyed_view`, with users of its
     own): allowed origins for each of them, one job in the pipeline at a time (so the order jobs
     are dispatched in shows, and a job behind another waits queued), webhooks signed with
-    WEBHOOK_SECRET with loopback allowed and a short backoff."""
+    WEBHOOK_SECRET with loopback allowed and a short backoff; tiny RIFE weights for the muxer and a
+    tiny TAEHV preview decoder for t2v-A14B (test_rife, test_taehv: their paths through the system)."""
     def admin(s: System) -> None:
         s.tokens["admin"] = s.create_key("admin", "--admin")
         s.key_tokens.append(s.tokens["admin"])
         s.headers = {"Authorization": f"Bearer {s.tokens['admin']}"}
+        torch.save({"module." + k: v for k, v in tiny_rife_state().items()}, s.state_dir / "flownet.pkl")
+        torch.save(tiny_taehv_state(16, 1, seed=3), s.state_dir / "taew2_1.pth")
 
     with running_system(
         "wsk-", model_cache, setup=admin,
@@ -114,6 +119,8 @@ def keyed_system(model_cache: Path, foreign_origins: tuple[str, str]) -> Iterato
         WAN_SERVER__WEBHOOKS__BACKOFF_INITIAL_S="0.3",
         WAN_SERVER__WEBHOOKS__BACKOFF_MAX_S="1",
         WAN_SERVER__WEBHOOKS__RETRY_WINDOW_S="120",
+        WAN_SERVER__STAGES__MUXER__RIFE_WEIGHTS="{state}/flownet.pkl",
+        WAN_SERVER__MODELS__T2V_A14B__PREVIEW_DECODER="{state}/taew2_1.pth",
     ) as s:
         yield s
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -570,7 +571,111 @@ def official_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, tor
     return out
 
 
+# ---- tiny weights in the release layouts of RIFE and TAEHV (post-processing and preview models) ----
+
+def tiny_rife_layout() -> Any:
+    """RIFE 4.25's layout (stages/rife.py) with few channels: the release's key names, small shapes."""
+    from stages import rife
+
+    return rife.Layout(head_channels=4, features=4, block_channels=(16, 12, 8, 8, 8), resconvs=2, carried=3)
+
+
+def tiny_rife_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of the tiny RIFE layout, scaled so the flows are a few pixels (not zero, not wild)."""
+    from stages import rife
+
+    torch.manual_seed(seed)
+    net = rife.IFNet(tiny_rife_layout())
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("beta"):
+                p.uniform_(0.5, 1.5)
+            elif p.ndim > 1:
+                p.normal_(0, 0.3 / (p[0].numel() ** 0.5))
+            else:
+                p.uniform_(-0.1, 0.1)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+TAEHV_WIDTHS = (8, 6, 4, 4)
+
+
+def tiny_taehv_state(z: int = 16, patch: int = 1, widths: tuple[int, ...] = TAEHV_WIDTHS, first_stride: int = 1,
+                     encoder: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random TAEHV decoder weights in the released files' key layout (stages/taehv.py), few
+    channels, scaled so the activations stay O(1)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+
+    def conv(n_out: int, n_in: int, k: int = 3) -> torch.Tensor:
+        return torch.randn(n_out, n_in, k, k, generator=g) / math.sqrt(n_in * k * k)
+
+    def bias(n: int) -> torch.Tensor:
+        return torch.randn(n, generator=g) * 0.1
+
+    c0, c1, c2, c3 = widths
+    state = {"decoder.1.weight": conv(c0, z), "decoder.1.bias": bias(c0)}
+    for first, width, wider, stride in ((3, c0, c1, first_stride), (9, c1, c2, 2), (15, c2, c3, 2)):
+        for block in range(first, first + 3):
+            state[f"decoder.{block}.conv.0.weight"] = conv(width, 2 * width)
+            for n in (0, 2, 4):
+                if n:
+                    state[f"decoder.{block}.conv.{n}.weight"] = conv(width, width)
+                state[f"decoder.{block}.conv.{n}.bias"] = bias(width)
+        state[f"decoder.{first + 4}.conv.weight"] = conv(width * stride, width, 1)
+        state[f"decoder.{first + 5}.weight"] = conv(wider, width)
+    state["decoder.22.weight"] = conv(3 * patch * patch, c3)
+    state["decoder.22.bias"] = bias(3 * patch * patch) + 0.5
+    if encoder:  # the released files hold the encoder too; previews ignore it
+        state["encoder.0.weight"] = conv(64, 3 * patch * patch)
+    return state
+
+
 # ---- media files made here (uploads, pose videos) ----
+
+def moving_square(frames: int = 9, height: int = 32, width: int = 48) -> np.ndarray:
+    """A gradient with a bright square moving across it: something every codec compresses sanely."""
+    y, x = np.mgrid[0:height, 0:width]
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for i in range(frames):
+        out[i, ..., 0] = (x * 255 // max(1, width - 1)).astype(np.uint8)
+        out[i, ..., 1] = (y * 255 // max(1, height - 1)).astype(np.uint8)
+        out[i, ..., 2] = 64
+        out[i, 8:16, 2 * i:2 * i + 8] = 240
+    return out
+
+
+def probe(path: Path | bytes) -> dict[str, Any]:
+    """What a player sees: codec, tag, pixel format, colour tags, rate, and the decoded RGB frames."""
+    import av
+
+    with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path), mode="r") as container:
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return {"codec": stream.codec_context.codec.name, "tag": stream.codec_tag, "pix_fmt": cc.pix_fmt,
+                "colour": (cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range),
+                "fps": stream.average_rate, "format": container.format.name, "frames": np.stack(frames),
+                "comment": container.metadata.get("comment", container.metadata.get("COMMENT"))}
+
+
+def multipart(parts: list[tuple[str, str | None, str | None, bytes]]) -> tuple[bytes, str]:
+    """parts: (name, filename, content type, data)."""
+    boundary = uuid.uuid4().hex
+    out = b""
+    for name, filename, ctype, data in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n".encode()
+        out += (f"Content-Type: {ctype}\r\n" if ctype else "").encode() + b"\r\n" + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post_multipart(system, parts):
+    body, ctype = multipart(parts)
+    return system.request("POST", "/api/v1/generate", raw=body, headers={"Content-Type": ctype})
+
+
 
 def encode_video(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "mpeg4", fps: int = 16) -> bytes:
     """(H, W, 3) uint8 frames as a video file in memory (`fmt` container, `codec`), yuv420p."""

@@ -9,7 +9,6 @@ through the whole system (`api_system`) and reads the files back over HTTP.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -33,33 +31,9 @@ from stages.base import StageContext
 from stages.encoders import Encoding, write_outputs
 from stages.muxer import MuxerStage
 from tests.error_bodies import check_error_body
-from tests.helpers import short_tmpdir, vae_frames
+from tests.helpers import moving_square, probe, short_tmpdir, vae_frames
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def moving_square(frames: int = 9, height: int = 32, width: int = 48) -> np.ndarray:
-    """A gradient with a bright square moving across it: something every codec compresses sanely."""
-    y, x = np.mgrid[0:height, 0:width]
-    out = np.empty((frames, height, width, 3), np.uint8)
-    for i in range(frames):
-        out[i, ..., 0] = (x * 255 // max(1, width - 1)).astype(np.uint8)
-        out[i, ..., 1] = (y * 255 // max(1, height - 1)).astype(np.uint8)
-        out[i, ..., 2] = 64
-        out[i, 8:16, 2 * i:2 * i + 8] = 240
-    return out
-
-
-def probe(path: Path | bytes) -> dict[str, Any]:
-    """What a player sees: codec, tag, pixel format, colour tags, rate, and the decoded RGB frames."""
-    with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path), mode="r") as container:
-        stream = container.streams.video[0]
-        cc = stream.codec_context
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        return {"codec": stream.codec_context.codec.name, "tag": stream.codec_tag, "pix_fmt": cc.pix_fmt,
-                "colour": (cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range),
-                "fps": stream.average_rate, "format": container.format.name, "frames": np.stack(frames),
-                "comment": container.metadata.get("comment", container.metadata.get("COMMENT"))}
 
 
 # BT.709 primaries and transfer (1, 1); YUV: BT.709 matrix (1), limited range (1); RGB: GBR (0), full (2).
@@ -120,7 +94,7 @@ def test_hevc_on_frames_a_few_ctus_small_does_not_abort_the_process():
     """x265's CU-tree corrupts the heap on 48x32 frames (the tiny profile's 48x32 preset): glibc
     aborts the muxer within a few jobs unless it is off there. In a child process, as it aborts."""
     code = ("import av\nfrom pathlib import Path\nfrom stages.encoders import Encoding, VideoOutput\n"
-            "from tests.test_encoders import moving_square\nimport sys\nd = Path(sys.argv[1])\n"
+            "from tests.helpers import moving_square\nimport sys\nd = Path(sys.argv[1])\n"
             "for _ in range(8):\n    o = VideoOutput(d / 'a.mp4', Encoding('h265', 20, 8), 48, 32, 16)\n"
             "    for f in moving_square(9, 32, 48):\n        o.write(av.VideoFrame.from_ndarray(f, format='rgb24'))\n"
             "    o.finish()\n")

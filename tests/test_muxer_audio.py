@@ -23,7 +23,7 @@ from common import messages as m
 from common.config import Config
 from common.errors import InvalidRequest
 from stages.muxer import MuxerStage
-from tests.test_encoders import moving_square
+from tests.helpers import moving_square
 
 FPS = 16
 FRAMES = 13  # 0.8125 s of video

@@ -27,7 +27,7 @@ from common.errors import ValidationError
 from stages import postprocess
 from stages.encoders import Encoding, write_outputs
 from tests.error_bodies import check_error_body
-from tests.test_encoders import moving_square, probe
+from tests.helpers import moving_square, probe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,25 +30,11 @@ from stages import postprocess, rife
 from stages.encoders import Encoding, write_outputs
 from stages.muxer import MuxerStage
 from tests.error_bodies import check_error_body
-from tests.test_encoders import moving_square
+from tests.helpers import keyed_view, moving_square, tiny_rife_layout, tiny_rife_state
 
-TINY = rife.Layout(head_channels=4, features=4, block_channels=(16, 12, 8, 8, 8), resconvs=2, carried=3)
+TINY = tiny_rife_layout()
 RELEASE = rife.Layout(head_channels=16, features=16, block_channels=(192, 128, 96, 64, 32), resconvs=8, carried=8)
-
-
-def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights of TINY, scaled so the flows are a few pixels (not zero, not wild)."""
-    torch.manual_seed(seed)
-    net = rife.IFNet(TINY)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("beta"):
-                p.uniform_(0.5, 1.5)
-            elif p.ndim > 1:
-                p.normal_(0, 0.3 / (p[0].numel() ** 0.5))
-            else:
-                p.uniform_(-0.1, 0.1)
-    return {k: v.clone() for k, v in net.state_dict().items()}
+tiny_state = tiny_rife_state
 
 
 def save(state: dict[str, torch.Tensor], path: Path, prefix: str = "") -> Path:
@@ -333,3 +319,28 @@ def test_rife_without_weights_is_a_422_over_http(api_system):
         "prompt": "x", "model": "t2v", "custom_options": {"interpolate_fps": 32, "interpolate_method": "rife"}})
     assert status == 422 and body["error"]["details"]["field"] == "custom_options.interpolate_method", body
     check_error_body("/api/v1/generate", status, body)
+
+
+def test_a_job_through_the_running_system_is_interpolated_by_rife(keyed_system):
+    """The keyed system's muxer loads tiny RIFE weights at startup (conftest): a t2v draft (5 frames
+    at 16 fps) asked for 32 fps gets RIFE by default, through the broker's admission and the muxer
+    process; the MP4 has 9 frames at 32 fps and the result names rife and the file's sha256."""
+    system = keyed_view(keyed_system, "rife-")
+    job_id = system.submit(prompt="a paper boat on a stream", seed=4, custom_options={"interpolate_fps": 32})
+    assert system.wait_final(job_id)["status"] == "completed"
+    status, body = system.json("GET", f"/api/v1/result/{job_id}")
+    assert status == 200, body
+    applied = body["metadata"]["postprocess"]["applied"]
+    weights = keyed_system.state_dir / "flownet.pkl"
+    assert applied["interpolation"]["method"] == "rife", applied
+    assert applied["interpolation"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    status, _, mp4 = system.request("GET", f"/api/v1/files/{job_id}.mp4")
+    assert status == 200
+    frames, rate = decoded_bytes(mp4)
+    assert (len(frames), rate) == (9, 32)
+
+
+def decoded_bytes(data: bytes) -> tuple[list[np.ndarray], Any]:
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], stream.average_rate

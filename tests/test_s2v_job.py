@@ -35,8 +35,7 @@ from common import wire
 from common.config import Config, profile_path
 from common.errors import FieldError, InsufficientMemory
 from stages.runtime import next_stage
-from tests.helpers import System, encode_video, kill9, running_system, wait_for
-from tests.test_uploads import post_multipart
+from tests.helpers import System, encode_video, kill9, post_multipart, running_system, wait_for
 
 ROUTE = ["text_encoder", "dit_high", "dit_low", "vae", "muxer"]
 GIB = 1 << 30

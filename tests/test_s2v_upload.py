@@ -38,8 +38,7 @@ from common.config import PROFILES_DIR, Config
 from common.errors import ServerError
 from gateway.client import ApiError, Client
 from gateway.uploads import UploadLimits, check_video
-from tests.helpers import System, encode_video, short_tmpdir
-from tests.test_uploads import multipart, post_multipart
+from tests.helpers import System, encode_video, multipart, post_multipart, short_tmpdir
 
 S2V = {"prompt": "a woman speaks", "model": "s2v", "quality_preset": "draft"}
 

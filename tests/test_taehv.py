@@ -27,37 +27,10 @@ from common import messages as m
 from common.config import Config, PreviewsSection
 from common.errors import ModelLoadError
 from stages import previews, taehv
+from tests.helpers import TAEHV_WIDTHS, tiny_taehv_state
 
-WIDTHS = (8, 6, 4, 4)
-
-
-def tiny_state(z: int = 16, patch: int = 1, widths: tuple[int, ...] = WIDTHS, first_stride: int = 1,
-               encoder: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the released decoder's key layout (scaled so the activations stay O(1))."""
-    g = torch.Generator().manual_seed(seed)
-
-    def conv(n_out: int, n_in: int, k: int = 3) -> torch.Tensor:
-        return torch.randn(n_out, n_in, k, k, generator=g) / math.sqrt(n_in * k * k)
-
-    def bias(n: int) -> torch.Tensor:
-        return torch.randn(n, generator=g) * 0.1
-
-    c0, c1, c2, c3 = widths
-    state = {"decoder.1.weight": conv(c0, z), "decoder.1.bias": bias(c0)}
-    for first, width, wider, stride in ((3, c0, c1, first_stride), (9, c1, c2, 2), (15, c2, c3, 2)):
-        for block in range(first, first + 3):
-            state[f"decoder.{block}.conv.0.weight"] = conv(width, 2 * width)
-            for n in (0, 2, 4):
-                if n:
-                    state[f"decoder.{block}.conv.{n}.weight"] = conv(width, width)
-                state[f"decoder.{block}.conv.{n}.bias"] = bias(width)
-        state[f"decoder.{first + 4}.conv.weight"] = conv(width * stride, width, 1)
-        state[f"decoder.{first + 5}.weight"] = conv(wider, width)
-    state["decoder.22.weight"] = conv(3 * patch * patch, c3)
-    state["decoder.22.bias"] = bias(3 * patch * patch) + 0.5
-    if encoder:  # the released files hold the encoder too; previews ignore it
-        state["encoder.0.weight"] = conv(64, 3 * patch * patch)
-    return state
+WIDTHS = TAEHV_WIDTHS
+tiny_state = tiny_taehv_state
 
 
 def reference_decode(state: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
@@ -248,3 +221,20 @@ def test_a_dit_stage_previews_with_taehv_and_refuses_a_mismatched_file(model_cac
     for name in shown:
         with Image.open(stage.config.job_spool("tae1") / "previews" / name) as image:
             assert image.size == (96, 64)  # 2x2 decoded frames of 48x32 (the projection: 12x8)
+
+
+def test_previews_through_the_running_system_are_taehv_decoded(keyed_system) -> None:
+    """The keyed system's DiT processes load a tiny TAEHV decoder for t2v-A14B (conftest): a t2v
+    draft's preview, served by the gateway, is the decoded frames at pixel resolution (the 32x32
+    video's frames in the grid), not the projection's latent-resolution picture (4x4 per frame)."""
+    from tests.helpers import keyed_view
+
+    system = keyed_view(keyed_system, "taehv-")
+    job_id = system.submit(prompt="a lighthouse at dusk", seed=6)
+    final = system.wait_final(job_id)
+    assert final["status"] == "completed" and final["preview_url"], final
+    status, _, data = system.request("GET", final["preview_url"])
+    assert status == 200
+    image = rgb(data)
+    assert min(image.shape[:2]) >= 32, image.shape  # a 2x2 grid of 32x32 frames, or one 32x32 frame
+    assert "with the TAEHV decoder" in system.log("dit_high")

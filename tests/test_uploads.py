@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import uuid
 import zlib
 
 import av
@@ -19,7 +18,7 @@ from PIL import Image
 
 from gateway.client import Client
 from tests.error_bodies import check_error_body
-from tests.helpers import System
+from tests.helpers import System, multipart, post_multipart
 
 MAX_UPLOAD = 2 << 20  # the tiny profile's [gateway] max_upload_bytes
 
@@ -45,23 +44,7 @@ def png_claiming(w: int, h: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
 
 
-def multipart(parts: list[tuple[str, str | None, str | None, bytes]]) -> tuple[bytes, str]:
-    """parts: (name, filename, content type, data)."""
-    boundary = uuid.uuid4().hex
-    out = b""
-    for name, filename, ctype, data in parts:
-        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n".encode()
-        out += (f"Content-Type: {ctype}\r\n" if ctype else "").encode() + b"\r\n" + data + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 I2V = json.dumps({"prompt": "a cat turns its head", "model": "i2v", "quality_preset": "draft"}).encode()
-
-
-def post_multipart(system, parts):
-    body, ctype = multipart(parts)
-    return system.request("POST", "/api/v1/generate", raw=body, headers={"Content-Type": ctype})
 
 
 def raw_post(system, body: bytes, ctype: str, chunked: bool) -> tuple[int, dict]:
