@@ -127,6 +127,11 @@ class Progress:
         if r.event == "accepted":
             if record.move_to(r.stage, r.pid or pid_of(r.stage), clip):
                 record.progressed(r.stage, tick)
+            # A job is in one stage at a time: a stage whose `forwarded` report has not come yet
+            # (reports of two processes are not ordered) sent the job on before this one took it.
+            # Its time ends here; else the job could end before that report and lose the timing.
+            for stage in [s for s in record.started if s != r.stage]:
+                self.end_timing(job, record, stage, now, timings)
             record.started[r.stage] = now
             self.broker.metrics.accepted(job.id, r.stage, r.at or now)
             progress = self.progress_at(job, r.stage, 0.0, clip)
@@ -163,11 +168,7 @@ class Progress:
                 # on the route finished the clip before that one.
                 if job.route.index(r.to) <= job.route.index(r.stage):
                     clip = max(0, clip - 1)
-            started = record.started.pop(r.stage, None)
-            if started is not None:
-                timings[r.stage] = {"start": started, "end": now, "seconds": round(now - started, 4)}
-                self.store.record_timing(timing_key(job.params), r.stage, now - started)
-                self.broker.metrics.busy(r.stage, now - started)
+            self.end_timing(job, record, r.stage, now, timings)
             progress = self.progress_at(job, r.stage, 1.0, clip)
         else:
             return
@@ -178,6 +179,16 @@ class Progress:
             if is_cyclic(job):
                 data.update(clip=record.clip, clips=clips_of(job))
             self.broker.events.job(job, "progress", data)
+
+    def end_timing(self, job: Job, record: JobInFlight, stage: str, end: float, timings: dict[str, Any]) -> None:
+        """`stage` is done with the job at `end`: its time goes into the job's timings and the
+        shape's means (once: the first of its `forwarded` or the next stage's `accepted`)."""
+        started = record.started.pop(stage, None)
+        if started is None:
+            return
+        timings[stage] = {"start": started, "end": end, "seconds": round(end - started, 4)}
+        self.store.record_timing(timing_key(job.params), stage, end - started)
+        self.broker.metrics.busy(stage, end - started)
 
     def checkpoint_ahead(self, job: Job, record: JobInFlight, stage: str, clip: int) -> bool:
         """Whether a checkpoint for `stage` of clip `clip` is not behind the job's recorded one (two
@@ -201,11 +212,8 @@ class Progress:
         now = time.time()
         last = job.route[-1]
         record = self.broker.inflight.jobs.get(job.id)
-        started = record.started.pop(last, None) if record is not None else None
-        if started is not None:
-            timings[last] = {"start": started, "end": now, "seconds": round(now - started, 4)}
-            self.store.record_timing(timing_key(job.params), last, now - started)
-            self.broker.metrics.busy(last, now - started)
+        if record is not None:
+            self.end_timing(job, record, last, now, timings)
         if job.started_at:
             timings["total_seconds"] = round(now - job.started_at, 4)
         outputs = {"files": done.outputs, "postprocess": done.postprocess, "audio": done.audio}

@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from broker.broker import Broker
+from broker.progress import timing_key
 from common import messages as m
 from common.config import Config
 from common.sockets import SocketOptions, make_socket
@@ -265,6 +266,39 @@ def test_a_late_forwarded_report_does_not_move_a_job_back(state: Path) -> None:
         broker.on_report(beat("dit_low", PIDS["dit_low"] + 1))
         job = broker.store.get(job_id)
         assert job is not None and (job.status, job.attempt) in (("queued", 1), ("processing", 2))
+    finally:
+        pull.close(0)
+        ctx.term()
+        broker.close()
+
+
+def test_a_forwarded_report_later_than_the_jobs_end_loses_no_stage_timing(state: Path) -> None:
+    """Reports of two processes come in no set order: the VAE's `forwarded` may reach the broker
+    after the muxer took the job and finished it. The VAE's time then ends at the muxer's
+    `accepted`; every stage of the route has its timing in the job and in the shape's means (which
+    the next job's ETA needs), recorded once."""
+    broker = make_broker(state)
+    job_id, pull, ctx = dispatched(broker, state)
+    try:
+        def report(stage: str, event: str, to: str = "") -> None:
+            broker.on_report(m.StageReport(job_id=job_id, attempt=1, stage=stage, event=event, to=to,
+                                           pid=PIDS[stage]))
+
+        for stage, after in zip(ROUTE[:3], ROUTE[1:4], strict=True):
+            report(stage, "accepted")
+            report(stage, "forwarded", to=after)
+        report("vae", "accepted")
+        report("muxer", "accepted")
+        broker.on_report(m.JobDone(job_id=job_id, attempt=1, path=str(state / "x.mp4"), num_frames=5, width=32,
+                                   height=32, fps=16))
+        report("vae", "forwarded", to="muxer")  # late: the job is complete
+        job = broker.store.get(job_id)
+        assert job is not None and job.status == "completed"
+        assert set(ROUTE) <= set(job.timings), job.timings
+        means = broker.store.timings(timing_key(job.params))
+        assert set(means) == set(ROUTE)
+        n = dict(broker.store.db.execute("SELECT stage, n FROM stage_timings").fetchall())
+        assert n == dict.fromkeys(ROUTE, 1)
     finally:
         pull.close(0)
         ctx.term()
