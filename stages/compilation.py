@@ -210,7 +210,6 @@ class StageCompile:
             raise ModelLoadError(f"stage {self.stage}: the DiT has no repeated {BLOCK_CLASS} to compile",
                                  {"stage": self.stage, "repeated_blocks": list(blocks)})
         import torch._dynamo
-
         import torch.fx.experimental._config as fx_config
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
