@@ -8,8 +8,9 @@ and they would cost this 2-core machine about 44 s of compiling per process cold
 cache.) The warm-up runs before the stage reports ready; a job then runs its blocks compiled (the
 compiled graph's call count grows by blocks x passes) and compiles nothing, at a size no preset
 names too; a job with a step cache compiles nothing either and equals WanPipeline with the same
-hook. Inductor's cache folder is checked in-process; an unknown backend and compile beside
-storage_dtype are refused at config load."""
+hook. In process: LoRAs switched on a compiled expert give the eager expert's outputs (their
+blocks run eager); inductor's cache folder is written and read back; an unknown backend and
+compile beside storage_dtype are refused at config load."""
 
 from __future__ import annotations
 
@@ -169,6 +170,60 @@ def test_inductor_writes_its_cache_folder_and_reads_it_back(tmp_path, monkeypatc
     counts = compilation.cache_counts()
     assert counts["hits"] == again["hits"] + 1 and counts["misses"] == again["misses"]
     torch._dynamo.reset()
+
+
+def test_lora_switching_on_compiled_blocks_gives_the_eager_outputs(model_cache, tmp_path, monkeypatch):
+    """In process, on the tiny t2v expert: compiled and warmed up, then LoRAs switched per job by the
+    stage's LoraCache (a LoRA at scale 1, at 0.5, none) give exactly the eager expert's outputs
+    with the same LoRAs; the compiled graph ran before the first LoRA, and not after (peft's layers
+    change the blocks: they run eager, never a compile inside a job)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+    from diffusers import WanTransformer3DModel
+
+    from stages.lora import LoraCache, file_sha256
+    from stages.tiny_models import ensure
+    from tests.helpers import make_lora
+
+    monkeypatch.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)  # restored after
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    folder = ensure("t2v-A14B", 0, model_cache)
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    make_lora(folder, "transformer", lora_dir / "x.safetensors", seed=7)
+    part = {"file": "x.safetensors", "sha256": file_sha256(lora_dir / "x.safetensors"), "prefix": "transformer."}
+    experts = {name: WanTransformer3DModel.from_pretrained(folder, subfolder="transformer").eval()
+               for name in ("compiled", "eager")}
+    info = PipelineInfo.read(folder)
+    size = compilation.size_of(info, 5, 32, 32)
+    config = Config.load(environ={"WAN_SERVER__STAGES__DIT_HIGH__COMPILE": "true",
+                                  "WAN_SERVER__STAGES__DIT_HIGH__COMPILE_BACKEND": '"eager"',
+                                  "WAN_SERVER__STAGES__DIT_HIGH__COMPILE_CACHE_DIR": f'"{tmp_path / "cache"}"'})
+    compiler = compilation.StageCompile.for_spec(config, config.stage("dit_high"))
+    try:
+        compiler.compile(experts["compiled"])
+        compiler.warm_up({"t2v-A14B": {"info": info, "experts": {"transformer": experts["compiled"]}}},
+                         {"t2v-A14B": [size]})
+        inputs = compilation.pass_inputs(experts["eager"], info, size)
+        calls = compiler.counter.calls
+        assert torch.equal(compilation.run_pass(experts["compiled"], inputs),
+                           compilation.run_pass(experts["eager"], inputs))
+        assert compiler.counter.calls == calls + LAYERS  # no LoRA yet: the compiled graph ran
+        caches = {name: LoraCache(lora_dir, 4) for name in experts}
+        outputs = []
+        for loras in ([{"name": "x", "scale": 1.0, "parts": {"transformer": part}}],
+                      [{"name": "x", "scale": 0.5, "parts": {"transformer": part}}], []):
+            out = {}
+            for name, expert in experts.items():
+                caches[name].apply({"transformer": expert}, loras)
+                out[name] = compilation.run_pass(expert, inputs)
+            assert torch.equal(out["compiled"], out["eager"]), loras
+            outputs.append(out["eager"])
+        assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+        assert compiler.counter.calls == calls + LAYERS  # with peft's layers in the blocks: eager
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(("env", "words"), [
