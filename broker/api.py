@@ -36,6 +36,7 @@ from broker import admission, loras, memory
 from broker.progress import preview_url
 from broker.store import FINAL, Job
 from common import catalog, spool
+from common import messages as m
 from common.errors import (
     IdempotencyKeyReused,
     JobNotFound,
@@ -75,6 +76,19 @@ def compute_metadata(config: Config, route: list[str]) -> dict[str, str] | None:
     quantized = {name: spec.compute_dtype for name in route
                  if (spec := config.stages.get(name)) is not None and spec.compute_dtype is not None}
     return quantized or None
+
+
+def compile_metadata(config: Config, route: list[str], heartbeats: dict[str, m.Heartbeat]) -> dict[str, Any] | None:
+    """The stages of `route` that run compiled (`compile = true`, stages/compilation.py), by name: the
+    backend, and what the stage's warm-up measured (compile time, eager/compiled max |difference|,
+    graphs compiled) as its last heartbeat says; None: no compiled stage."""
+    compiled = {}
+    for name in route:
+        spec = config.stages.get(name)
+        if spec is not None and spec.compile:
+            beat = heartbeats.get(name)
+            compiled[name] = {"backend": spec.compile_backend, **(beat.compile if beat is not None else {})}
+    return compiled or None
 
 
 def audio_metadata(job: Job, done: bool) -> dict[str, Any]:
@@ -287,7 +301,8 @@ class Api:
     def ready(self, args: dict[str, Any]) -> dict[str, Any]:
         alive = self.broker.liveness.alive
         stages = {s: alive(s) for s in sorted(self.broker.route_stages())}
-        return {"ready": all(stages.values()), "stages": stages}
+        compiled = compile_metadata(self.config, sorted(stages), self.broker.inflight.heartbeats())
+        return {"ready": all(stages.values()), "stages": stages, **({"compile": compiled} if compiled else {})}
 
     def metrics(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"text": self.broker.metrics.render()}
@@ -400,6 +415,8 @@ class Api:
                 "cache": cache_metadata(job),
                 # Quantized compute trades quality for speed too: the stages that ran fp8 or int8 matmuls.
                 "compute": compute_metadata(self.config, job.route),
+                # torch.compile'd DiT stages: backend, warm-up time and the eager/compiled max |difference|.
+                "compile": compile_metadata(self.config, job.route, self.broker.inflight.heartbeats()),
                 # s2v-14B: the job's audio (sha256, duration) and the MP4's AAC track made of it.
                 **({"audio": audio_metadata(job, done)} if job.params.get("audio") else {}),
                 "route": job.route,

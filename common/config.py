@@ -42,6 +42,8 @@ STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 # Quantized compute of a DiT's transformer-block matmuls (torchao, dynamic activations and weights):
 # fp8 on Hopper/Ada (CUDA capability 8.9+), int8 on Ampere (8.0+) or the CPU.
 QUANTIZED_COMPUTE = ("fp8", "int8")
+# torch.compile backends a DiT stage may use: inductor generates kernels; aot_eager and eager trace only.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 MAX_IPC_PATH = 100  # sockaddr_un allows 107 bytes; keep a margin
@@ -256,6 +258,11 @@ class StageSpec:
     dtype: str = "float32"
     storage_dtype: str | None = None  # weights stored in fp8, cast layer by layer to `dtype`
     compute_dtype: str | None = None  # dit: "fp8" | "int8" quantized block matmuls (torchao); None: in `dtype`
+    # dit: torch.compile of the repeated transformer block, warmed up at startup (stages/compilation.py)
+    compile: bool = False
+    compile_backend: str = "inductor"  # "aot_eager" / "eager": no code generation (tests)
+    compile_dynamic: bool = True  # symbolic token counts (every size); false: a static graph per preset size
+    compile_cache_dir: str | None = None  # inductor's caches; default <model_cache_dir>/torch-compile
     attention: str = "auto"
     models: tuple[str, ...] | None = None  # None: every served model
     address_space_headroom_mib: int | None = None  # cap RLIMIT_AS at the size after setup plus this
@@ -277,7 +284,8 @@ class StageSpec:
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
 STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
-    "dit": _COMMON_STAGE_KEYS | {"part", "compute_dtype"},
+    "dit": _COMMON_STAGE_KEYS | {"part", "compute_dtype", "compile", "compile_backend", "compile_dynamic",
+                                 "compile_cache_dir"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
     "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate",
                                    "rife_weights"},
@@ -506,6 +514,12 @@ class Config:
                 where = {"file": str(self.source) if self.source else "<memory>", "section": section}
                 raise ConfigError(f"{where['file']}: [{section}] sets both storage_dtype and compute_dtype: quantized "
                                   "compute stores its own weights (int8 or fp8); choose one", where)
+        _choice(spec.compile_backend, COMPILE_BACKENDS, self.source, section, "compile_backend")
+        if spec.compile and spec.storage_dtype is not None:
+            where = {"file": str(self.source) if self.source else "<memory>", "section": section}
+            raise ConfigError(f"{where['file']}: [{section}] sets both compile and storage_dtype: layerwise casting "
+                              "hooks every Linear layer, which the compiled blocks do not take; choose one "
+                              "(compute_dtype quantizes and compiles)", where)
         _choice(spec.attention, ATTENTION_BACKENDS, self.source, section, "attention")
         _choice(spec.part, DIT_PARTS, self.source, section, "part")
         return spec

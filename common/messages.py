@@ -325,6 +325,9 @@ class Heartbeat(Message):
     device_total_bytes: int = 0
     device_free_bytes: int = 0
     weight_bytes: int = 0
+    # A DiT with `compile = true`: its warm-up (backend, compile_s, max_abs_diff, sizes) and `graphs`,
+    # the graphs the process compiled so far (stages/compilation.py StageCompile.report). Empty: eager.
+    compile: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- control plane: gateway <-> broker, broker -> everyone -----------------------------------------

@@ -41,6 +41,7 @@ from common import messages as m
 from common.errors import InvalidRequest
 from stages import caching, schedule
 from stages.base import Stage
+from stages.compilation import StageCompile, compile_stage
 from stages.lora import LoraCache
 from stages.models import PipelineInfo, load_component, model_dir, scheduler_config
 from stages.placement import Placement
@@ -63,6 +64,7 @@ class DitStage(Stage):
     kind = "dit"
     previewer: Previewer | None = None  # set up in setup() when [previews] enabled
     lora_cache: LoraCache | None = None  # the LoRA adapters of this process's experts (stages/lora.py)
+    compiled: StageCompile | None = None  # `compile = true`: the compiled experts, warmed up (stages/compilation.py)
 
     def setup(self) -> None:
         placement = self.placement = Placement.from_spec(self.spec, attention=True)
@@ -108,8 +110,17 @@ class DitStage(Stage):
                     projections[model] = projection_for(folder, self.config.model_cache_dir).to(self.device)
                 except Exception:  # previews are a side product: without a projection the model just has none
                     log.exception("no previews for %s: its latent-to-RGB projection could not be made", model)
+        if self.spec.compile:  # before `ready`: no job pays the compile
+            self.compiled = compile_stage(self.config, self.spec, self.models)
         if self.config.previews.enabled:
             self.previewer = Previewer(self.config, self.config.previews, projections)
+
+    def memory(self) -> dict[str, Any]:
+        """The heartbeat's memory fields, and what the compile warm-up measured (`compile`)."""
+        beat = super().memory()
+        if beat and self.compiled is not None:
+            beat["compile"] = self.compiled.report()
+        return beat
 
     def add_model(self, model: str, info: PipelineInfo, experts: dict[str, torch.nn.Module],
                   scheduler_config: dict, *, boundary_ratio: float | None, split_fraction: float = 0.5) -> None:

@@ -22,6 +22,8 @@ from broker.broker import Broker  # noqa: E402
 from broker.driver import Driver  # noqa: E402
 from common.config import Config  # noqa: E402
 from tests.helpers import (  # noqa: E402
+    COMPILED_DIT_HIGH,
+    INT8_DITS,
     KEYED_ORIGINS,
     WEBHOOK_SECRET,
     ForeignPage,
@@ -61,6 +63,15 @@ def stack(model_cache: Path) -> Iterator[StageStack]:
         WAN_SERVER__LIMITS__MAX_HEADER_BYTES=str(64 << 10),
         WAN_SERVER__LIMITS__MAX_FRAMES="64",
     ) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def int8_stack(model_cache: Path) -> Iterator[StageStack]:
+    """The stage processes with int8 compute on both DiTs and dit_high compiled (aot_eager, t2v-A14B
+    only), recording their wire traffic: one start for test_compute and test_compile."""
+    with running_stack("wsq-", model_cache, WAN_SERVER__RUNTIME__RECORD_DIR='"{state}/record"', **INT8_DITS,
+                       **COMPILED_DIT_HIGH) as s:
         yield s
 
 

@@ -115,6 +115,16 @@ def kill9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+# The quantized and compiled stack (conftest `int8_stack`, shared by test_compute and test_compile):
+# int8 block matmuls on both DiTs (stages/quantize.py), and dit_high compiling its t2v-A14B expert's
+# blocks with the aot_eager backend (stages/compilation.py; only that model, so the warm-up is short).
+INT8_DITS = {"WAN_SERVER__STAGES__DIT_HIGH__COMPUTE_DTYPE": '"int8"',
+             "WAN_SERVER__STAGES__DIT_LOW__COMPUTE_DTYPE": '"int8"'}
+COMPILED_DIT_HIGH = {"WAN_SERVER__STAGES__DIT_HIGH__COMPILE": "true",
+                     "WAN_SERVER__STAGES__DIT_HIGH__COMPILE_BACKEND": '"aot_eager"',
+                     "WAN_SERVER__STAGES__DIT_HIGH__MODELS": '["t2v-A14B"]'}
+
+
 # ---- the five stage processes, without broker or gateway ----
 
 class StageStack:

@@ -102,3 +102,30 @@ def test_draft_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert results["diffusers"]["frames_vs_ours"]["identical"] is True
     assert results["distilled"]["mp4_bytes"] > 1000 and results["text_encoder"]["forward_s"] > 0
     assert "| ours, distilled | 4 x 1 |" in (tmp_path / "draft_cpu_small.md").read_text()
+
+
+def test_speed_small(tmp_path: Path) -> None:
+    """bench/speed.py --small (the A14B expert's levers at tiny sizes on the CPU): every lever ran
+    through our DitStage and reports per-pass and per-job times; the exact levers (diffusers'
+    pipeline, the compiled blocks) give the eager job's latents bit for bit, the compiled job ran
+    every block call compiled, int8 is near but not equal, and the step cache reports its passes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "bench/speed.py", "--small", "--models", "a14b", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "speed_small.json").read_text())
+    (a14b,) = results["models"]
+    assert results["not_measured"] and a14b["flop_per_pass"] > 0
+    for lever in ("eager", "diffusers_direct", "step_cache", "int8", "compiled", "diffusers_direct_compiled"):
+        r = a14b[lever]
+        assert "error" not in r and "skipped" not in r, (lever, r)
+        assert finite_positive(r["pass_s"]), (lever, r)
+    for lever in ("diffusers_direct", "compiled", "diffusers_direct_compiled"):
+        assert a14b[lever]["psnr_db_vs_eager"] is None, lever  # identical latents
+    assert a14b["compiled"]["compile"]["max_abs_diff"] == 0.0
+    assert a14b["compiled"]["compiled_block_calls"] == 2 * 2 * a14b["steps"]  # blocks x passes
+    assert 20 < a14b["int8"]["psnr_db_vs_eager"] < 100
+    assert a14b["step_cache"]["passes"] == 2 * a14b["step_cache"]["steps"]
+    assert (tmp_path / "speed_small.md").read_text().count("\n| ") >= 7

@@ -3,12 +3,10 @@ processes: a tiny job on int8 DiTs gives the frames of diffusers' `WanPipeline` 
 int8 dynamic quantization applied to the same layers of both experts (the same kernels on the
 same weights: bit for bit), differs from the float32 frames by a bounded amount (PSNR), and the
 result's metadata names the quantized stages; fp8 on the CPU and fp8 beside fp8 storage are
-refused at startup with the structured error."""
+refused at startup with the structured error. (The stack, conftest's `int8_stack`, also compiles
+dit_high for test_compile, with a backend that runs the same ops as eager.)"""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,19 +18,11 @@ from common.config import Config
 from common.errors import ConfigError, ModelLoadError
 from stages.models import model_dir
 from stages.placement import Placement
-from tests.helpers import StageStack, reference, running_stack, vae_frames
+from tests.helpers import INT8_DITS, reference, vae_frames
 
-INT8_DITS = {"WAN_SERVER__STAGES__DIT_HIGH__COMPUTE_DTYPE": '"int8"',
-             "WAN_SERVER__STAGES__DIT_LOW__COMPUTE_DTYPE": '"int8"'}
 # Quantized frames against the float32 ones on these tiny random models: far from equal (so the
 # quantization really ran) and far from noise.
 PSNR_BOUNDS_DB = (20.0, 80.0)
-
-
-@pytest.fixture(scope="module")
-def int8_stack(model_cache: Path) -> Iterator[StageStack]:
-    with running_stack("wsq-", model_cache, WAN_SERVER__RUNTIME__RECORD_DIR='"{state}/record"', **INT8_DITS) as s:
-        yield s
 
 
 def quantize_blocks(module: torch.nn.Module) -> None:
