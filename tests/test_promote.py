@@ -66,7 +66,7 @@ def lossless_mkv(frames: list[np.ndarray], fps: int = 16) -> bytes:
 def decoded(data: bytes) -> list[Image.Image]:
     import io
 
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), mode="r") as container:
         return [Image.fromarray(f.to_ndarray(format="rgb24")) for f in container.decode(container.streams.video[0])]
 
 
@@ -119,6 +119,7 @@ def handoff(stack: Any, model: str, steps: int) -> tuple[int, float]:
     info = PipelineInfo.read(folder)
     ratio = stack.config.model(model).boundary_ratio
     ratio = info.boundary_ratio if ratio is None else ratio
+    assert ratio is not None  # T2V-A14B has two experts
     from diffusers import UniPCMultistepScheduler
 
     sched = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -129,7 +130,7 @@ def handoff(stack: Any, model: str, steps: int) -> tuple[int, float]:
 # model, seed, steps, strength, job size (WxH), source size (WxH), frames
 CASES = [
     ("t2v-A14B", 31, 6, 0.5, (48, 32), (64, 48), 9),
-    ("t2v-A14B", 32, 5, 0.8, (32, 32), (32, 32), 5),
+    ("t2v-A14B", 32, 6, 0.3, (32, 32), (32, 32), 5),  # starts after the hand-off: dit_high runs none
 ]
 
 
@@ -173,3 +174,165 @@ def test_v2v_cases_cover_both_sides_of_the_handoff(stack):
         k, _ = handoff(stack, model, steps)
         sides.add(catalog.strength_start(steps, strength) < k)
     assert sides == {True, False}
+
+
+# ---- through the real system ----
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def result_of(system: Any, job_id: str) -> dict[str, Any]:
+    final = system.wait_final(job_id)
+    assert final["status"] == "completed", final
+    status, body = system.json("GET", f"/api/v1/result/{job_id}")
+    assert status == 200
+    result: dict[str, Any] = body
+    return result
+
+
+def error_of(system: Any, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, dict[str, Any]]:
+    status, content = system.json(method, path, body, **kw)
+    assert status >= 400, content
+    error: dict[str, Any] = content["error"]
+    return status, error
+
+
+@pytest.fixture(scope="module")
+def draft(api_system):
+    """A finished t2v draft with a lossless master, and the plain video-to-video job made from an
+    uploaded MP4 (no master), both submitted at once."""
+    parent = api_system.submit(prompt="a lantern drifts over a dark lake", seed=77,
+                               custom_options={"lossless_master": True})
+    video = encode_video(moving_frames(9, 48, 32, 5), "mp4", fps=16)
+    status, body = api_system.json("POST", "/api/v1/generate", {
+        "model": "t2v", "quality_preset": "draft", "prompt": "a block slides", "seed": 3, "strength": 0.5,
+        "video": b64(video)})
+    assert status == 202, body
+    return result_of(api_system, parent), result_of(api_system, body["job_id"]), video
+
+
+def test_promote_a_draft_from_its_lossless_master(api_system, draft):
+    parent, _, _ = draft
+    pid = parent["job_id"]
+    status, body = api_system.json("POST", f"/api/v1/promote/{pid}", {"quality_preset": "standard", "strength": 0.5})
+    assert status == 202, body
+    child = result_of(api_system, body["job_id"])
+    meta, p = child["metadata"], child["metadata"]["params"]
+    assert meta["parent_job_id"] == pid and meta["quality_preset"] == "standard"
+    assert meta["video"]["source"] == "lossless_master" and meta["video"]["format"] == "mkv"
+    assert meta["video"]["strength"] == 0.5 == p["strength"]
+    parent_p = parent["metadata"]["params"]
+    # The parent's prompt, seed, frames and fps; the new preset's size and steps (tiny profile: 48x32, 4).
+    assert (p["prompt"], p["seed"], p["num_frames"], p["fps"]) == (
+        parent_p["prompt"], parent_p["seed"], parent_p["num_frames"], parent_p["fps"])
+    assert (p["width"], p["height"], p["steps"]) == (48, 32, 4) != (parent_p["width"], parent_p["height"],
+                                                                   parent_p["steps"])
+    assert p["encoding"]["lossless_master"] is True  # the parent's encoding goes on
+    # Only the steps from the strength's start ran: int(4 x 0.5) = 2 of 4.
+    assert child["outputs"][0]["frames"] == p["num_frames"]
+
+
+def test_plain_video_to_video_and_promoting_it_from_its_mp4(api_system, draft):
+    _, v2v, video = draft
+    meta = v2v["metadata"]
+    assert meta["parent_job_id"] is None and meta["video"]["format"] == "mp4"
+    assert meta["video"]["frames"] == 9 and meta["params"]["num_frames"] == 5  # the draft's 5 of the video's 9
+    status, body = api_system.json("POST", f"/api/v1/promote/{v2v['job_id']}",
+                                   {"quality_preset": "pro", "prompt": "a block glides"})
+    assert status == 202, body
+    child = result_of(api_system, body["job_id"])["metadata"]
+    assert child["parent_job_id"] == v2v["job_id"] and child["video"]["source"] == "mp4"
+    assert child["params"]["prompt"] == "a block glides" and child["params"]["strength"] == catalog.PROMOTE_STRENGTH
+
+
+def test_promote_errors(api_system, draft):
+    parent, _, _ = draft
+    pid = parent["job_id"]
+    status, error = error_of(api_system, "POST", f"/api/v1/promote/{'0' * 32}", {"quality_preset": "pro"})
+    assert (status, error["code"]) == (404, "JOB_NOT_FOUND")
+    for preset in ("draft",):
+        status, error = error_of(api_system, "POST", f"/api/v1/promote/{pid}", {"quality_preset": preset})
+        assert (status, error["code"], error["details"]["reason"]) == (422, "VALIDATION_ERROR", "not_higher")
+        assert error["details"]["allowed"] == ["standard", "pro", "cinema", "ultimate"]
+    for body, field in [({"quality_preset": "pro", "strength": 0}, "strength"),
+                        ({"quality_preset": "pro", "strength": 1.5}, "strength"),
+                        ({"quality_preset": "pro", "custom_options": {"fps": 8}}, "custom_options.fps"),
+                        ({"strength": 0.5}, "quality_preset"),
+                        ({"quality_preset": "pro", "seed": 1}, None)]:
+        status, error = error_of(api_system, "POST", f"/api/v1/promote/{pid}", body)
+        assert (status, error["code"]) == (422, "VALIDATION_ERROR"), (body, error)
+        assert error["details"].get("field") == field, (body, error)
+    # A job that did not complete: cancelled while it runs (100 steps take far longer than the cancel).
+    job = api_system.submit(prompt="cancelled at once", custom_options={"steps": 100})
+    assert api_system.json("POST", f"/api/v1/cancel/{job}")[0] == 200
+    status, error = error_of(api_system, "POST", f"/api/v1/promote/{job}", {"quality_preset": "pro"})
+    assert (status, error["code"], error["details"]["status"]) == (409, "JOB_NOT_COMPLETED", "cancelled")
+
+
+def test_video_upload_errors(api_system):
+    good = encode_video(moving_frames(5, 32, 32, 1), "mp4", fps=16)
+    base = {"model": "t2v", "quality_preset": "draft", "prompt": "refused"}
+    cases = [
+        ({"video": b64(b"not a video at all, just bytes")}, 415, "UNSUPPORTED_MEDIA_TYPE", "video"),
+        ({"video": b64(good[: len(good) // 2])}, 422, "INVALID_VIDEO", "video"),
+        ({"video": b64(good), "strength": 1.5}, 422, "VALIDATION_ERROR", "strength"),
+        ({"video": b64(good), "strength": 0.1}, 422, "VALIDATION_ERROR", "strength"),  # int(2 x 0.1) = 0 steps
+        ({"strength": 0.5}, 422, "VALIDATION_ERROR", "strength"),  # no video
+        ({"video": b64(good), "custom_options": {"num_frames": 9}}, 422, "VALIDATION_ERROR",
+         "custom_options.num_frames"),  # the video has 5 frames
+        ({"video": b64(good), "model": "i2v"}, 422, "VALIDATION_ERROR", "video"),
+    ]
+    for extra, status, code, field in cases:
+        got, error = error_of(api_system, "POST", "/api/v1/generate", {**base, **extra})
+        assert (got, error["code"], error["details"].get("field")) == (status, code, field), (extra, error)
+
+
+def test_too_many_frames(tmp_path):
+    """The frame bound is checked while decoding (gateway/uploads.py check_video), here with a small one."""
+    from common.errors import InvalidVideo
+    from gateway.uploads import UploadLimits, check_video
+
+    data = encode_video(moving_frames(9, 16, 16, 2), "mp4", fps=16)
+    assert check_video(data, "video/mp4", UploadLimits(max_video_frames=9), "video")["frames"] == 9
+    with pytest.raises(InvalidVideo) as info:
+        check_video(data, "video/mp4", UploadLimits(max_video_frames=8), "video")
+    assert info.value.details == {"field": "video", "max_frames": 8}
+    mkv = lossless_mkv(moving_frames(5, 16, 16, 2))
+    assert check_video(mkv, "", UploadLimits(), "video")["format"] == "mkv"
+    with pytest.raises(Exception) as refused:  # a pose video stays MP4 / WebM
+        check_video(mkv, "", UploadLimits(), "pose_video")
+    assert getattr(refused.value, "code", None) == "UNSUPPORTED_MEDIA_TYPE"
+
+
+# ---- ownership, with API keys ----
+
+def test_another_users_job_is_not_found(keyed_system):
+    from gateway.keys import KeyStore
+    from tests.helpers import keyed_view
+
+    s = keyed_view(keyed_system, "promote-")
+    store = KeyStore(s.state_dir / "keys.sqlite3")
+    try:
+        for name in ("alice", "bob"):
+            s.tokens[name] = store.create(s.key_prefix + name)[1]
+    finally:
+        store.close()
+    s.key_tokens.extend([s.tokens["alice"], s.tokens["bob"]])
+
+    def as_user(name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return s.json(method, path, body, headers={"Authorization": f"Bearer {s.tokens[name]}"})
+
+    status, body = as_user("alice", "POST", "/api/v1/generate",
+                           {"model": "t2v", "quality_preset": "draft", "prompt": "alice's draft", "seed": 8})
+    assert status == 202, body
+    job = body["job_id"]
+    s.wait_final(job)
+    status, theirs = as_user("bob", "POST", f"/api/v1/promote/{job}", {"quality_preset": "standard"})
+    _, unknown = as_user("bob", "POST", f"/api/v1/promote/{'0' * 32}", {"quality_preset": "standard"})
+    assert status == 404 and theirs["error"]["code"] == unknown["error"]["code"] == "JOB_NOT_FOUND"
+    status, mine = as_user("alice", "POST", f"/api/v1/promote/{job}", {"quality_preset": "standard"})
+    assert status == 202, mine
+    assert s.wait_final(mine["job_id"])["status"] == "completed"
+    status, result = as_user("alice", "GET", f"/api/v1/result/{mine['job_id']}")
+    assert result["metadata"]["parent_job_id"] == job
