@@ -257,10 +257,10 @@ def resolve(
     if "model" not in request:
         raise _bad("model", "model is required", allowed=list(MODELS))
     model = resolve_model(config, request["model"])
+    check_input(model, "video", video is not None)  # first: i2v-A14B given a video is told it takes none
     check_image_input(model, image_sha256)
     check_input(model, "audio", audio is not None)
     check_input(model, "pose_video", pose_video is not None)
-    check_input(model, "video", video is not None)
     if video is not None and image_sha256 is not None:
         raise _bad("video", f"{model} takes an input image or an input video, not both")
     strength = catalog.check(fields["strength"], request.get("strength"))
@@ -311,9 +311,6 @@ def resolve(
     if video is not None:
         assert strength is not None
         frames = video_frames(options, video, fps, frames)
-        if catalog.strength_start(steps, strength) >= steps:
-            raise _bad("strength", f"strength {strength} of {steps} steps runs none (int(steps x strength) must "
-                       "be at least 1)", steps=steps, min=round(1 / steps, 4))
     if options.get("cache") is not None:
         cache = check_cache(options["cache"])
     else:

@@ -294,12 +294,12 @@ OPTIONS: tuple[Field, ...] = (
 
 # Video-to-video (an uploaded `video`, or POST /api/v1/promote/{job_id}): the share of the steps re-run
 # from the video's noised latents, as diffusers' WanVideoToVideoPipeline takes it: the first
-# steps - int(steps x strength) steps are skipped, so steps x strength must reach one step.
+# steps - int(steps x strength) steps are skipped (the last one always runs: strength_start).
 DEFAULT_STRENGTH = 0.8
 PROMOTE_STRENGTH = 0.6  # a promote keeps more of the draft it re-renders
 STRENGTH = Field("strength", "number", "video-to-video only (with `video`, or a promote): how much of the video is "
-                 "re-generated, 0 < strength <= 1; the job runs the last int(steps x strength) steps from the video's "
-                 "latents noised to that step (at least one step must remain); null: 0.8 (0.6 for a promote)",
+                 "re-generated, 0 < strength <= 1; the job runs the last int(steps x strength) steps (at least one) "
+                 "from the video's latents noised to the first of them; null: 0.8 (0.6 for a promote)",
                  nullable=True, minimum=0.01, maximum=1.0)
 
 REQUEST: tuple[Field, ...] = (
@@ -519,8 +519,10 @@ def s2v_frames(frames_per_clip: int, clips: int) -> int:
 
 def strength_start(steps: int, strength: float) -> int:
     """The first step a video-to-video job of `steps` at `strength` runs (the steps before it are
-    skipped), as diffusers' WanVideoToVideoPipeline.get_timesteps picks it: steps - int(steps x strength)."""
-    return max(steps - min(int(steps * strength), steps), 0)
+    skipped), as diffusers' WanVideoToVideoPipeline.get_timesteps picks it: steps - int(steps x strength),
+    except that the last step always runs (where int(steps x strength) is 0 the pipeline has no
+    timestep to noise to and fails)."""
+    return steps - max(1, min(int(steps * strength), steps))
 
 
 def video_interval(video_fps: float | None, fps: int) -> int:

@@ -341,7 +341,7 @@ def _document() -> dict[str, Any]:
                                "MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames). "
                                "Video-to-video (field video, t2v-A14B and ti2v-5B): the same errors (MP4/WebM/MKV), "
                                "422 VALIDATION_ERROR (field video: a model that takes none, or with an image; field "
-                               "strength: without a video, or leaving no step to run; custom_options.num_frames: more "
+                               "strength: without a video; custom_options.num_frames: more "
                                "frames than the video gives).",
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": GENERATE_JSON},
