@@ -166,6 +166,22 @@ def test_v2v_frames_bit_identical_to_wanvideotovideopipeline(stack, v2v_results,
     steps = [r for r in outcome.reports if r.event == "step"]
     assert [r.step for r in steps] == list(range(start + 1, p.steps + 1))
     assert [r.stage for r in steps] == ["dit_high"] * max(0, k - start) + ["dit_low"] * (p.steps - max(k, start))
+    # The hand-off (what a checkpoint at it holds, and what a resume replays): noised latents and the
+    # scheduler state begun at the start step; the video latents went only to the first DiT.
+    first, handoff_msg = recorded_input(stack, "dit_high", job_id), recorded_input(stack, "dit_low", job_id)
+    assert isinstance(first, m.DenoiseJob) and isinstance(handoff_msg, m.DenoiseJob)
+    assert first.video_latents is not None and first.latents is None and first.step == 0
+    assert handoff_msg.video_latents is None and handoff_msg.latents is not None
+    assert handoff_msg.step == max(k, start) and handoff_msg.scheduler_state is not None
+    assert handoff_msg.scheduler_state["begin_index"] == start
+
+
+def recorded_input(stack: Any, stage: str, job_id: str) -> m.Message:
+    """The message `stage` received for the job, from its wire recording."""
+    import msgpack
+
+    (path,) = (stack.state_dir / "record" / stage).glob(f"*-{job_id}.msgpack")
+    return m.decode(msgpack.unpackb(path.read_bytes(), raw=False)["in"], stack.config.limits)
 
 
 def test_v2v_cases_cover_both_sides_of_the_handoff(stack):
