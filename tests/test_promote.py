@@ -7,7 +7,10 @@
   its first timestep and switched to the low-noise expert by its own `callback_on_step_end` before
   the first timestep below the boundary (its loop calls `self.transformer` at every step); the
   guidance is the same on both experts (the pipeline has one scale). One case starts after the
-  hand-off (only the low-noise expert runs: the pipeline as it is), one before it.
+  hand-off (only the low-noise expert runs: the pipeline as it is), one before it. TI2V-5B (one
+  expert, its steps split between the two DiT processes) too, with two corrections to the pipeline,
+  each stated where it is made: its VAE's spatial factor (the pipeline assumes 8; the Wan2.2 VAE's
+  is 16) and a timestep per token, as WanPipeline gives TI2V-5B (`expand_timesteps`).
 - Through the real system (`api_system`): a finished draft promoted to a higher preset; the child's
   metadata names its parent and its source; the errors of promote and of an uploaded video.
 - Ownership with API keys (`keyed_system`): another user's job is not found.
@@ -80,17 +83,19 @@ def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.resize((sw, sh), Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
 
 
-def v2v_reference(folder: Path, p: m.JobParams, frames: list[Image.Image], boundary_ratio: float) -> np.ndarray:
+def v2v_reference(folder: Path, p: m.JobParams, frames: list[Image.Image], boundary_ratio: float | None) -> np.ndarray:
     """WanVideoToVideoPipeline's frames for `p` from `frames`, its transformer switched to the
-    low-noise expert before the first timestep below the boundary (the module's docstring)."""
+    low-noise expert before the first timestep below the boundary (the module's docstring); for a
+    one-expert model (no boundary) the pipeline as it is, told the VAE's real spatial factor."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanVideoToVideoPipeline
+    from diffusers.video_processor import VideoProcessor
 
     from stages.vae import to_uint8
 
     base = WanPipeline.from_pretrained(folder)
     scheduler = UniPCMultistepScheduler.from_config(base.scheduler.config,
                                                     **({} if p.shift is None else {"flow_shift": p.shift}))
-    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    boundary = (boundary_ratio if boundary_ratio is not None else 0.0) * scheduler.config.num_train_timesteps
     probe = UniPCMultistepScheduler.from_config(scheduler.config)
     probe.set_timesteps(p.steps)
     assert p.strength is not None
@@ -101,9 +106,25 @@ def v2v_reference(folder: Path, p: m.JobParams, frames: list[Image.Image], bound
                                    transformer=high if timesteps[0] >= boundary else low, vae=base.vae,
                                    scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    # The pipeline takes the spatial factor as 2 ** len(temperal_downsample), 8, which the Wan2.2 VAE
+    # of TI2V-5B is not (16: its config says so, as WanPipeline reads it).
+    factor = base.vae.config.get("scale_factor_spatial", pipe.vae_scale_factor_spatial)
+    pipe.vae_scale_factor_spatial, pipe.video_processor = factor, VideoProcessor(vae_scale_factor=factor)
+    if base.config.get("expand_timesteps"):
+        # TI2V-5B is run with a timestep per token (WanPipeline's expand_timesteps; all equal without
+        # an image): the pipeline passes one per batch, which is the same value through other float
+        # paths (off by one in a few of the 0..255 values). Give the transformer what WanPipeline gives.
+        def per_token(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            x, t = kwargs["hidden_states"], kwargs["timestep"]
+            _, _, f, h, w = x.shape
+            pt, ph, pw = module.config.patch_size
+            tokens = (f // pt) * (h // ph) * (w // pw)
+            return args, {**kwargs, "timestep": (torch.ones(tokens, device=x.device) * t[0]).unsqueeze(0)}
+
+        pipe.transformer.register_forward_pre_hook(per_token, with_kwargs=True)
 
     def switch(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if i + 1 < len(timesteps) and timesteps[i + 1] < boundary:
+        if low is not None and i + 1 < len(timesteps) and timesteps[i + 1] < boundary:
             pipe.transformer = low
         return {}
 
@@ -114,23 +135,25 @@ def v2v_reference(folder: Path, p: m.JobParams, frames: list[Image.Image], bound
     return result
 
 
-def handoff(stack: Any, model: str, steps: int) -> tuple[int, float]:
+def handoff(stack: Any, model: str, steps: int) -> tuple[int, float | None]:
+    """(the first step dit_low runs, the expert boundary ratio or None for a one-expert model)."""
+    from diffusers import UniPCMultistepScheduler
+
     folder = model_dir(stack.config, model)
     info = PipelineInfo.read(folder)
     ratio = stack.config.model(model).boundary_ratio
-    ratio = info.boundary_ratio if ratio is None else ratio
-    assert ratio is not None  # T2V-A14B has two experts
-    from diffusers import UniPCMultistepScheduler
-
+    ratio = (info.boundary_ratio if ratio is None else ratio) if info.has_transformer_2 else None
     sched = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
     sched.set_timesteps(steps)
-    return schedule.handoff_step(sched.timesteps, ratio * 1000, 0.5), ratio
+    boundary = None if ratio is None else ratio * 1000
+    return schedule.handoff_step(sched.timesteps, boundary, stack.config.model(model).split_fraction), ratio
 
 
 # model, seed, steps, strength, job size (WxH), source size (WxH), frames
 CASES = [
     ("t2v-A14B", 31, 6, 0.5, (48, 32), (64, 48), 9),
     ("t2v-A14B", 32, 6, 0.3, (32, 32), (32, 32), 5),  # starts after the hand-off: dit_high runs none
+    ("ti2v-5B", 33, 6, 0.7, (64, 32), (48, 40), 9),  # one expert, its steps split at split_fraction
 ]
 
 
@@ -187,6 +210,8 @@ def recorded_input(stack: Any, stage: str, job_id: str) -> m.Message:
 def test_v2v_cases_cover_both_sides_of_the_handoff(stack):
     sides = set()
     for model, _, steps, strength, *_ in CASES:
+        if model != "t2v-A14B":
+            continue
         k, _ = handoff(stack, model, steps)
         sides.add(catalog.strength_start(steps, strength) < k)
     assert sides == {True, False}
