@@ -169,7 +169,9 @@ class DitStage(Stage):
         condition, first_frame_mask = self.check_condition(info, msg)
         if msg.latents is None:
             latents = self.prepare_latents(info, p)
-            if msg.video_latents is not None:  # video-to-video: start from the video, noised
+            if msg.video_latents is not None or p.strength is not None:  # video-to-video: from the video, noised
+                if msg.video_latents is None:
+                    raise InvalidRequest("a job with a strength needs its video's latents", {"field": "video"})
                 latents = self.noise_video(scheduler, p, msg.video_latents, latents)
         else:
             latents = msg.latents.to(self.device, torch.float32)
