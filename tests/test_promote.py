@@ -285,6 +285,11 @@ def test_plain_video_to_video_and_promoting_it_from_its_mp4(api_system, draft):
     child = result_of(api_system, body["job_id"])["metadata"]
     assert child["parent_job_id"] == v2v["job_id"] and child["video"]["source"] == "mp4"
     assert child["params"]["prompt"] == "a block glides" and child["params"]["strength"] == catalog.PROMOTE_STRENGTH
+    # Its MP4 swept (as the results sweep removes old ones): nothing to start from.
+    (api_system.state_dir / "results" / f"{v2v['job_id']}.mp4").unlink()
+    status, error = error_of(api_system, "POST", f"/api/v1/promote/{v2v['job_id']}", {"quality_preset": "pro"})
+    assert (status, error["code"], error["details"]) == (410, "RESULT_EXPIRED",
+                                                         {"job_id": v2v["job_id"], "source": "mp4"})
 
 
 def test_promote_errors(api_system, draft):
