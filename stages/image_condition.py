@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import av
-import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
@@ -188,8 +187,3 @@ def encode_video(vae: AutoencoderKLWan, info: PipelineInfo, frames: list[Image.I
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, torch.float32)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, torch.float32)
     return (latent - mean) * inv_std
-
-
-def frames_array(frames: list[Image.Image]) -> np.ndarray:
-    """(frames, H, W, 3) uint8 of `frames` (what the tests compare)."""
-    return np.stack([np.asarray(f) for f in frames])
