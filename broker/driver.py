@@ -182,9 +182,9 @@ class Driver:
 
     def run(
         self, params: m.JobParams, timeout_s: float = 600.0, image_path: str | Path | None = None,
-        on_report: Callable[[m.StageReport], None] | None = None,
+        on_report: Callable[[m.StageReport], None] | None = None, video_path: str | Path | None = None,
     ) -> JobOutcome:
-        return self.wait(self.submit(params, image_path=image_path), timeout_s, on_report)
+        return self.wait(self.submit(params, image_path=image_path, video_path=video_path), timeout_s, on_report)
 
 
 def main(argv: list[str] | None = None) -> int:

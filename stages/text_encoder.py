@@ -168,6 +168,8 @@ class TextEncoderStage(Stage):
         p = msg.params
         if p.model not in self.encoders:
             raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
+        if msg.video_path is not None and (p.model not in self.video_models or p.strength is None):
+            raise InvalidRequest(f"{p.model} takes no input video here", {"model": p.model, "field": "video"})
         if p.model in self.s2v_models:
             prompt_embeds = self.encode(p.model, p.prompt, p.max_sequence_length)
             negative = None
@@ -186,8 +188,6 @@ class TextEncoderStage(Stage):
             raise InvalidRequest(f"{p.model} needs an input image", {"model": p.model})
         video_latents = None
         if msg.video_path is not None:
-            if p.model not in self.video_models or p.strength is None:
-                raise InvalidRequest(f"{p.model} takes no input video here", {"model": p.model, "field": "video"})
             if condition is not None:
                 raise InvalidRequest("a job takes an input image or an input video, not both", {"field": "video"})
             info, vae = self.video_models[p.model]

@@ -381,3 +381,25 @@ def test_another_users_job_is_not_found(keyed_system):
     assert s.wait_final(mine["job_id"])["status"] == "completed"
     status, result = as_user("alice", "GET", f"/api/v1/result/{mine['job_id']}")
     assert result["metadata"]["parent_job_id"] == job
+
+
+def test_bad_input_videos_fail_in_the_text_encoder(stack, tmp_path):
+    """What reaches the stages despite admission (a file changed or cut in the spool folder, a
+    model here without a VAE for video) fails the job with a structured error; the stages go on."""
+    from common.errors import JobFailedError
+
+    data = lossless_mkv(moving_frames(5, 32, 32, 9))
+    (tmp_path / "junk.mkv").write_bytes(data[:4] + bytes(range(256)) * 4)  # an EBML magic, then nothing
+    (tmp_path / "short.mkv").write_bytes(lossless_mkv(moving_frames(3, 32, 32, 9)))
+    cases = [("t2v-A14B", "junk.mkv", "does not decode"), ("t2v-A14B", "short.mkv", "gives 3 frames"),
+             ("t2v-A14B", "missing.mkv", "missing"), ("i2v-A14B", "short.mkv", "takes no input video")]
+    for model, name, words in cases:
+        p = default_params(stack.config, model, prompt="refused", height=32, width=32, steps=2, num_frames=5)
+        p.strength, p.video = 0.5, {"file": name, "format": "mkv", "width": 32, "height": 32, "frames": 5,
+                                    "fps": p.fps}
+        with pytest.raises(JobFailedError) as info:
+            stack.driver.run(p, timeout_s=120, video_path=tmp_path / name)
+        assert info.value.details["stage"] == "text_encoder"
+        assert info.value.details["error"]["code"] == "INVALID_REQUEST"
+        assert words in info.value.details["error"]["message"], info.value.details
+        assert str(tmp_path) not in str(info.value.details)
