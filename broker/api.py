@@ -4,6 +4,8 @@ ApiReply result, or raising a ServerError that becomes the reply's structured er
 - submit: admit a request (broker/admission.py resolves presets and checks bounds; broker/memory.py
   checks it fits the cards the stages reported; broker/webhooks.py checks its webhook_url), store the
   uploaded image in the job's spool folder, add the job to the queue, try to dispatch.
+- promote: a video-to-video child of the caller's completed job at a higher preset (broker/promote.py
+  builds its request and reads the parent's video), submitted as submit does.
 - status / result / list: what the store knows, with queue position and ETA.
 - cancel: final in the store first, then CancelJob to the stages.
 - models / presets / loras / ready: what is served (loras: broker/loras.py scans the LoRA folder), and
