@@ -403,3 +403,35 @@ def test_bad_input_videos_fail_in_the_text_encoder(stack, tmp_path):
         assert info.value.details["error"]["code"] == "INVALID_REQUEST"
         assert words in info.value.details["error"]["message"], info.value.details
         assert str(tmp_path) not in str(info.value.details)
+
+
+def test_the_child_request_keeps_the_parents_own_loras_not_the_distillation_one():
+    """broker/promote.py in-process: a distilled draft's child carries the request's LoRAs (not the
+    step-distillation LoRA the draft preset put first), the parent's encoding, frames, fps and seed;
+    the promote's options win."""
+    from broker.promote import child_request
+    from broker.store import Job
+    from common.config import Config
+
+    config = Config.load(environ={"WAN_SERVER__MODELS__T2V_A14B__DISTILL_LORA": '"lightning"'})
+    part = {"transformer": {"file": "x.safetensors", "sha256": "0" * 64}}
+    params = {"prompt": "a kite", "negative_prompt": "dull", "seed": 5, "num_frames": 9, "fps": 12,
+              "width": 32, "height": 32,
+              "loras": [{"name": "lightning", "scale": 1.0, "parts": part},
+                        {"name": "style", "scale": 0.5, "parts": part}],
+              "encoding": {"codec": "h265", "bit_depth": 8, "lossless_master": True}}
+    parent = Job(seq=1, id="a" * 32, owner="", model="t2v-A14B", preset="draft", params=params, route=[], priority=0,
+                 status="completed", stage=None, progress=1.0, attempt=1, created_at=0.0, started_at=0.0,
+                 finished_at=1.0, error=None, output_path=None, timings={},
+                 outputs={"files": [{"file": f"{'a' * 32}.mp4"}, {"file": f"{'a' * 32}.mkv"}]})
+    request, source = child_request(config, parent, {"quality_preset": "cinema", "custom_options": {"crf": 20}})
+    assert source == "lossless_master"
+    assert request == {"model": "t2v-A14B", "prompt": "a kite", "negative_prompt": "dull", "quality_preset": "cinema",
+                       "seed": 5, "strength": catalog.PROMOTE_STRENGTH,
+                       "custom_options": {"num_frames": 9, "fps": 12, "loras": [{"name": "style", "scale": 0.5}],
+                                          "codec": "h265", "bit_depth": 8, "lossless_master": True, "crf": 20}}
+    parent.outputs = {"files": [{"file": f"{'a' * 32}.mp4"}]}
+    request, source = child_request(config, parent, {"quality_preset": "pro", "strength": 0.9, "prompt": "a bird",
+                                                     "custom_options": {"loras": []}})
+    assert source == "mp4" and request["prompt"] == "a bird" and request["strength"] == 0.9
+    assert request["custom_options"]["loras"] == []
