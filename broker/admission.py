@@ -238,12 +238,15 @@ def oriented(resolution: str, image_size: tuple[int, int] | None, allowed: list[
 def resolve(
     config: Config, request: Any, image_sha256: str | None = None, image_size: tuple[int, int] | None = None,
     audio: dict[str, Any] | None = None, pose_video: dict[str, Any] | None = None,
+    video: dict[str, Any] | None = None,
 ) -> tuple[str, m.JobParams, int]:
     """Validate `request` and resolve it against the model's preset; returns (preset, params, priority).
     `image_sha256` and `image_size` (width, height) describe the request's input image, if it has one:
     without a resolution in `custom_options`, the preset's resolution follows the image's orientation.
     `audio` and `pose_video` describe the files of an s2v-14B request as the broker stored them
-    (JobParams.audio / pose_video, less `start_s`).
+    (JobParams.audio / pose_video, less `start_s`). `video` describes a video-to-video input
+    (JobParams.video): the job's size follows its orientation, its frames bound num_frames, and
+    `strength` applies.
     Each field is checked against its catalog entry (common/catalog.py), narrowed by the profile."""
     if not isinstance(request, dict):
         raise ValidationError("the request body must be a JSON object", {"got": type(request).__name__})
@@ -254,9 +257,18 @@ def resolve(
     if "model" not in request:
         raise _bad("model", "model is required", allowed=list(MODELS))
     model = resolve_model(config, request["model"])
+    check_input(model, "video", video is not None)  # first: i2v-A14B given a video is told it takes none
     check_image_input(model, image_sha256)
     check_input(model, "audio", audio is not None)
     check_input(model, "pose_video", pose_video is not None)
+    if video is not None and image_sha256 is not None:
+        raise _bad("video", f"{model} takes an input image or an input video, not both")
+    strength = catalog.check(fields["strength"], request.get("strength"))
+    if strength is not None and video is None:
+        raise _bad("strength", "strength is for video-to-video: send a video (or promote a job)")
+    if video is not None:
+        image_size = (int(video["width"]), int(video["height"]))  # the video's orientation decides, as an image's
+        strength = catalog.DEFAULT_STRENGTH if strength is None else strength
     prompt = catalog.check(fields["prompt"], request.get("prompt"))
     negative = catalog.check(fields["negative_prompt"], request.get("negative_prompt")) or ""
     preset = request.get("quality_preset", request.get("quality", catalog.DEFAULT_PRESET))
@@ -296,6 +308,9 @@ def resolve(
         audio = {**audio, "start_s": catalog.S2V_DROPPED_FRAMES / fps}
     else:
         width, height, frames = resolve_size_and_frames(config, model, options, base, image_size, fps)
+    if video is not None:
+        assert strength is not None
+        frames = video_frames(options, video, fps, frames)
     if options.get("cache") is not None:
         cache = check_cache(options["cache"])
     else:
@@ -313,9 +328,23 @@ def resolve(
         encoding=resolve_encoding(options, catalog.output_size(width, height, postprocess)),
         loras=distilling + loras.check_request(config, model, options), cache=cache, sigmas=base.get("sigmas"),
         sampler="dmd" if base.get("sampler") == "dmd" else None,
-        audio=audio, pose_video=pose_video, **clips,
+        audio=audio, pose_video=pose_video, **clips, video=video, strength=strength,
     )
     return preset, params, priority
+
+
+def video_frames(options: dict[str, Any], video: dict[str, Any], fps: int, frames: int) -> int:
+    """A video-to-video job's frames: the ones asked for (custom_options num_frames or duration, else
+    the preset's), which the video must have at the job's fps; without a request, at most the largest
+    4n+1 the video has."""
+    available = catalog.video_frames(int(video["frames"]), video.get("fps"), fps)
+    if frames <= available:
+        return frames
+    asked = next((name for name in ("num_frames", "duration") if options.get(name) is not None), None)
+    if asked is not None:
+        raise _bad(f"custom_options.{asked}", f"the video gives {available} frames at {fps} fps, not {frames}",
+                   available=available)
+    return (available - 1) // 4 * 4 + 1
 
 
 def resolve_size_and_frames(config: Config, model: str, options: dict[str, Any], base: dict[str, Any],

@@ -4,6 +4,8 @@ ApiReply result, or raising a ServerError that becomes the reply's structured er
 - submit: admit a request (broker/admission.py resolves presets and checks bounds; broker/memory.py
   checks it fits the cards the stages reported; broker/webhooks.py checks its webhook_url), store the
   uploaded image in the job's spool folder, add the job to the queue, try to dispatch.
+- promote: a video-to-video child of the caller's completed job at a higher preset (broker/promote.py
+  builds its request and reads the parent's video), submitted as submit does.
 - status / result / list: what the store knows, with queue position and ETA.
 - cancel: final in the store first, then CancelJob to the stages.
 - models / presets / loras / ready: what is served (loras: broker/loras.py scans the LoRA folder), and
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import admission, loras, memory
+from broker import promote as promotion
 from broker.progress import preview_url
 from broker.store import FINAL, Job
 from common import catalog, spool
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg", "m4a")  # common/audio.py's, the file's extension in the spool
 VIDEO_FORMATS = ("mp4", "webm")
+V2V_FORMATS = ("mp4", "webm", "mkv")  # a video-to-video input (and a promote's source)
 MEDIA_KEYS = ("format", "sample_rate", "channels", "samples", "duration_s", "width", "height", "frames", "fps")
 IDEMPOTENCY_TTL_S = 24 * 3600.0
 PAGE_LIMIT = next(f for f in catalog.LIST_QUERY if f.name == "limit")  # the same bounds as GET /api/v1/jobs
@@ -119,13 +123,17 @@ class Api:
             "video": self.video,
             "videos": self.videos,
             "delete": self.delete,
+            "promote": self.promote,
         }
 
     # ---- operations ----
-    def submit(self, args: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, args: dict[str, Any],
+               media: dict[str, tuple[str, bytes, dict[str, Any]]] | None = None) -> dict[str, Any]:
+        """`media`: the input files, given by `promote` (its parent's video); else the gateway's uploads."""
         png = self.uploaded_image(args.get("image"))
         sha = None if png is None else hashlib.sha256(png).hexdigest()
-        media = self.uploaded_media(args)  # s2v: name -> (file name in the spool folder, bytes, JobParams entry)
+        if media is None:  # name -> (file name in the spool folder, bytes, JobParams entry)
+            media = self.uploaded_media(args)
         owner = str(args.get("owner") or "")
         key = args.get("idempotency_key")
         fingerprint = ""
@@ -141,7 +149,8 @@ class Api:
         entries = {name: entry for name, (_, _, entry) in media.items()}
         preset, params, priority = admission.resolve(self.config, args.get("request"), image_sha256=sha,
                                                      image_size=image_size, audio=entries.get("audio"),
-                                                     pose_video=entries.get("pose_video"))
+                                                     pose_video=entries.get("pose_video"),
+                                                     video=entries.get("video"))
         route = self.config.route(params.model)
         request = args.get("request")
         assert isinstance(request, dict)  # resolve refused anything else
@@ -187,6 +196,17 @@ class Api:
             self.broker.events.job(job, "status", {"status": "queued"})
         self.broker.dispatcher.dispatch()
         return self.submit_body(added[0].id)
+
+    def promote(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Re-render the caller's completed job at a higher preset from its own video (broker/promote.py
+        builds the child's request and finds the video), as a video-to-video job naming its parent."""
+        parent = self.find({"job_id": args.get("job_id"), "owner": args.get("owner_filter")})
+        request, source = promotion.child_request(self.config, parent, args.get("request"))
+        data, entry = promotion.read_source(self.config, parent, source)
+        entry = {**entry, "sha256": hashlib.sha256(data).hexdigest(), "parent_job_id": parent.id}
+        with job_context(parent.id):
+            log.info("promoting (%s, from its %s) to %s", parent.preset, source, request["quality_preset"])
+        return self.submit({**args, "request": request}, media={"video": (entry["file"], data, entry)})
 
     def submit_body(self, job_or_id: Job | str) -> dict[str, Any]:
         """What a create answers: the first job's status (`job_id`), and with n variants every job of the group."""
@@ -417,6 +437,11 @@ class Api:
                 "compute": compute_metadata(self.config, job.route),
                 # torch.compile'd DiT stages: backend, warm-up time and the eager/compiled max |difference|.
                 "compile": compile_metadata(self.config, job.route, self.broker.inflight.heartbeats()),
+                # Video-to-video: the input video (for a promote, its parent and which of the parent's
+                # files it started from) and the strength.
+                **({"parent_job_id": job.params["video"].get("parent_job_id"),
+                    "video": {**job.params["video"], "strength": job.params.get("strength")}}
+                   if job.params.get("video") else {}),
                 # s2v-14B: the job's audio (sha256, duration) and the MP4's AAC track made of it.
                 **({"audio": audio_metadata(job, done)} if job.params.get("audio") else {}),
                 "route": job.route,
@@ -448,7 +473,8 @@ class Api:
         gw = self.config.gateway
         out: dict[str, tuple[str, bytes, dict[str, Any]]] = {}
         for name, stem, limit, formats in (("audio", "audio", gw.max_audio_bytes, AUDIO_FORMATS),
-                                           ("pose_video", "pose", gw.max_video_bytes, VIDEO_FORMATS)):
+                                           ("pose_video", "pose", gw.max_video_bytes, VIDEO_FORMATS),
+                                           ("video", "video", gw.max_video_bytes, V2V_FORMATS)):
             data, info = args.get(name), args.get(f"{name}_info")
             if data is None:
                 continue

@@ -112,8 +112,9 @@ class Dispatcher:
             folder = self.broker.config.job_spool(job.id)
             audio = str(folder / params.audio["file"]) if params.audio else None
             pose = str(folder / params.pose_video["file"]) if params.pose_video else None
+            video = str(folder / params.video["file"]) if params.video else None  # video-to-video's input
             msg = m.EncodeJob(job_id=job.id, attempt=attempt, route=job.route, params=params, image_path=image,
-                              audio_path=audio, pose_path=pose)
+                              audio_path=audio, pose_path=pose, video_path=video)
         else:
             msg = m.ResumeJob(job_id=job.id, attempt=attempt, stage=first)
         with job_context(job.id):

@@ -135,12 +135,15 @@ class Driver:
                 raise StageTimeout(f"stages not ready after {timeout_s:.0f} s: {missing}", {"stages": missing})
             self._poll(min(left, 0.5))
 
-    def submit(self, params: m.JobParams, job_id: str | None = None, image_path: str | Path | None = None) -> str:
-        """Send the job to its first stage; `image_path` is the conditioning image (read by the text_encoder)."""
+    def submit(self, params: m.JobParams, job_id: str | None = None, image_path: str | Path | None = None,
+               video_path: str | Path | None = None) -> str:
+        """Send the job to its first stage; `image_path` is the conditioning image, `video_path` the
+        video-to-video input (both read by the text_encoder)."""
         job_id = job_id or uuid.uuid4().hex
         route = self.config.route(params.model)
         image = None if image_path is None else str(Path(image_path).resolve())
-        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params, image_path=image)
+        video = None if video_path is None else str(Path(video_path).resolve())
+        job = m.EncodeJob(job_id=job_id, attempt=1, route=route, params=params, image_path=image, video_path=video)
         try:
             self._sender(route[0]).send_multipart(m.encode(job), copy=False)
         except zmq.Again:
@@ -179,9 +182,9 @@ class Driver:
 
     def run(
         self, params: m.JobParams, timeout_s: float = 600.0, image_path: str | Path | None = None,
-        on_report: Callable[[m.StageReport], None] | None = None,
+        on_report: Callable[[m.StageReport], None] | None = None, video_path: str | Path | None = None,
     ) -> JobOutcome:
-        return self.wait(self.submit(params, image_path=image_path), timeout_s, on_report)
+        return self.wait(self.submit(params, image_path=image_path, video_path=video_path), timeout_s, on_report)
 
 
 def main(argv: list[str] | None = None) -> int:

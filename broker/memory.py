@@ -122,7 +122,9 @@ def activation_bytes(kind: str, dtype: str, p: m.JobParams, vae_tiling: bool = F
             return int(decode + stitched)
         return int(family.vae_bytes_per_pixel_frame * frames * p.width * p.height * scale)
     if kind == "text_encoder":
-        if p.num_clips > 0:  # and its VAE encodes the reference image (and the pose video, clip by clip)
+        # and its VAE encodes the reference image (and the pose video, clip by clip), or a
+        # video-to-video job's num_frames input frames
+        if p.num_clips > 0 or p.video:
             vae = family.vae_bytes_per_pixel_frame * frames * p.width * p.height * scale
             return int(family.text_encoder_bytes * scale + vae)
         return int(family.text_encoder_bytes * scale)

@@ -56,13 +56,18 @@ INPUTS: dict[str, Input] = {
     "pose_video": Input("pose_video", ("video/mp4", "video/webm"),
                         "pose video (e.g. DW-pose skeletons) that drives the body's pose, MP4/WebM, decoded "
                         "completely before admission (in a JSON body base64)"),
+    "video": Input("video", ("video/mp4", "video/webm", "video/x-matroska"),
+                   "video-to-video: the video to re-render, MP4/WebM/MKV recognised by its bytes, decoded completely "
+                   "before admission (in a JSON body base64); its frames are fitted to the job's size (cover and "
+                   "centre crop), VAE-encoded and noised to `strength` (README: Promote and video-to-video)"),
 }
 
 CATALOG: tuple[Model, ...] = (
-    Model("t2v-A14B", "t2v", "text to video, two 14B experts (high and low noise)"),
+    Model("t2v-A14B", "t2v", "text to video, two 14B experts (high and low noise)",
+          inputs=(("video", "optional"),)),
     Model("i2v-A14B", "i2v", "image to video, two 14B experts", inputs=(("image", "required"),)),
     Model("ti2v-5B", "ti2v", "text to video, or text and image to video, one 5B model",
-          inputs=(("image", "optional"),)),
+          inputs=(("image", "optional"), ("video", "optional"))),
     Model("s2v-14B", "s2v", "speech to video: a reference image and a speech track (and optionally a pose video), "
           "one 14B model", inputs=(("image", "required"), ("audio", "required"), ("pose_video", "optional"))),
 )
@@ -295,6 +300,16 @@ OPTIONS: tuple[Field, ...] = (
           nullable=True, fields=CACHE_FIELDS),
 )
 
+# Video-to-video (an uploaded `video`, or POST /api/v1/promote/{job_id}): the share of the steps re-run
+# from the video's noised latents, as diffusers' WanVideoToVideoPipeline takes it: the first
+# steps - int(steps x strength) steps are skipped (the last one always runs: strength_start).
+DEFAULT_STRENGTH = 0.8
+PROMOTE_STRENGTH = 0.6  # a promote keeps more of the draft it re-renders
+STRENGTH = Field("strength", "number", "video-to-video only (with `video`, or a promote): how much of the video is "
+                 "re-generated, 0 < strength <= 1; the job runs the last int(steps x strength) steps (at least one) "
+                 "from the video's latents noised to the first of them; null: 0.8 (0.6 for a promote)",
+                 nullable=True, minimum=0.01, maximum=1.0)
+
 REQUEST: tuple[Field, ...] = (
     Field("prompt", "string", "what the video shows", required=True, max_length=MAX_PROMPT_CHARS, nonblank=True),
     Field("negative_prompt", "string", "what it should not show", nullable=True, max_length=MAX_PROMPT_CHARS),
@@ -308,6 +323,7 @@ REQUEST: tuple[Field, ...] = (
           "created together under one group_id; at most the profile's [admission] max_variants", default=1,
           minimum=1, maximum=MAX_VARIANTS, profile_limit="max_variants"),
     Field("priority", "integer", "higher runs first", default=0, minimum=-10, maximum=10),
+    STRENGTH,
     Field("custom_options", "object", "overrides of the preset", nullable=True, fields=OPTIONS),
     Field("webhook_url", "string", "POSTed the job's final state (video.completed, video.failed, video.cancelled), "
           "signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, "
@@ -317,6 +333,27 @@ REQUEST: tuple[Field, ...] = (
 )
 
 REQUEST_FIELDS: dict[str, Field] = {f.name: f for f in REQUEST}
+
+# POST /api/v1/promote/{job_id}: re-render a finished job at a higher preset from its own frames.
+# The prompt, negative prompt, model, seed, LoRAs, frames, fps and encoding are the parent's unless
+# given here; num_frames, duration and fps stay the parent's (the frames come from its video).
+PROMOTE_FIXED_OPTIONS: tuple[str, ...] = ("num_frames", "duration", "fps")
+PROMOTE: tuple[Field, ...] = (
+    Field("quality_preset", "string", "the preset to re-render at: one above the parent's", required=True,
+          enum=PRESETS),
+    Field("strength", "number", "how much of the parent's video is re-generated, 0 < strength <= 1 (see the "
+          "generate request's strength)", nullable=True, default=PROMOTE_STRENGTH, minimum=0.01, maximum=1.0),
+    Field("prompt", "string", "null or absent: the parent's prompt", nullable=True, max_length=MAX_PROMPT_CHARS,
+          nonblank=True),
+    Field("negative_prompt", "string", "null or absent: the parent's", nullable=True, max_length=MAX_PROMPT_CHARS),
+    Field("priority", "integer", "higher runs first", default=0, minimum=-10, maximum=10),
+    Field("custom_options", "object", "overrides of the new preset, as in generate (loras replace the parent's; "
+          "num_frames, duration and fps are the parent's and refused here); null: the parent's LoRAs and encoding",
+          nullable=True, fields=OPTIONS),
+    Field("webhook_url", "string", "as in generate", nullable=True, max_length=MAX_URL_CHARS,
+          pattern=WEBHOOK_URL_PATTERN, pattern_hint="an http:// or https:// URL"),
+)
+PROMOTE_FIELDS: dict[str, Field] = {f.name: f for f in PROMOTE}
 OPTION_FIELDS: dict[str, Field] = {f.name: f for f in OPTIONS}
 
 # GET /api/v1/jobs
@@ -488,6 +525,26 @@ def s2v_frames(frames_per_clip: int, clips: int) -> int:
     return frames_per_clip * clips - S2V_DROPPED_FRAMES
 
 
+def strength_start(steps: int, strength: float) -> int:
+    """The first step a video-to-video job of `steps` at `strength` runs (the steps before it are
+    skipped), as diffusers' WanVideoToVideoPipeline.get_timesteps picks it: steps - int(steps x strength),
+    except that the last step always runs (where int(steps x strength) is 0 the pipeline has no
+    timestep to noise to and fails)."""
+    return steps - max(1, min(int(steps * strength), steps))
+
+
+def video_interval(video_fps: float | None, fps: int) -> int:
+    """Every how many frames of a video at `video_fps` one frame of a job at `fps` is taken: the
+    video's frames 0, k, 2k, ... with k = round(video_fps / fps), at least 1 (an unknown rate: 1)."""
+    return max(1, round(video_fps / fps)) if video_fps else 1
+
+
+def video_frames(frames: int, video_fps: float | None, fps: int) -> int:
+    """The frames a video of `frames` frames at `video_fps` gives a job at `fps` (video_interval)."""
+    k = video_interval(video_fps, fps)
+    return (frames + k - 1) // k
+
+
 def round_frames(frames: float) -> int:
     """The nearest 4n+1 frame count."""
     return max(1, round((frames - 1) / 4) * 4 + 1)
@@ -498,7 +555,7 @@ def _self_check() -> None:
     assert len(ALIASES) == len(CATALOG) and not set(ALIASES) & set(MODELS), "aliases must be unique"
     for model in CATALOG:
         assert {name for name, _ in model.inputs} <= set(INPUTS), f"{model.id} takes an input INPUTS lacks"
-    for spec in (*REQUEST, *OPTIONS, *LIST_QUERY, *LORA, *CACHE_FIELDS):
+    for spec in (*REQUEST, *OPTIONS, *LIST_QUERY, *LORA, *CACHE_FIELDS, *PROMOTE):
         if spec.kind in ("integer", "number"):
             lo, hi = bounds(spec)
             assert lo <= hi and (spec.default is None or lo <= spec.default <= hi), spec.name

@@ -152,7 +152,7 @@ class GatewaySection:
     max_image_pixels: int = 4096 * 4096
     max_audio_bytes: int = 32 << 20  # an input audio file (s2v): WAV, FLAC, MP3, OGG/Opus or M4A/AAC
     max_audio_seconds: float = 60.0  # its duration, counted while it is decoded
-    max_video_bytes: int = 32 << 20  # an input video file (s2v's pose video): MP4 or WebM
+    max_video_bytes: int = 32 << 20  # an input video: s2v's pose video (MP4, WebM), video-to-video's (also MKV)
     max_video_frames: int = 2000  # its frames, counted while it is decoded (each within max_image_pixels)
     max_concurrent_decodes: int = 2
     auth: str = "auto"

@@ -253,6 +253,22 @@ class ResultNotAvailable(ServerError):
     http_status = 404
 
 
+class JobNotCompleted(ServerError):
+    """POST /api/v1/promote of a job that has not completed (queued, running, failed, cancelled):
+    there is no video to re-render yet, or none will come."""
+
+    code = "JOB_NOT_COMPLETED"
+    http_status = 409
+
+
+class ResultExpired(ServerError):
+    """A completed job whose video is gone (deleted by the results sweep, or removed): a promote has
+    nothing to start from."""
+
+    code = "RESULT_EXPIRED"
+    http_status = 410
+
+
 class RouteNotFound(ServerError):
     code = "NOT_FOUND"
     http_status = 404

@@ -93,6 +93,15 @@ class JobParams:
     pose_video: dict[str, Any] | None = None
     frames_per_clip: int = 0
     num_clips: int = 0
+    # Video-to-video (an uploaded video, or a promote of a finished job): `video` is the file the
+    # broker stored in the job's spool folder, {file (`video.<ext>`), sha256, format, width, height,
+    # frames, fps}, and for a promote `parent_job_id` and `source` (lossless_master | mp4); the
+    # text_encoder takes the job's fps from it every catalog.video_interval-th frame, the first
+    # `num_frames`, fits them to the job's size and VAE-encodes them. `strength`: the share of the
+    # steps re-run from those latents noised to the start step (catalog.strength_start); None
+    # without a video.
+    video: dict[str, Any] | None = None
+    strength: float | None = None
 
 
 # --- job messages: each carries the job through one hop of its route -----------------------------
@@ -134,6 +143,8 @@ class EncodeJob(JobMessage):
     # S2V: the job's audio and pose video (files the broker wrote into the job's spool folder).
     audio_path: str | None = None
     pose_path: str | None = None
+    # Video-to-video: the job's input video (in the job's spool folder).
+    video_path: str | None = None
 
 
 @dataclass
@@ -160,6 +171,10 @@ class DenoiseJob(JobMessage):
     step: int = 0
     condition: Tensor | None = None
     first_frame_mask: Tensor | None = None
+    # Video-to-video, first DiT hop only: the input video's normalised VAE latents `(1, z, f, h, w)`
+    # (float32), which the first DiT noises to the strength's start step with the seed's noise
+    # (as WanVideoToVideoPipeline.prepare_latents); later hops carry `latents` instead.
+    video_latents: Tensor | None = None
 
 
 @dataclass

@@ -215,7 +215,26 @@ class Gateway:
             async with self.decode_slots:
                 args["pose_video_info"] = await asyncio.to_thread(check_video, data, declared, self.uploads)
             args["pose_video"] = data
+        if "video" in media:  # video-to-video's input
+            data, declared = media["video"]
+            async with self.decode_slots:
+                args["video_info"] = await asyncio.to_thread(check_video, data, declared, self.uploads, "video")
+            args["video"] = data
         return await self.call("submit", **args)
+
+    async def promote(self, request: Request) -> Response:
+        """POST /api/v1/promote/{job_id}: re-render the caller's finished job at a higher preset
+        from its own frames (the broker's `promote` finds the job, its video, and submits the child)."""
+        body = parse_json(await read_body(request, self.max_body))
+        who = principal_of(request.scope)
+        args: dict[str, Any] = {"job_id": job_id_of(request), "request": body, "owner": who.key_id,
+                                "owner_filter": owner_of(request),
+                                "max_active": who.max_active_jobs if self.auth else None}
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            args.update(idempotency_key=key, api="api/v1/promote")
+        result = await self.call("promote", **args)
+        return JSONResponse(result, status_code=202, headers=replay_headers(result))
 
     async def read_generate(self, request: Request) -> tuple[Any, dict[str, tuple[bytes, str]]]:
         """(request object, {input name: (file bytes, declared type)}) from a JSON or multipart body."""
@@ -455,6 +474,7 @@ class Gateway:
             Route("/api/v1/status/{job_id}", self.status, methods=["GET"]),
             Route("/api/v1/result/{job_id}", self.result, methods=["GET"]),
             Route("/api/v1/cancel/{job_id}", self.cancel, methods=["POST"]),
+            Route("/api/v1/promote/{job_id}", self.promote, methods=["POST"]),
             Route("/api/v1/jobs", self.jobs, methods=["GET"]),
             Route("/api/v1/models", self.models, methods=["GET"]),
             Route("/api/v1/loras", self.loras, methods=["GET"]),

@@ -325,7 +325,7 @@ def _document() -> dict[str, Any]:
         "paths": {
             "/api/v1/generate": {"post": {
                 "summary": "Submit a generation job (JSON, or multipart/form-data with input files: an image; for "
-                           "s2v-14B an image, an audio file and optionally a pose video)",
+                           "s2v-14B an image, an audio file and optionally a pose video; for video-to-video a video)",
                 "description": "Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 "
                                "IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/"
                                "WebP by its magic bytes, or not what its declared type says; or a body that is "
@@ -338,7 +338,11 @@ def _document() -> dict[str, Any]:
                                "MP3/OGG/M4A by its bytes, or not its declared type), 422 INVALID_AUDIO (bad base64, "
                                "truncated or corrupt, channels or sample rate outside 1-8 / 8-192 kHz). Pose video "
                                "errors (field pose_video): 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE (not "
-                               "MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames).",
+                               "MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames). "
+                               "Video-to-video (field video, t2v-A14B and ti2v-5B): the same errors (MP4/WebM/MKV), "
+                               "422 VALIDATION_ERROR (field video: a model that takes none, or with an image; field "
+                               "strength: without a video; custom_options.num_frames: more "
+                               "frames than the video gives).",
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": GENERATE_JSON},
                     "multipart/form-data": {"schema": GENERATE_MULTIPART, "encoding": {
@@ -348,6 +352,21 @@ def _document() -> dict[str, Any]:
                 }},
                 "parameters": [IDEMPOTENCY_PARAM],
                 "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 409, 413, 415, 422, 429, 503)},
+            }},
+            "/api/v1/promote/{job_id}": {"post": {
+                "summary": "Re-render a completed job at a higher preset from its own video (video-to-video with "
+                           "the same prompt, seed and LoRAs unless given); the child's result metadata names its "
+                           "parent_job_id",
+                "description": "The source is the job's lossless master if it has one, else its MP4. Errors: 404 "
+                               "JOB_NOT_FOUND (no such job, or another user's), 409 JOB_NOT_COMPLETED (queued, "
+                               "running, failed or cancelled), 410 RESULT_EXPIRED (its video is gone), 422 "
+                               "VALIDATION_ERROR (quality_preset not above the job's: reason not_higher; num_frames, "
+                               "duration or fps in custom_options; a model that takes no video; an image-conditioned "
+                               "job), and those of POST /api/v1/generate for the child's request.",
+                "parameters": [JOB_ID_PARAM, IDEMPOTENCY_PARAM],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": object_schema(catalog.PROMOTE)}}},
+                "responses": {"202": _json(SUBMITTED, "queued"), **_errors(400, 404, 409, 410, 413, 422, 429, 503)},
             }},
             "/api/v1/status/{job_id}": {"get": {
                 "summary": "A job's status, progress and ETA", "parameters": [JOB_ID_PARAM],

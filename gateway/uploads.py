@@ -2,8 +2,9 @@
 
 A request with an image comes either as `multipart/form-data` with a `request` part (the JSON
 request object, as the JSON body would be) and a file part per input (`image`; for s2v-14B also
-`audio` and `pose_video`, each at most once), or as a JSON body with an `image` field holding the
-file base64-encoded (a `data:image/...;base64,` prefix is allowed; `audio` and `pose_video` alike).
+`audio` and `pose_video`; for video-to-video `video`; each at most once), or as a JSON body with an
+`image` field holding the file base64-encoded (a `data:image/...;base64,` prefix is allowed; `audio`,
+`pose_video` and `video` alike).
 Everything is bounded before it is read: the body (each file's bound, `[gateway] max_upload_bytes`
 for an image, plus `max_body_bytes` for the rest, also for chunked bodies with no Content-Length), the number of
 multipart parts, the image's pixels (from its header, before any pixel is decoded). The image must
@@ -11,8 +12,8 @@ be PNG, JPEG or WebP by its magic bytes (and by its declared type, when one is g
 decode completely; it is then re-encoded as an RGB PNG (EXIF orientation applied), which is what the
 broker stores in the job's spool folder. An audio file is checked by common/audio.py (its bytes,
 its declared type, decoded to the end within the duration, channel and rate bounds) and a pose
-video here (MP4 or WebM by its bytes, every frame decoded, within the frame and pixel bounds); the
-broker stores both as they came.
+video or a video-to-video input here (MP4 or WebM, and for `video` also MKV, by its bytes, every
+frame decoded, within the frame and pixel bounds); the broker stores them as they came.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ from common.errors import (
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
 UNTYPED = {"", "application/octet-stream"}  # a part with no useful declared type: the magic bytes decide
-FILE_PARTS: tuple[str, ...] = tuple(catalog.INPUTS)  # image, audio, pose_video: each at most once
+FILE_PARTS: tuple[str, ...] = tuple(catalog.INPUTS)  # image, audio, pose_video, video: each at most once
 MULTIPART_PARTS = ("request", *FILE_PARTS)
-VIDEO_FORMATS = {"mp4": ("video/mp4", "mov"), "webm": ("video/webm", "matroska")}  # type, PyAV demuxer
-VIDEO_ALIASES = {"video/x-m4v": "video/mp4", "video/quicktime": "video/mp4", "audio/webm": "video/webm"}
+# type, PyAV demuxer; which a video input takes: the types its catalog entry lists (pose_video: MP4, WebM)
+VIDEO_FORMATS = {"mp4": ("video/mp4", "mov"), "webm": ("video/webm", "matroska"),
+                 "mkv": ("video/x-matroska", "matroska")}
+VIDEO_ALIASES = {"video/x-m4v": "video/mp4", "video/quicktime": "video/mp4", "audio/webm": "video/webm",
+                 "video/mkv": "video/x-matroska", "video/matroska": "video/x-matroska"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,8 @@ class UploadLimits:
 
     def max_bytes(self, field: str) -> int:
         """The largest file taken for the input `field`."""
-        return {"audio": self.max_audio_bytes, "pose_video": self.max_video_bytes}.get(field, self.max_upload_bytes)
+        return {"audio": self.max_audio_bytes, "pose_video": self.max_video_bytes,
+                "video": self.max_video_bytes}.get(field, self.max_upload_bytes)
 
     @property
     def max_files_bytes(self) -> int:
@@ -193,7 +198,8 @@ def file_too_big(field: str, limits: UploadLimits) -> PayloadTooLarge:
     return PayloadTooLarge(f"the {field} file is over {limit} bytes", {"limit": limit, "field": field})
 
 
-INVALID: dict[str, type[ServerError]] = {"image": InvalidImage, "audio": InvalidAudio, "pose_video": InvalidVideo}
+INVALID: dict[str, type[ServerError]] = {"image": InvalidImage, "audio": InvalidAudio, "pose_video": InvalidVideo,
+                                         "video": InvalidVideo}
 
 
 def decode_base64_file(field: str, value: Any, limits: UploadLimits) -> tuple[bytes, str]:
@@ -225,11 +231,15 @@ def decode_base64_file(field: str, value: Any, limits: UploadLimits) -> tuple[by
 
 
 def sniff_video(data: bytes) -> str | None:
-    """"mp4" (an ISO-BMFF `ftyp` box) or "webm" (an EBML header whose doctype is webm), or None."""
+    """"mp4" (an ISO-BMFF `ftyp` box), "webm" or "mkv" (an EBML header whose doctype is webm or
+    matroska), or None."""
     if len(data) >= 12 and data[4:8] == b"ftyp":
         return "mp4"
-    if data.startswith(b"\x1a\x45\xdf\xa3") and b"webm" in data[:64]:
-        return "webm"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        if b"webm" in data[:64]:
+            return "webm"
+        if b"matroska" in data[:64]:
+            return "mkv"
     return None
 
 
@@ -239,14 +249,16 @@ def check_video(data: bytes, declared: str, limits: UploadLimits, field: str = "
     Runs in a worker thread. MP4 or WebM by its bytes (and its declared type, when given); every
     frame decoded, within `max_video_frames` and each within `max_image_pixels`; a file that decodes
     fewer frames than its header counts (truncated) is refused."""
-    allowed = sorted(kind for kind, _ in VIDEO_FORMATS.values())
+    accepted = [fmt for fmt, (kind, _) in VIDEO_FORMATS.items() if kind in catalog.INPUTS[field].media_types]
+    allowed = sorted(VIDEO_FORMATS[fmt][0] for fmt in accepted)
     if len(data) > limits.max_video_bytes:
         raise file_too_big(field, limits)
     if not data:
         raise InvalidVideo(f"the {field} file is empty", {"field": field})
     fmt = sniff_video(data)
-    if fmt is None:
-        raise UnsupportedMediaType(f"the {field} file is not MP4 or WebM", {"field": field, "allowed": allowed})
+    if fmt is None or fmt not in accepted:
+        names = " or ".join({"mp4": "MP4", "webm": "WebM", "mkv": "MKV"}[f] for f in accepted)
+        raise UnsupportedMediaType(f"the {field} file is not {names}", {"field": field, "allowed": allowed})
     kind, demuxer = VIDEO_FORMATS[fmt]
     declared = VIDEO_ALIASES.get(declared, declared)
     if declared not in UNTYPED and declared != kind:

@@ -37,6 +37,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from common import catalog
 from common import messages as m
 from common.errors import InvalidRequest
 from stages import caching, schedule
@@ -185,6 +186,10 @@ class DitStage(Stage):
         condition, first_frame_mask = self.check_condition(info, msg)
         if msg.latents is None:
             latents = self.prepare_latents(info, p)
+            if msg.video_latents is not None or p.strength is not None:  # video-to-video: from the video, noised
+                if msg.video_latents is None:
+                    raise InvalidRequest("a job with a strength needs its video's latents", {"field": "video"})
+                latents = self.noise_video(scheduler, p, msg.video_latents, latents)
         else:
             latents = msg.latents.to(self.device, torch.float32)
             if msg.scheduler_state is not None:
@@ -196,10 +201,15 @@ class DitStage(Stage):
             else None
         )
         steps = schedule.step_range(self.part, timesteps, boundary, entry["split_fraction"])
-        if msg.step != steps.start:
+        expected = steps.start
+        if p.strength is not None:  # video-to-video skips the steps before the strength's start
+            start = catalog.strength_start(p.steps, p.strength)
+            steps = range(max(steps.start, start), max(steps.stop, start))
+            expected = expected if msg.latents is None else steps.start  # the first hop comes at 0
+        if msg.step != expected:
             raise InvalidRequest(
-                f"job arrived at step {msg.step} but this {self.part} part starts at {steps.start}",
-                {"step": msg.step, "expected": steps.start},
+                f"job arrived at step {msg.step} but this {self.part} part starts at {expected}",
+                {"step": msg.step, "expected": expected},
             )
         guidance_2 = p.guidance_scale if p.guidance_scale_2 is None else p.guidance_scale_2
         do_cfg = p.guidance_scale > 1.0
@@ -282,6 +292,32 @@ class DitStage(Stage):
             assert condition is not None  # as above
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return [m.DecodeJob(**common, latents=latents.cpu())]
+
+    def noise_video(self, scheduler: Any, p: m.JobParams, video_latents: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+        """The video's latents noised to the strength's start step, which the scheduler then begins
+        at: as `WanVideoToVideoPipeline.prepare_latents` does (the scheduler's add_noise, or a flow
+        matching scheduler's scale_noise; for the DMD sampler the same flow interpolation)."""
+        if p.strength is None:
+            raise InvalidRequest("the job has video latents but no strength", {"field": "strength"})
+        if tuple(video_latents.shape) != tuple(noise.shape):
+            raise InvalidRequest(f"video_latents have shape {tuple(video_latents.shape)}, expected "
+                                 f"{tuple(noise.shape)}", {"field": "video_latents", "expected": list(noise.shape)})
+        start = catalog.strength_start(p.steps, p.strength)
+        if start >= len(scheduler.timesteps):
+            raise InvalidRequest(f"strength {p.strength} leaves none of the {p.steps} steps to run",
+                                 {"field": "strength"})
+        scheduler.set_begin_index(start)
+        x0 = video_latents.to(self.device, torch.float32)
+        t = scheduler.timesteps[start:start + 1]
+        if hasattr(scheduler, "add_noise"):
+            noised: torch.Tensor = scheduler.add_noise(x0, noise, t)
+        elif hasattr(scheduler, "scale_noise"):
+            noised = scheduler.scale_noise(x0, t, noise)
+        else:
+            sigma = scheduler.sigmas[start]
+            noised = (1 - sigma) * x0 + sigma * noise
+        return noised
 
     def handle_clip(self, msg: m.ClipDenoiseJob) -> list[m.Message]:
         """This process's steps of one S2V clip: from the start (the first part builds the clip's

@@ -1,4 +1,5 @@
-"""The conditioning image of an image-to-video job: from the uploaded file to the condition latents.
+"""The conditioning image of an image-to-video job: from the uploaded file to the condition latents;
+and the input video of a video-to-video job, to its latents (`load_video`, `encode_video`).
 
 This is the image half of diffusers' `WanImageToVideoPipeline` (its `preprocess` and
 `prepare_latents` apart from the noise), run in the text_encoder process:
@@ -10,6 +11,10 @@ This is the image half of diffusers' `WanImageToVideoPipeline` (its `preprocess`
   pipeline's `sample_mode="argmax"`), normalise the latents with the VAE's mean/std, and build the
   frame mask: I2V-A14B encodes the image followed by `num_frames - 1` black frames and prepends a
   4-channel mask; TI2V-5B encodes the image alone and masks the first latent frame.
+
+Video-to-video follows diffusers' `WanVideoToVideoPipeline`: the frames (each fitted like an
+image) go through its `VideoProcessor.preprocess_video`, the VAE's latent mode, and the VAE's
+mean/std normalisation; the DiT stage adds the noise (it owns the schedule).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import av
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
+from common import catalog
 from common import messages as m
 from common.errors import InvalidRequest
 from stages.models import PipelineInfo
@@ -138,3 +145,45 @@ def encode_condition(
     mask = torch.concat([first, mask[:, :, 1:, :]], dim=2)
     mask = mask.view(1, -1, t, latent_h, latent_w).transpose(1, 2).to(latent.device)
     return torch.concat([mask, latent], dim=1), None
+
+
+def load_video(path: str | Path, p: m.JobParams) -> list[Image.Image]:
+    """The job's input video as `p.num_frames` RGB frames of the job's size: from its first frame
+    every catalog.video_interval-th (the job's fps on the video's timeline), each fitted as an
+    image is (`fit_image`). The errors name the problem, never the path or the decoder's text."""
+    video = p.video or {}
+    data = read_input(path, video.get("sha256"), "video", "input video")
+    interval = catalog.video_interval(video.get("fps"), p.fps)
+    frames: list[Image.Image] = []
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            for i, frame in enumerate(container.decode(stream)):
+                if i % interval:
+                    continue
+                frames.append(fit_image(Image.fromarray(frame.to_ndarray(format="rgb24")), p.width, p.height))
+                if len(frames) == p.num_frames:
+                    break
+    except (av.FFmpegError, IndexError, ValueError) as exc:
+        log.error("the input video %s does not decode: %s", path, exc)
+        raise InvalidRequest("the job's input video does not decode", {"field": "video"}) from None
+    if len(frames) < p.num_frames:
+        raise InvalidRequest(f"the job's input video gives {len(frames)} frames at {p.fps} fps, not {p.num_frames}",
+                             {"field": "video", "frames": len(frames), "num_frames": p.num_frames})
+    return frames
+
+
+@torch.no_grad()
+def encode_video(vae: AutoencoderKLWan, info: PipelineInfo, frames: list[Image.Image],
+                 device: torch.device) -> torch.Tensor:
+    """The normalised latents of `frames` (float32, `(1, z, f, h, w)`), as
+    `WanVideoToVideoPipeline.prepare_latents` computes them before it adds the noise."""
+    height, width = frames[0].height, frames[0].width
+    processor = VideoProcessor(vae_scale_factor=info.vae_scale_spatial)
+    video = processor.preprocess_video(frames, height=height, width=width).to(device, dtype=torch.float32)
+    video = video.to(device=device, dtype=vae.dtype)
+    z = vae.config.z_dim
+    latent = vae.encode(video).latent_dist.mode().to(torch.float32)
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, torch.float32)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, torch.float32)
+    return (latent - mean) * inv_std

@@ -6,7 +6,10 @@ The negative prompt (default empty) is encoded only when guidance is on.
 
 For image-to-video models (I2V-A14B; TI2V-5B given an image) it also loads the model's VAE and
 encodes the job's conditioning image into the condition latents and frame mask the DiT stages use
-(`stages.image_condition`), so the DiT processes never hold a VAE.
+(`stages.image_condition`), so the DiT processes never hold a VAE. The models that take a video
+(video-to-video: catalog `video` input, T2V-A14B and TI2V-5B) have their VAE here too: a job's
+input video is decoded, fitted to the job's size and encoded into the latents the first DiT
+noises (`DenoiseJob.video_latents`).
 
 For S2V-14B it computes everything that conditions the job's clips, once (`ClipConditions`): the
 prompt embeddings, the wav2vec2 features of the job's audio per video frame
@@ -27,10 +30,18 @@ from diffusers import AutoencoderKLWan
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
+from common import catalog
 from common import messages as m
 from common.errors import InvalidRequest
 from stages.base import Stage
-from stages.image_condition import encode_condition, fit_short_side_and_crop, load_image, read_input
+from stages.image_condition import (
+    encode_condition,
+    encode_video,
+    fit_short_side_and_crop,
+    load_image,
+    load_video,
+    read_input,
+)
 from stages.models import PipelineInfo, load_component, model_dir, torch_dtype
 from stages.placement import Placement
 from stages.runtime import stage_main
@@ -50,6 +61,7 @@ class TextEncoderStage(Stage):
         self.encoders: dict[str, tuple[PreTrainedTokenizerBase, UMT5EncoderModel]] = {}
         self.image_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}
         self.s2v_models: dict[str, tuple[Any, AutoencoderKLWan]] = {}  # (wav2vec2 features, VAE)
+        self.video_models: dict[str, tuple[PipelineInfo, AutoencoderKLWan]] = {}  # video-to-video's VAE
         for model in self.config.stage_models(self.spec):
             folder = model_dir(self.config, model)
             tokenizer = load_component(AutoTokenizer, folder, "tokenizer")
@@ -68,6 +80,18 @@ class TextEncoderStage(Stage):
                 vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=vae_dtype)
                 self.image_models[model] = (info, vae.to(self.vae_device).eval())
                 log.info("loaded VAE of %s for image conditioning (%s)", model, info.image_conditioning)
+            if catalog.BY_ID[model].takes("video") != "none":
+                self.setup_video(model, folder, info)
+
+    def setup_video(self, model: str, folder: Path, info: PipelineInfo) -> None:
+        """The VAE that encodes `model`'s input videos (the image conditioning's, if it has one)."""
+        if model in self.image_models:
+            self.video_models[model] = self.image_models[model]
+            return
+        self.vae_device = torch.device(self.spec.vae_device or self.spec.device)
+        vae = load_component(AutoencoderKLWan, folder, "vae", torch_dtype=torch_dtype(self.spec.vae_dtype))
+        self.video_models[model] = (info, vae.to(self.vae_device).eval())
+        log.info("loaded VAE of %s for video-to-video on %s", model, self.vae_device)
 
     def setup_s2v(self, model: str, folder: Path) -> None:
         """wav2vec2 (float32, as the release runs it) and the VAE, on the stage's `vae_device`."""
@@ -144,6 +168,8 @@ class TextEncoderStage(Stage):
         p = msg.params
         if p.model not in self.encoders:
             raise InvalidRequest(f"model {p.model!r} is not loaded here", {"model": p.model})
+        if msg.video_path is not None and (p.model not in self.video_models or p.strength is None):
+            raise InvalidRequest(f"{p.model} takes no input video here", {"model": p.model, "field": "video"})
         if p.model in self.s2v_models:
             prompt_embeds = self.encode(p.model, p.prompt, p.max_sequence_length)
             negative = None
@@ -160,6 +186,12 @@ class TextEncoderStage(Stage):
             condition, first_frame_mask = encode_condition(vae, info, image, p, self.vae_device)
         elif image_model is not None and image_model[0].image_conditioning == "concat":
             raise InvalidRequest(f"{p.model} needs an input image", {"model": p.model})
+        video_latents = None
+        if msg.video_path is not None:
+            if condition is not None:
+                raise InvalidRequest("a job takes an input image or an input video, not both", {"field": "video"})
+            info, vae = self.video_models[p.model]
+            video_latents = encode_video(vae, info, load_video(msg.video_path, p), self.vae_device).cpu()
         prompt_embeds = self.encode(p.model, p.prompt, p.max_sequence_length)
         negative = None
         if p.guidance_scale > 1.0:
@@ -174,6 +206,7 @@ class TextEncoderStage(Stage):
                 negative_prompt_embeds=None if negative is None else negative.cpu(),
                 condition=None if condition is None else condition.cpu(),
                 first_frame_mask=None if first_frame_mask is None else first_frame_mask.cpu(),
+                video_latents=video_latents,
             )
         ]
 

@@ -60,10 +60,11 @@ def schema_valid(schema: dict[str, Any], instance: Any) -> bool:
     return bool(jsonschema_rs.validator_for(schema).is_valid(instance))
 
 
-def refused(config: Config, request: dict[str, Any], field: str, image: str | None = None) -> ValidationError:
+def refused(config: Config, request: dict[str, Any], field: str, image: str | None = None,
+            video: dict[str, Any] | None = None) -> ValidationError:
     """Admission refuses `request` with a structured VALIDATION_ERROR naming `field`."""
     with pytest.raises(ValidationError) as info:
-        admission.resolve(config, request, image_sha256=image)
+        admission.resolve(config, request, image_sha256=image, video=video)
     err = info.value
     body = err.to_dict()
     assert body["success"] is False and set(body["error"]) == {"code", "message", "details"}
@@ -77,6 +78,11 @@ def with_option(name: str, value: Any) -> dict[str, Any]:
     # range is admissible.
     options = {"fps": 1, name: value} if name in ("duration", "interpolate_fps") else {name: value}
     return {**BASE, "custom_options": options}
+
+
+# A video-to-video input as the broker describes it (JobParams.video).
+VIDEO = {"file": "video.mp4", "sha256": "0" * 64, "format": "mp4", "width": 64, "height": 32, "frames": 241,
+         "fps": 16}
 
 
 def with_field(name: str, value: Any) -> dict[str, Any]:
@@ -136,6 +142,7 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
     request = {
         "prompt": "a cat", "negative_prompt": "blur", "model": "ti2v", "quality_preset": "pro", "quality": "draft",
         "seed": 7, "priority": 3, "webhook_url": "https://hooks.example.com/wan?token=1", "n": 2,
+        "strength": 0.5,  # video-to-video's: admitted with the video below
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
                            "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
                            "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p",
@@ -147,8 +154,11 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
     assert set(request) == set(REQUEST_SCHEMA["properties"])
     assert set(request["custom_options"]) == set(OPTIONS_SCHEMA["properties"])
     assert schema_valid(JSON_SCHEMA, request) and schema_valid(JSON_SCHEMA, {**request, "image": "aGk="})
-    preset, p, priority = admission.resolve(config, request)
+    video = {"file": "video.mp4", "sha256": "0" * 64, "format": "mp4", "width": 64, "height": 32, "frames": 30,
+             "fps": 12}
+    preset, p, priority = admission.resolve(config, request, video=video)
     assert (preset, priority, p.model, p.seed, p.negative_prompt) == ("pro", 3, "ti2v-5B", 7, "blur")
+    assert (p.strength, p.video) == (0.5, video)
     assert (p.steps, p.guidance_scale, p.guidance_scale_2, p.shift, p.width, p.height, p.fps, p.num_frames) == \
         (3, 4.5, 2.0, 3.0, 64, 32, 12, 13)  # num_frames wins over duration
     assert p.encoding == {"codec": "h265", "crf": 20, "bit_depth": 10, "lossless_master": True}
@@ -186,9 +196,9 @@ NUMERIC = [("field", n) for n in numeric(REQUEST_SCHEMA["properties"])] + \
 
 def test_every_number_has_both_bounds_in_the_schema():
     """So the fuzzer tries one past each (the review found steps and num_frames without a maximum)."""
-    assert {n for _, n in NUMERIC} == {"seed", "n", "priority", "steps", "cfg_scale", "cfg_scale_2", "shift", "fps",
-                                      "duration", "num_frames", "crf", "bit_depth", "interpolate_fps", "upscale",
-                                      "max_area", "frames_per_clip", "num_clips"}
+    assert {n for _, n in NUMERIC} == {"seed", "n", "priority", "strength", "steps", "cfg_scale", "cfg_scale_2",
+                                      "shift", "fps", "duration", "num_frames", "crf", "bit_depth", "interpolate_fps",
+                                      "upscale", "max_area", "frames_per_clip", "num_clips"}
     for where, name in NUMERIC:
         schema = prop(where, name)
         assert isinstance(schema.get("minimum"), (int, float)) and isinstance(schema.get("maximum"), (int, float)), name
@@ -202,8 +212,9 @@ def test_each_bound_is_admitted_and_one_past_is_refused(ceiling, where, name, si
     build, path = (with_field, name) if where == "field" else (with_option, f"custom_options.{name}")
     at, beyond = build(name, schema[side]), build(name, past(schema, side))
     assert schema_valid(JSON_SCHEMA, at) and not schema_valid(JSON_SCHEMA, beyond)
-    admission.resolve(ceiling, at)
-    err = refused(ceiling, beyond, path)
+    video = VIDEO if name == "strength" else None  # strength is video-to-video's
+    admission.resolve(ceiling, at, video=video)
+    err = refused(ceiling, beyond, path, video=video)
     assert (err.details["min"], err.details["max"]) == (schema["minimum"], schema["maximum"])
 
 
@@ -361,7 +372,8 @@ def test_document_structure_is_kept():
         ["code", "message", "details"]
     assert doc["paths"]["/health"]["get"]["security"] == []
     assert set(BODY["multipart/form-data"]["schema"]["required"]) == {"request"}  # and a file part: image, audio, ...
-    assert set(BODY["multipart/form-data"]["schema"]["properties"]) == {"request", "image", "audio", "pose_video"}
+    assert set(BODY["multipart/form-data"]["schema"]["properties"]) == {"request", "image", "audio", "pose_video",
+                                                                       "video"}
     assert JSON_SCHEMA["properties"]["image"]["type"] == ["string", "null"]  # "image": null is no image
     jobs = {p["name"]: p["schema"] for p in doc["paths"]["/api/v1/jobs"]["get"]["parameters"]}
     assert (jobs["limit"]["minimum"], jobs["limit"]["maximum"], jobs["offset"]["minimum"]) == (1, 100, 0)
@@ -376,6 +388,8 @@ def test_catalog_describes_which_models_take_an_image():
     assert {x.id: (x.takes("audio"), x.takes("pose_video")) for x in catalog.CATALOG} == \
         {"t2v-A14B": ("none", "none"), "i2v-A14B": ("none", "none"), "ti2v-5B": ("none", "none"),
          "s2v-14B": ("required", "optional")}
+    assert {x.id: x.takes("video") for x in catalog.CATALOG} == \
+        {"t2v-A14B": "optional", "i2v-A14B": "none", "ti2v-5B": "optional", "s2v-14B": "none"}
     config = tiny()
     refused(config, {**BASE, "model": "i2v"}, "image")
     refused(config, BASE, "image", image=IMAGE)
