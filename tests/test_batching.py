@@ -204,14 +204,61 @@ def test_the_grouping_rule():
     assert batching.batch_key(stage, m.CancelJob(job_id="j")) is None
 
 
-def test_a_batch_of_one_is_the_lone_path_and_bad_inputs_fail_only_their_job(model_cache, tmp_path):
+@pytest.fixture(scope="module")
+def dits(model_cache, tmp_path_factory) -> dict[str, Any]:
+    """The two DiT parts of the tiny profile in this process (previews on, into a spool of their own)."""
     from stages.dit import DitStage
 
+    served = '["t2v-A14B", "i2v-A14B", "ti2v-5B"]'  # not the S2V DiT (clips run alone)
     config = Config.load(environ={"WAN_SERVER__RUNTIME__MODEL_CACHE_DIR": str(model_cache),
-                                  "WAN_SERVER__RUNTIME__SPOOL_DIR": str(tmp_path),
-                                  "WAN_SERVER__PREVIEWS__ENABLED": "false"})
-    stage = DitStage(config, config.stage("dit_high"))
-    stage.setup()
+                                  "WAN_SERVER__RUNTIME__SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
+                                  "WAN_SERVER__STAGES__DIT_HIGH__MODELS": served,
+                                  "WAN_SERVER__STAGES__DIT_LOW__MODELS": served})
+    out = {}
+    for name in ("dit_high", "dit_low"):
+        out[name] = DitStage(config, config.stage(name))
+        out[name].setup()
+    return out
+
+
+@pytest.mark.parametrize("model,image", [("i2v-A14B", True), ("ti2v-5B", False), ("ti2v-5B", True)])
+def test_image_conditioned_jobs_batch_through_both_parts_as_they_run_alone(dits, model, image):
+    """Through both DiT parts (the hand-off's latents and UniPC state, then the latents for the
+    VAE): a batch of three gives each job its lone outputs within the bound, with its condition."""
+    high, low = dits["dit_high"], dits["dit_low"]
+    entry = high.models[model]
+    info, text_dim = entry["info"], entry["experts"]["transformer"].config.text_dim
+    g = torch.Generator().manual_seed(5)
+    f, h, w = 2, 32 // info.vae_scale_spatial, 32 // info.vae_scale_spatial  # the latents of 5 frames at 32x32
+    extra: dict[str, Any] = {}
+    if model == "i2v-A14B":
+        extra = {"condition": torch.randn(1, info.in_channels - info.z_dim, f, h, w, generator=g)}
+    elif image:
+        mask = torch.ones(1, 1, f, h, w)
+        mask[:, :, 0] = 0
+        extra = {"condition": torch.randn(1, info.z_dim, 1, h, w, generator=g), "first_frame_mask": mask}
+    jobs = [job(high.models, job_id=f"{model}-{image}-{i}", params={"model": model, "seed": i, "steps": 6},
+                prompt_embeds=torch.randn(1, 8, text_dim, generator=g),
+                negative_prompt_embeds=torch.randn(1, 8, text_dim, generator=g), **extra) for i in range(3)]
+    assert len({high.batch_key(j) for j in jobs}) == 1
+    handoffs = high.handle_batch(jobs)
+    alone = [high.handle(j)[0] for j in jobs]
+    for got, want in zip(handoffs, alone, strict=True):
+        assert isinstance(got, list) and isinstance(got[0], m.DenoiseJob) and isinstance(want, m.DenoiseJob)
+        assert got[0].step == want.step > 0 and torch.allclose(got[0].latents, want.latents, rtol=0, atol=1e-5)
+        assert got[0].condition is want.condition
+    nexts = [x[0] for x in handoffs if isinstance(x, list)]
+    assert len({low.batch_key(j) for j in nexts}) == 1
+    decoded = low.handle_batch(nexts)
+    for got, want in zip(decoded, (low.handle(x)[0] for x in alone), strict=True):
+        assert isinstance(got, list) and isinstance(got[0], m.DecodeJob) and isinstance(want, m.DecodeJob)
+        assert torch.allclose(got[0].latents, want.latents, rtol=0, atol=1e-5)
+        if image and model == "ti2v-5B":  # the image's latent put back in the first frame, as alone
+            assert torch.equal(got[0].latents[:, :, :1], extra["condition"])
+
+
+def test_a_batch_of_one_is_the_lone_path_and_bad_inputs_fail_only_their_job(dits):
+    stage = dits["dit_high"]
     text_dim = stage.models["t2v-A14B"]["experts"]["transformer"].config.text_dim
     embeds = torch.randn(1, 8, text_dim, generator=torch.Generator().manual_seed(1))
     good = [job(stage.models, job_id=f"g{i}", params={"seed": i}, prompt_embeds=embeds, negative_prompt_embeds=embeds)
