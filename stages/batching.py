@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 
 def batch_key(stage: Any, msg: m.Message) -> tuple[Any, ...] | None:
     """What `msg` must share with the others of its batch; None: it runs alone."""
+    try:
+        return _key(stage, msg)
+    except Exception:  # noqa: BLE001 - a message the rule cannot read runs alone (and fails there if bad)
+        return None
+
+
+def _key(stage: Any, msg: m.Message) -> tuple[Any, ...] | None:
     if not isinstance(msg, m.DenoiseJob):  # an S2V ClipDenoiseJob: alone
         return None
     p = msg.params
@@ -104,7 +111,9 @@ def prepare(stage: Any, msg: m.DenoiseJob, entry: dict[str, Any]) -> Member | No
         latents = stage.prepare_latents(info, p)
     else:
         latents = msg.latents.to(device, torch.float32)
-        if tuple(latents.shape) != tuple(stage.prepare_latents(info, p).shape):
+        shape = (1, info.z_dim, (p.num_frames - 1) // info.vae_scale_temporal + 1, p.height // info.vae_scale_spatial,
+                 p.width // info.vae_scale_spatial)
+        if tuple(latents.shape) != shape:
             return None
         if msg.scheduler_state is not None:
             try:
@@ -156,7 +165,10 @@ def handle_batch(stage: Any, msgs: list[m.Message]) -> list[list[m.Message] | Ex
     alone: list[m.DenoiseJob] = []
     for msg in msgs:
         assert isinstance(msg, m.DenoiseJob)
-        member = prepare(stage, msg, entry)
+        try:
+            member = prepare(stage, msg, entry)
+        except Exception:  # noqa: BLE001 - whatever its inputs do, the lone path says it
+            member = None
         if member is not None and members and not torch.equal(member.scheduler.timesteps,
                                                               members[0].scheduler.timesteps):
             member = None

@@ -500,8 +500,8 @@ class StageRuntime:
     # ---- batches (stages/batching.py) ----
     def _gather(self, pull: zmq.Socket[bytes], first: Taken, key: Any) -> list[Taken]:
         """`first` and the messages of the same batch key taken after it, up to `max_batch`: those
-        already waiting in the backlog, then those arriving until `batch_wait_ms` after `first`
-        arrived. Others join the backlog, in arrival order."""
+        already waiting (in the backlog, then on the socket), and those arriving until
+        `batch_wait_ms` after `first` arrived. Others join the backlog, in arrival order."""
         group = [first]
         limit = self.max_batch
         for taken in list(self._backlog):
@@ -511,9 +511,9 @@ class StageRuntime:
                 self._backlog.remove(taken)
                 group.append(taken)
         deadline = first.received + self.batch_wait_s
-        while len(group) < limit and not self.stop_event.is_set():
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not pull.poll(left_ms):
+        # Past the deadline, only what is queued already; at most `hwm` others held back (backpressure).
+        while len(group) < limit and len(self._backlog) < self.options.hwm and not self.stop_event.is_set():
+            if not pull.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 break
             arrived = self._take(pull.recv_multipart(copy=False))
             if arrived is None:
@@ -532,7 +532,10 @@ class StageRuntime:
             return
         self.busy_job = started[0].job_id
         log.info("batch of %d: %s", len(started), " ".join(str(t.job_id) for t in started))
-        results = self.stage.handle_batch([t.msg for t in started])
+        try:
+            results: list[list[m.Message] | Exception] = self.stage.handle_batch([t.msg for t in started])
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: each of its jobs
+            results = [exc] * len(started)
         for taken, result in zip(started, results, strict=True):
             def handled(result: list[m.Message] | Exception = result) -> list[m.Message]:
                 if isinstance(result, Exception):

@@ -54,7 +54,7 @@ def stack(model_cache):
 
 def publisher(stack) -> zmq.Socket[bytes]:
     """The broker's events socket (this stack has none): cancellations go out on it."""
-    sock = zmq.Context.instance().socket(zmq.PUB)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     sock.bind(stack.config.endpoint("events"))
     return sock
 
@@ -76,6 +76,7 @@ def batch(stack) -> dict[str, Any]:
     reports: dict[str, list[m.StageReport]] = {}
 
     def cancel_after_first_step(r: m.StageReport) -> None:
+        reports.setdefault(victim, []).append(r)
         if r.event == "step" and r.stage == "dit_high":
             events.send_multipart([b"cancel", *m.encode(m.CancelJob(job_id=victim))])
         if r.event == "cancelled":
@@ -83,8 +84,7 @@ def batch(stack) -> dict[str, Any]:
 
     try:
         with pytest.raises(Cancelled):
-            driver.wait(victim, timeout_s=120, on_report=lambda r: (reports.setdefault(victim, []).append(r),
-                                                                     cancel_after_first_step(r)))
+            driver.wait(victim, timeout_s=120, on_report=cancel_after_first_step)
     finally:
         events.close(0)
     outcomes = {job: driver.wait(job, timeout_s=120) for job in ids + [other_id] if job != victim}
@@ -177,7 +177,7 @@ def job(stage_models: dict[str, Any], **changes: Any) -> m.DenoiseJob:
 
 
 class Models:
-    models = {"t2v-A14B": {}, "ti2v-5B": {}}
+    models: dict[str, Any] = {"t2v-A14B": {}, "ti2v-5B": {}}
 
 
 def test_the_grouping_rule():
