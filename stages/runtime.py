@@ -22,6 +22,10 @@ in-process by tests, replay and benchmarks (`stages/base.py`).
   once per clip) delivered twice is handled once.
 - An S2V job's next clip goes from the VAE back to the route's first DiT (`next_stage` with
   `JobMessage.starts_cycle`); its reports name the clip.
+- A DiT stage with `max_batch` > 1 handles compatible DenoiseJobs together (`_gather`,
+  `Stage.batch_key` / `handle_batch`, stages/batching.py): the first, and those queued or arriving
+  within `batch_wait_ms` of its arrival; the others wait in a backlog, handled next in arrival
+  order. Each job of a batch is accepted, cancelled, forwarded or failed on its own.
 - SIGTERM stops a job between two steps (the broker dispatches it again). During `setup()` it
   abandons the loading where it is (`SetupAborted`): loading keeps no state worth finishing, and
   one 14B expert takes minutes to load, so waiting for a check between models would hold a stop
