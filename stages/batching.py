@@ -29,7 +29,10 @@ hand-off or DecodeJob. A job whose inputs do not pass the checks runs alone thro
 fails there with the same error); a failure of the shared passes (out of memory) fails every job
 of the batch. Each batched job gets a `batch` StageReport (step = the batch size, total_steps =
 `max_batch`) that the broker records in the result's metadata (`batch`), since a batch may change
-the last bits of a job's frames (on the CPU they come out bit for bit the same: tests/test_batching.py).
+the last bits of a job's frames: a batch makes some kernels (on the CPU the patch embedding's Conv3d
+and the time embedder's Linears) block their work otherwise, about 6e-7 apart in float32, which
+the steps and the VAE leave at most one level of 255 off in a few values (tests/test_batching.py
+states the bound). A batch of one is the lone path, bit for bit.
 """
 
 from __future__ import annotations
