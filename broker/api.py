@@ -75,6 +75,13 @@ def cache_metadata(job: Job) -> dict[str, Any] | None:
             "skipped": sum(int(s.get("skipped", 0)) for s in stages.values()), "stages": stages}
 
 
+def batch_metadata(job: Job) -> dict[str, Any] | None:
+    """The DiT stages that denoised the job in a batch with others (size, max_batch), by name; None: none.
+    A batch may change the last bits of the job's frames (README "Batching")."""
+    stages = job.timings.get("batch") or {}
+    return {stage: dict(b) for stage, b in stages.items()} or None
+
+
 def compute_metadata(config: Config, route: list[str]) -> dict[str, str] | None:
     """The stages of `route` that compute quantized (`compute_dtype`: fp8 / int8), by name; None: none."""
     quantized = {name: spec.compute_dtype for name in route
@@ -433,6 +440,8 @@ class Api:
                                 "applied": (job.outputs or {}).get("postprocess") or {} if done else {}},
                 # Step caching trades quality for speed: the method, its settings and the passes skipped.
                 "cache": cache_metadata(job),
+                # Denoised in a batch with other jobs (DiT max_batch): the stages and the batch sizes.
+                "batch": batch_metadata(job),
                 # Quantized compute trades quality for speed too: the stages that ran fp8 or int8 matmuls.
                 "compute": compute_metadata(self.config, job.route),
                 # torch.compile'd DiT stages: backend, warm-up time and the eager/compiled max |difference|.

@@ -26,6 +26,8 @@ peak minus weights, our stage code):
   (1280x704x121) = 104 B; we use 150 and 110 B. float32 measured 2.0x these (the dtype scaling).
   With `vae_tiling` the decoder works on 256x256 tiles: VAE act x (tile area / frame area) plus the
   stitched output (3 x frames x H x W x (2 x dtype bytes + 4)) - an estimate, not measured.
+- A DiT stage with `max_batch` > 1 may denoise that many jobs of the same size as one batch
+  (stages/batching.py): its activations count `max_batch` jobs of this size (the weights once).
 - Text encoder: 512 tokens through UMT5-XXL is ~0.1 GiB, whatever the video size.
 - S2V-14B (not measured yet: the A14B coefficients, the same width and depth): one DiT pass sees
   the clip's noisy tokens (frames_per_clip / 4 latent frames x H/16 x W/16), the reference image's
@@ -171,9 +173,11 @@ def estimate(config: Config, p: m.JobParams, weights: dict[str, int], route: lis
             continue
         device = "cuda:0" if spec.device == "cuda" else spec.device
         need = needs.setdefault(device, DeviceNeed(device))
+        # A DiT with max_batch > 1 may denoise that many jobs of this size at once (stages/batching.py).
+        batch = spec.max_batch if spec.kind == "dit" else 1
         need.stages[stage] = {
             "weights": int(weights.get(stage, 0)),
-            "activations": activation_bytes(spec.kind, spec.dtype, p, spec.vae_tiling),
+            "activations": batch * activation_bytes(spec.kind, spec.dtype, p, spec.vae_tiling),
         }
         if device.startswith("cuda"):
             need.context += CUDA_CONTEXT_BYTES
@@ -219,6 +223,10 @@ def check(config: Config, p: m.JobParams, route: list[str], heartbeats: dict[str
                           "lower the resolution or num_frames (custom_options), or use the draft preset")
             extra: dict[str, Any] = {"frames_per_clip": p.frames_per_clip, "tokens": dit_tokens(
                 p.model, p.width, p.height, p.frames_per_clip)} if s2v else {}
+            batched = {s: config.stage(s).max_batch for s in need.stages
+                       if config.stage(s).kind == "dit" and config.stage(s).max_batch > 1}
+            if batched:  # the DiTs' activations count a whole batch of jobs of this size
+                extra["max_batch"] = batched
             raise InsufficientMemory(
                 f"{p.model} at {p.width}x{p.height}, {frames} needs about {need.total / GIB:.2f} GiB on "
                 f"{device}, which has {budget / GIB:.2f} GiB; choose a lower resolution, fewer frames or the "

@@ -148,6 +148,11 @@ class Progress:
                                 r.stage: {"method": r.to[:32], "passes": r.total_steps, "skipped": r.step}}
             self.store.progress(job.id, r.attempt, record.stage, job.progress, timings)
             return
+        elif r.event == "batch":
+            # A DiT denoised the job in a batch (stages/batching.py): step = its size, total_steps = max_batch.
+            timings["batch"] = {**(timings.get("batch") or {}), r.stage: {"size": r.step, "max_batch": r.total_steps}}
+            self.store.progress(job.id, r.attempt, record.stage, job.progress, timings)
+            return
         elif r.event == "checkpoint":
             if record.watched == r.stage:
                 record.progressed(r.stage, tick)

@@ -267,6 +267,10 @@ class StageSpec:
     models: tuple[str, ...] | None = None  # None: every served model
     address_space_headroom_mib: int | None = None  # cap RLIMIT_AS at the size after setup plus this
     part: str = "all"  # dit: "high" | "low" | "all"
+    # dit: compatible jobs (same model, size, schedule and step position) denoised as one batch of up
+    # to this many (stages/batching.py); 1: one job at a time
+    max_batch: int = 1
+    batch_wait_ms: int = 20  # dit with max_batch > 1: the longest a job waits for company after it arrives
     vae_tiling: bool = False  # vae
     vae_dtype: str = "float32"  # text_encoder: the VAE that encodes input images
     vae_device: str | None = None  # text_encoder: None: the stage's device
@@ -285,7 +289,7 @@ _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "
 STAGE_KEYS: dict[str, set[str]] = {
     "text_encoder": _COMMON_STAGE_KEYS | {"vae_dtype", "vae_device"},
     "dit": _COMMON_STAGE_KEYS | {"part", "compute_dtype", "compile", "compile_backend", "compile_dynamic",
-                                 "compile_cache_dir"},
+                                 "compile_cache_dir", "max_batch", "batch_wait_ms"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
     "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate",
                                    "rife_weights"},
@@ -522,6 +526,11 @@ class Config:
                               "(compute_dtype quantizes and compiles)", where)
         _choice(spec.attention, ATTENTION_BACKENDS, self.source, section, "attention")
         _choice(spec.part, DIT_PARTS, self.source, section, "part")
+        for key, low in (("max_batch", 1), ("batch_wait_ms", 0)):
+            if getattr(spec, key) < low:
+                where = {"file": self._file, "section": section, "key": key}
+                raise ConfigError(f"{self._file}: [{section}] {key} = {getattr(spec, key)} must be at least {low}",
+                                  where)
         return spec
 
     # ---- loading ----

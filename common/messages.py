@@ -269,13 +269,14 @@ class ResumeJob(Message):
 @dataclass
 class StageReport(Message):
     """A job's progress through a stage. `event` is accepted | step | checkpoint | forwarded |
-    cancelled | preview | cache; `to` names the stage a forwarded job was sent to, or whose checkpoint
+    cancelled | preview | cache | batch; `to` names the stage a forwarded job was sent to, or whose checkpoint
     was written (the job's spool folder holds the message sent to it: see `common.spool`); `preview`
     names the preview image of `step` (event preview) in the job's spool previews folder; `clip` the
     S2V clip it concerns: of the message taken (accepted, step: steps count within the clip) or
     sent (forwarded, checkpoint: a VAE that sends the next clip names that one); a DiT's
     `cache` report (stages/caching.py) has the passes skipped in `step`, the passes run in
-    `total_steps`, the method in `to`."""
+    `total_steps`, the method in `to`; its `batch` report (stages/batching.py) the batch size in
+    `step` and the stage's max_batch in `total_steps`."""
 
     job_id: str
     attempt: int

@@ -57,6 +57,22 @@ class Stage:
     def handle(self, msg: m.Message) -> list[m.Message]:
         raise NotImplementedError
 
+    def batch_key(self, msg: m.Message) -> Any:
+        """What a message must share with others to be handled in one batch with them
+        (`handle_batch`); None: it is handled alone. Stages that do not batch keep this."""
+        return None
+
+    def handle_batch(self, msgs: list[m.Message]) -> list[list[m.Message] | Exception]:
+        """Handle messages of one `batch_key` together: per message, what `handle` would have
+        returned, or the exception that failed it (that job only)."""
+        out: list[list[m.Message] | Exception] = []
+        for msg in msgs:
+            try:
+                out.append(self.handle(msg))
+            except Exception as exc:  # noqa: BLE001 - one job's failure
+                out.append(exc)
+        return out
+
     def memory(self) -> dict[str, Any]:
         """Heartbeat memory fields (see `Heartbeat`), once set up; none for a stage without a device."""
         return self.placement.memory() if self.placement is not None and self.ready else {}

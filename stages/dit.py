@@ -372,6 +372,18 @@ class DitStage(Stage):
                                      step=handoff["step"])]
         return [m.ClipDecodeJob(**common, latents=state.latents.cpu())]
 
+    def batch_key(self, msg: m.Message) -> Any:
+        """`max_batch` > 1: the jobs this one may be denoised with in one batch (stages/batching.py)."""
+        from stages import batching
+
+        return batching.batch_key(self, msg)
+
+    def handle_batch(self, msgs: list[m.Message]) -> list[list[m.Message] | Exception]:
+        """Compatible jobs (one `batch_key`) denoised as one batch (stages/batching.py)."""
+        from stages import batching
+
+        return batching.handle_batch(self, msgs)
+
     def send_preview(self, msg: m.DenoiseJob, x0: torch.Tensor, done: int, total: int) -> None:
         """Write the preview of `x0` after `done` steps and announce it (not for a cancelled job)."""
         assert self.previewer is not None

@@ -22,6 +22,10 @@ in-process by tests, replay and benchmarks (`stages/base.py`).
   once per clip) delivered twice is handled once.
 - An S2V job's next clip goes from the VAE back to the route's first DiT (`next_stage` with
   `JobMessage.starts_cycle`); its reports name the clip.
+- A DiT stage with `max_batch` > 1 handles compatible DenoiseJobs together (`_gather`,
+  `Stage.batch_key` / `handle_batch`, stages/batching.py): the first, and those queued or arriving
+  within `batch_wait_ms` of its arrival; the others wait in a backlog, handled next in arrival
+  order. Each job of a batch is accepted, cancelled, forwarded or failed on its own.
 - SIGTERM stops a job between two steps (the broker dispatches it again). During `setup()` it
   abandons the loading where it is (`SetupAborted`): loading keeps no state worth finishing, and
   one 14B expert takes minutes to load, so waiting for a check between models would hold a stop
@@ -45,6 +49,8 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -82,6 +88,18 @@ def is_clip(msg: m.Message) -> bool:
 def clip_of(msg: m.Message) -> int:
     """The S2V clip a job message carries (0 for every other message)."""
     return msg.clip if isinstance(msg, (m.ClipDenoiseJob, m.ClipDecodeJob)) else 0
+
+
+@dataclass
+class Taken:
+    """A received message, decoded and not a second delivery, waiting to be handled."""
+
+    seq: int
+    msg: m.Message
+    job_id: str | None
+    attempt: int
+    incoming: list[bytes]  # its frames, for the recording (empty when not recording)
+    received: float  # time.monotonic() when it was taken
 
 
 class SetupAborted(BaseException):
@@ -209,6 +227,11 @@ class StageRuntime:
         # (job id, attempt, clip) of the job messages taken, so a message delivered twice runs once.
         self._seen: collections.OrderedDict[tuple[str, int, int], None] = collections.OrderedDict()
         self.busy_job: str | None = None
+        # Batching (a DiT's max_batch > 1, stages/batching.py): messages taken while a batch
+        # gathered that were not of its kind, handled next in arrival order.
+        self.max_batch = spec.max_batch
+        self.batch_wait_s = spec.batch_wait_ms / 1000
+        self._backlog: collections.deque[Taken] = collections.deque()
         self.handled = 0
         self.seq = 0
         self._peers: dict[str, zmq.Socket[bytes]] = {}
@@ -370,6 +393,13 @@ class StageRuntime:
     # ---- one message ----
     def process(self, parts: list[Any]) -> None:
         """Handle one received multipart message (already off the socket)."""
+        taken = self._take(parts)
+        if taken is not None:
+            self._run(taken)
+
+    def _take(self, parts: list[Any]) -> Taken | None:
+        """Decode a received message (a ResumeJob: its checkpoint's); None when it is dropped (it
+        does not decode, its checkpoint cannot be read, or it is a second delivery)."""
         self.seq += 1
         seq = self.seq
         incoming = [frame_bytes(p) for p in parts] if self.recorder.enabled else []
@@ -378,7 +408,7 @@ class StageRuntime:
         except WireError as exc:
             log.error("dropped a bad message: %s %s", exc.code, exc.message)
             self.recorder.record(seq, None, incoming, None)
-            return
+            return None
         if self.recorder.enabled and len(parts) == 1:  # perhaps shared: record the framed message
             incoming = [frame_bytes(f) for f in m.encode(msg)]
         job_id = getattr(msg, "job_id", None)
@@ -390,7 +420,7 @@ class StageRuntime:
                 except ServerError as exc:
                     log.error("cannot resume: %s", exc.message)
                     self.send_report(m.JobFailed(msg.job_id, attempt, self.name, exc.to_dict()))
-                    return
+                    return None
                 if self.recorder.enabled:
                     incoming = [frame_bytes(f) for f in m.encode(msg)]
             if job_id is not None and isinstance(msg, m.JobMessage):
@@ -398,62 +428,126 @@ class StageRuntime:
                 if key in self._seen:
                     log.warning("dropped a second delivery of attempt %d%s", attempt,
                                 f" (clip {key[2]})" if is_clip(msg) else "")
-                    return
+                    return None
                 self._seen[key] = None
                 while len(self._seen) > REMEMBERED:
                     self._seen.popitem(last=False)
             self.recorder.record(seq, job_id, incoming, None)
-            self.busy_job = job_id
-            if job_id is not None and job_id in self.cancellations:
-                log.info("dropped a cancelled job")
-                self.send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
-                self.busy_job = None
-                return
+        return Taken(seq, msg, job_id, attempt, incoming, time.monotonic())
+
+    def _run(self, taken: Taken) -> None:
+        with job_context(taken.job_id):
+            if self._start(taken):
+                self._finish(taken, lambda: self.stage.handle(taken.msg))
+
+    def _start(self, taken: Taken) -> bool:
+        """Drop a cancelled job (False), else report it accepted."""
+        job_id = taken.job_id
+        self.busy_job = job_id
+        if job_id is not None and job_id in self.cancellations:
+            log.info("dropped a cancelled job")
+            self.send_report(m.StageReport(job_id, taken.attempt, self.name, "cancelled", at=time.time()))
+            self.busy_job = None
+            return False
+        if job_id is not None:
+            self.send_report(m.StageReport(job_id, taken.attempt, self.name, "accepted", at=time.time(),
+                                           clip=clip_of(taken.msg)))
+        return True
+
+    def _finish(self, taken: Taken, handle: Callable[[], list[m.Message]]) -> None:
+        """Run `handle` (the stage's handling of the job, or a batch's result for it), then send
+        its outputs on; a failure fails this job only."""
+        job_id, attempt, seq = taken.job_id, taken.attempt, taken.seq
+        outputs: list[list[Any]] = []
+        oom = None
+        try:
+            self.faults("handle")
             if job_id is not None:
-                self.send_report(m.StageReport(job_id, attempt, self.name, "accepted", at=time.time(),
-                                               clip=clip_of(msg)))
-            outputs: list[list[Any]] = []
-            oom = None
-            try:
-                self.faults("handle")
-                if job_id is not None:
-                    self.stage.check_cancelled(job_id)
-                for out in self.stage.handle(msg):
-                    frames = m.encode(out)
-                    outputs.append(frames)
-                    if isinstance(out, m.JobMessage):
-                        self._forward(out, frames)
-                    else:
-                        self._peer("reports").send_multipart(frames, copy=False)
-                self.recorder.record(seq, job_id, incoming, outputs)
-            except JobCancelled:
-                log.info("stopped: the job was cancelled")
-                if job_id is not None:
-                    self.send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
-            except StageStopping:
-                log.warning("stopping: dropped attempt %d; the broker dispatches the job again", attempt)
-            except Exception as exc:  # noqa: BLE001 - a job's failure is not the process's failure
-                device = self.stage.device_name()
-                oom = as_out_of_memory(exc, self.name, device)
-                # The full text stays here, in the stage's log (with the job id); the report
-                # carries only the structured error.
-                if oom is not None:
-                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                    log.error("job failed in %s: out of memory on %s: %s", self.name, device, first)
+                self.stage.check_cancelled(job_id)
+            for out in handle():
+                frames = m.encode(out)
+                outputs.append(frames)
+                if isinstance(out, m.JobMessage):
+                    self._forward(out, frames)
                 else:
-                    if isinstance(exc, ServerError):
-                        what = f"{exc.code} {exc.message}"
-                    else:
-                        what = f"{type(exc).__name__}: {exc}"
-                    log.error("job failed in %s: %s\n%s", self.name, what, traceback.format_exc())
-                if job_id is not None:
-                    self.send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc, self.name)))
-                exc.__traceback__ = None  # its frames hold the failed job's tensors
-            finally:
-                self.busy_job = None
-                self.handled += 1
+                    self._peer("reports").send_multipart(frames, copy=False)
+            self.recorder.record(seq, job_id, taken.incoming, outputs)
+        except JobCancelled:
+            log.info("stopped: the job was cancelled")
+            if job_id is not None:
+                self.send_report(m.StageReport(job_id, attempt, self.name, "cancelled", at=time.time()))
+        except StageStopping:
+            log.warning("stopping: dropped attempt %d; the broker dispatches the job again", attempt)
+        except Exception as exc:  # noqa: BLE001 - a job's failure is not the process's failure
+            device = self.stage.device_name()
+            oom = as_out_of_memory(exc, self.name, device)
+            # The full text stays here, in the stage's log (with the job id); the report
+            # carries only the structured error.
             if oom is not None:
-                free_memory(self.stage.device_name())
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                log.error("job failed in %s: out of memory on %s: %s", self.name, device, first)
+            else:
+                if isinstance(exc, ServerError):
+                    what = f"{exc.code} {exc.message}"
+                else:
+                    what = f"{type(exc).__name__}: {exc}"
+                log.error("job failed in %s: %s\n%s", self.name, what, traceback.format_exc())
+            if job_id is not None:
+                self.send_report(m.JobFailed(job_id, attempt, self.name, error_body(oom or exc, self.name)))
+            exc.__traceback__ = None  # its frames hold the failed job's tensors
+        finally:
+            self.busy_job = None
+            self.handled += 1
+        if oom is not None:
+            free_memory(self.stage.device_name())
+
+    # ---- batches (stages/batching.py) ----
+    def _gather(self, pull: zmq.Socket[bytes], first: Taken, key: Any) -> list[Taken]:
+        """`first` and the messages of the same batch key taken after it, up to `max_batch`: those
+        already waiting (in the backlog, then on the socket), and those arriving until
+        `batch_wait_ms` after `first` arrived. Others join the backlog, in arrival order."""
+        group = [first]
+        limit = self.max_batch
+        for taken in list(self._backlog):
+            if len(group) >= limit:
+                return group
+            if self.stage.batch_key(taken.msg) == key:
+                self._backlog.remove(taken)
+                group.append(taken)
+        deadline = first.received + self.batch_wait_s
+        # Past the deadline, only what is queued already; at most `hwm` others held back (backpressure).
+        while len(group) < limit and len(self._backlog) < self.options.hwm and not self.stop_event.is_set():
+            if not pull.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                break
+            arrived = self._take(pull.recv_multipart(copy=False))
+            if arrived is None:
+                continue
+            if self.stage.batch_key(arrived.msg) == key:
+                group.append(arrived)
+            else:
+                self._backlog.append(arrived)
+        return group
+
+    def _run_batch(self, group: list[Taken]) -> None:
+        """Handle a gathered group: one `handle_batch` for the jobs still wanted, then each job's
+        outputs (or failure) as `_run` would have sent them."""
+        started = [t for t in group if self._start(t)]
+        if not started:
+            return
+        self.busy_job = started[0].job_id
+        log.info("batch of %d: %s", len(started), " ".join(str(t.job_id) for t in started))
+        try:
+            results: list[list[m.Message] | Exception] = self.stage.handle_batch([t.msg for t in started])
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: each of its jobs
+            results = [exc] * len(started)
+        for taken, result in zip(started, results, strict=True):
+            def handled(result: list[m.Message] | Exception = result) -> list[m.Message]:
+                if isinstance(result, Exception):
+                    raise result
+                return result
+
+            with job_context(taken.job_id):
+                self._finish(taken, handled)
 
     # ---- the process ----
     def run(self) -> None:
@@ -505,10 +599,22 @@ class StageRuntime:
     def _serve(self, pull: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
+        taken: Taken | None
         while not self.stop_event.is_set():
-            if not poller.poll(200):
+            if self._backlog:  # taken while a batch gathered, not of its kind
+                taken = self._backlog.popleft()
+            elif not poller.poll(200):
                 continue
-            self.process(pull.recv_multipart(copy=False))
+            else:
+                taken = self._take(pull.recv_multipart(copy=False))
+            if taken is None:
+                continue
+            key = self.stage.batch_key(taken.msg) if self.max_batch > 1 else None
+            group = [taken] if key is None else self._gather(pull, taken, key)
+            if len(group) == 1:
+                self._run(taken)
+            else:
+                self._run_batch(group)
 
     def _shutdown(self, threads: list[threading.Thread], pull: zmq.Socket[bytes] | None) -> None:
         self.stop_event.set()

@@ -129,3 +129,21 @@ def test_speed_small(tmp_path: Path) -> None:
     assert 20 < a14b["int8"]["psnr_db_vs_eager"] < 100
     assert a14b["step_cache"]["passes"] == 2 * a14b["step_cache"]["steps"]
     assert (tmp_path / "speed_small.md").read_text().count("\n| ") >= 7
+
+
+def test_batching_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/batching.py --small, in this process: draft jobs through our DiT stage's high part alone
+    and in batches of 2 and 4; the first job's hand-off latents alone are what batch 1 gives, and a
+    batch's are within the bound tests/test_batching.py states (a batch changes the last bits)."""
+    from bench import batching
+
+    monkeypatch.setattr(sys, "argv", ["batching.py", "--small", "--steps", "4", "--batches", "1", "2", "4",
+                                      "--out", str(tmp_path)])
+    batching.main()
+    results = json.loads((tmp_path / "batching_cpu_small.json").read_text())
+    rows = {row["batch"]: row for row in results["batches"]}
+    assert sorted(rows) == [1, 2, 4] and all(finite_positive(row["jobs_per_minute"]) for row in rows.values())
+    assert rows[1]["vs_lone"]["identical"] is True
+    assert all(row["vs_lone"]["max_abs_diff"] < 1e-5 for row in rows.values())
+    assert len({row["handoff_step"] for row in rows.values()}) == 1 and 0 < rows[1]["handoff_step"] < 4
+    assert (tmp_path / "batching_cpu_small.md").read_text().count("\n| ") == 2 + 3  # header, rule, a row each
