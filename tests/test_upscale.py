@@ -11,6 +11,7 @@ with DataParallel's `module.` prefix, and as safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -229,7 +230,7 @@ def test_the_networks_equal_the_references(arch, scale):
         layout = upscale.Layout(upscale.RRDB, scale, 4, num_block=2, num_grow_ch=2)
         ref = ref_rrdb(state, x, 2, scale)
     net = upscale.build(state, Path("w.pth"))
-    assert net.layout == layout  # type: ignore[comparison-overlap]
+    assert net.layout == layout
     with torch.inference_mode():
         ours = net(x)
     assert ours.shape == (1, 3, 12 * scale, 20 * scale) and torch.allclose(ours, ref, atol=1e-5), \
@@ -250,7 +251,7 @@ def test_tiled_equals_untiled_with_the_overlap_of_the_reach(arch):
         net = upscale.build(tiny_srvgg_state(), Path("w.pth"))
     else:
         net = upscale.build(tiny_rrdb_state(scale=2), Path("w.pth"))
-    layout: upscale.Layout = net.layout  # type: ignore[assignment]
+    layout: upscale.Layout = net.layout
     assert layout.reach == (4 if arch == "srvgg" else 42)
     s = layout.scale
     with torch.inference_mode():
@@ -271,6 +272,26 @@ def test_the_uint8_upscale_is_tiled_and_the_whole_frame_the_same(tmp_path, srvgg
     assert a.shape == (80, 112, 3) and a.dtype == np.uint8
     # rounding to uint8 can turn a 1e-6 difference into 1 at an exact .5: at most 1, almost never
     assert np.abs(a.astype(int) - b).max() <= 1 and (a != b).mean() < 0.001
+
+
+def test_x2plus_takes_odd_sizes_and_tiles_on_its_unshuffle_grid(tmp_path):
+    """RRDBNet x2 works on the input pixel-unshuffled by 2: an odd side is padded (edge repeated)
+    and cropped back; tile and overlap are rounded up to even sizes so every tile's grid is the frame's."""
+    model = upscale.Upscaler(save(tiny_rrdb_state(scale=2), tmp_path / "x2plus.pth", "params_ema"), tile=17, overlap=5)
+    assert (model.tile, model.overlap, model.scale) == (18, 6, 2)
+    frame = moving_square(1, 21, 30)[0]
+    out = model.upscale(frame)
+    assert out.shape == (42, 60, 3) and out.dtype == np.uint8
+
+
+def test_a_job_asking_for_the_model_of_a_muxer_without_one_fails_cleanly():
+    p = m.JobParams(model="t2v-A14B", prompt="x", negative_prompt="", seed=1, steps=1, height=32, width=48,
+                    num_frames=5, fps=16, guidance_scale=1.0, postprocess={"upscale": 2.0, "upscale_method": "model"})
+    with pytest.raises(ModelLoadError) as info:
+        postprocess.plan(p, 48, 32)
+    assert info.value.details == {"field": "custom_options.upscale_method", "method": "model"}
+    lanczos = dataclasses.replace(p, postprocess={"upscale": 2.0})
+    assert postprocess.plan(lanczos, 48, 32).applied()["upscale"]["method"] == "lanczos"
 
 
 # ---- the pipeline: model, then Lanczos ----------------------------------------------------------------
