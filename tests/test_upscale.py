@@ -29,11 +29,11 @@ from broker import admission
 from common import messages as m
 from common.config import Config, profile_path
 from common.errors import ModelLoadError, ValidationError
-from stages import postprocess, upscale
+from stages import postprocess, rife, upscale
 from stages.encoders import Encoding, write_outputs
 from stages.muxer import MuxerStage
 from tests.error_bodies import check_error_body
-from tests.helpers import keyed_view, moving_square, tiny_rrdb_state, tiny_srvgg_state
+from tests.helpers import keyed_view, moving_square, tiny_rife_state, tiny_rrdb_state, tiny_srvgg_state
 
 
 def save(state: dict[str, torch.Tensor], path: Path, wrap: str | None = None, prefix: str = "") -> Path:
@@ -337,6 +337,20 @@ def test_the_pipeline_gives_the_models_frames_then_lanczos_of_them(srvgg_weights
     lanczos_only = pipeline_frames(postprocess.Plan(48, 32, 16, 144, 96, 16), frames)
     assert resized[0].shape == (96, 144, 3) and np.array_equal(resized[0], lanczos_of_model[0])
     assert np.abs(resized[0].astype(int) - lanczos_only[0]).mean() > 1  # the model's picture, not Lanczos alone
+
+
+def test_rife_then_the_model(tmp_path, srvgg_weights):
+    """RIFE interpolates at the source size, the model upscales each of its frames: 5 frames at
+    16 fps -> 9 at 32, at the model's x2 (no Lanczos step)."""
+    rife_path = tmp_path / "flownet.pkl"
+    torch.save(tiny_rife_state(), rife_path)
+    interpolator, model = rife.Interpolator(rife_path), upscale.Upscaler(srvgg_weights, tile=32, overlap=8)
+    plan = postprocess.Plan(48, 32, 16, 96, 64, 32, "rife", interpolator, "model", model)
+    frames = moving_square(5, 32, 48)
+    out = pipeline_frames(plan, frames)
+    assert len(out) == 9 and out[0].shape == (64, 96, 3)
+    assert np.array_equal(out[0], model.upscale(frames[0])) and np.array_equal(out[8], model.upscale(frames[4]))
+    assert set(plan.applied()) == {"width", "height", "fps", "interpolation", "upscale"}
 
 
 # ---- the muxer stage: startup and one job -------------------------------------------------------------
