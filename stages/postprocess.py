@@ -135,7 +135,7 @@ def plan(p: m.JobParams, width: int, height: int, rife: rife_model.Interpolator 
 
 class Graph:
     """One PyAV filter graph: rgb24 frames in at `width` x `height` and `rate`, rgb24 frames out;
-    `interpolate_fps`: through minterpolate to that rate; `size`: Lanczos-scaled to (width, height)."""
+    `interpolate_fps`: through minterpolate to that rate; `size`: Lanczos-scaled to that (w, h)."""
 
     def __init__(self, width: int, height: int, rate: int, interpolate_fps: int | None,
                  size: tuple[int, int] | None):
