@@ -16,6 +16,15 @@ per output frame (the first interval, warm-up, left out) and peak device memory.
     .venv/bin/python bench/postprocess.py --rife random --rife-sizes 832x480,1280x720 --frames 5 --cases ""
     .venv/bin/python bench/postprocess.py --rife random --rife-device cuda --rife-dtype float16 \
         --rife-sizes 1280x720 --frames 17 --cases 4k:h265 --out bench/results/postprocess_rife_gpu.json
+
+Model upscaling (stages/upscale.py): `--upscale-model WEIGHTS` (a Real-ESRGAN .pth / .safetensors;
+`random-srvgg`: release-size random SRVGGNetCompact x4, realesr-animevideov3's layout;
+`random-rrdb`: RealESRGAN_x4plus's RRDBNet, 23 blocks) makes every case upscale with the model on
+`--upscale-device` in `--upscale-dtype` (tiles of `--upscale-tile` + `--upscale-overlap`), then
+Lanczos to the target; on CUDA the case also reports peak device memory.
+
+    .venv/bin/python bench/postprocess.py --upscale-model random-srvgg --upscale-device cuda \
+        --upscale-dtype float16 --frames 81 --cases 4k:h265,8k:h265 --out bench/results/postprocess_sr_gpu.json
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # this checkout's stages/, not an installed copy's
+    sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
 import json, sys, tempfile, time
@@ -49,14 +60,20 @@ for i in range(n):
     s = h // 6
     frames[i, s:2 * s, (i * w // (2 * n)):(i * w // (2 * n)) + s] = 240
 out_w, out_h = catalog.output_size(w, h, {"upscale_to": target})
-rife_args = sys.argv[9:12]
-if rife_args:  # weights, device, dtype: interpolate with RIFE
-    import torch
+extra = json.loads(sys.argv[9]) if len(sys.argv) > 9 else {}
+import torch
+model = upscaler = None
+if extra.get("rife"):  # weights, device, dtype: interpolate with RIFE
     from stages import rife
-    model = rife.Interpolator(Path(rife_args[0]), rife_args[1], getattr(torch, rife_args[2]))
-    plan = postprocess.Plan(w, h, fps, out_w, out_h, out_fps, "rife", model)
-else:
-    plan = postprocess.Plan(w, h, fps, out_w, out_h, out_fps)
+    weights, device, dtype = extra["rife"]
+    model = rife.Interpolator(Path(weights), device, getattr(torch, dtype))
+if extra.get("upscale"):  # weights, device, dtype, tile, overlap: upscale with the model
+    from stages import upscale
+    weights, device, dtype, tile, overlap = extra["upscale"]
+    upscaler = upscale.Upscaler(Path(weights), device, getattr(torch, dtype), tile, overlap)
+plan = postprocess.Plan(w, h, fps, out_w, out_h, out_fps, "rife" if model else "minterpolate", model,
+                        "model" if upscaler else "lanczos", upscaler)
+cuda = [x.device for x in (model, upscaler) if x is not None and x.device.type == "cuda"]
 with tempfile.TemporaryDirectory() as d:
     started = time.perf_counter()
     (main,) = write_outputs(frames, fps, Path(d) / "a.mp4", Encoding(codec, 28 if codec != "h264" else 23, 8, preset),
@@ -65,7 +82,10 @@ with tempfile.TemporaryDirectory() as d:
     size = main.path.stat().st_size
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"source": f"{w}x{h}", "frames": n, "fps": fps, "target": target, "out": f"{out_w}x{out_h}",
-                  "interpolation": plan.method,
+                  "interpolation": plan.method, "upscale": plan.applied().get("upscale", {}).get("method"),
+                  **({"upscale_model": {k: v for k, v in upscaler.describe().items() if k != "sha256"}}
+                     if upscaler else {}),
+                  "peak_device_mib": round(torch.cuda.max_memory_allocated(cuda[0]) / 2**20, 1) if cuda else None,
                   "out_fps": out_fps, "out_frames": main.frames, "codec": codec, "preset": preset,
                   "seconds": round(seconds, 2), "out_frames_per_s": round(main.frames / seconds, 2),
                   "peak_rss_mib": round(hwm / 1024, 1), "source_mib": round(frames.nbytes / 2**20, 1),
@@ -121,6 +141,22 @@ def random_weights(folder: Path) -> Path:
     return path
 
 
+def random_upscale_weights(folder: Path, kind: str) -> Path:
+    """Release-size random upscale weights (timing only): realesr-animevideov3's SRVGGNetCompact
+    (64 features, 16 convs, x4) or RealESRGAN_x4plus's RRDBNet (64 features, 23 blocks, growth 32)."""
+    import torch
+
+    from stages import upscale
+
+    layouts = {"random-srvgg": upscale.Layout(upscale.SRVGG, 4, 64, num_conv=16),
+               "random-rrdb": upscale.Layout(upscale.RRDB, 4, 64, num_block=23, num_grow_ch=32)}
+    path = folder / f"{kind}.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save({"params": upscale.network(layouts[kind]).state_dict()}, path)
+    return path
+
+
 def child(cmd: list[str], what: str) -> dict[str, object]:
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, check=False)
@@ -139,9 +175,13 @@ def run_rife(args: argparse.Namespace, size: str) -> dict[str, object]:
 def run_case(args: argparse.Namespace, target: str, codec: str) -> dict[str, object]:
     cmd = [sys.executable, "-c", CHILD, str(args.width), str(args.height), str(args.frames), str(args.fps),
            str(args.out_fps), target, codec, args.preset]
+    extra: dict[str, list[object]] = {}
     if args.rife_path is not None:
-        cmd += [str(args.rife_path), args.rife_device, args.rife_dtype]
-    return child(cmd, f"{target}/{codec}")
+        extra["rife"] = [str(args.rife_path), args.rife_device, args.rife_dtype]
+    if args.upscale_path is not None:
+        extra["upscale"] = [str(args.upscale_path), args.upscale_device, args.upscale_dtype, args.upscale_tile,
+                            args.upscale_overlap]
+    return child(cmd + [json.dumps(extra)], f"{target}/{codec}")
 
 
 def main() -> None:
@@ -158,7 +198,20 @@ def main() -> None:
     parser.add_argument("--rife-device", default="cpu")
     parser.add_argument("--rife-dtype", default="float32", help="float32 | float16 | bfloat16 (CUDA)")
     parser.add_argument("--rife-sizes", default="", help="WxH,...: time RIFE alone at these sizes")
+    parser.add_argument("--upscale-model", help="upscale weights for every case (a Real-ESRGAN .pth; "
+                        "'random-srvgg' / 'random-rrdb': release-size random)")
+    parser.add_argument("--upscale-device", default="cpu")
+    parser.add_argument("--upscale-dtype", default="float32", help="float32 | float16 | bfloat16 (CUDA)")
+    parser.add_argument("--upscale-tile", type=int, default=512)
+    parser.add_argument("--upscale-overlap", type=int, default=32)
     args = parser.parse_args()
+    args.upscale_path = None
+    if args.upscale_model in ("random-srvgg", "random-rrdb"):
+        import tempfile
+
+        args.upscale_path = random_upscale_weights(Path(tempfile.gettempdir()), args.upscale_model)
+    elif args.upscale_model:
+        args.upscale_path = Path(args.upscale_model)
     args.rife_path = None
     if args.rife == "random":
         import tempfile

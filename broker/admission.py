@@ -3,9 +3,10 @@
 The request is the plan's: `prompt`, `negative_prompt?`, `model`, `quality_preset` (or `quality`),
 `seed?`, `priority?`, `custom_options?` {`steps`, `cfg_scale`, `cfg_scale_2`, `shift`, `resolution`,
 `fps`, `duration`, `num_frames`, `codec`, `crf`, `bit_depth`, `lossless_master`, `interpolate_fps`,
-`interpolate_method`, `upscale`, `upscale_to`}; common/catalog.py defines each field and its bounds, and the OpenAPI
-document is generated from the same tables. Presets and the sizes each model supports come from the
-profile (`[presets.<model>.<preset>]`, `[models.<model>]`), so a profile can scale them to its hardware.
+`interpolate_method`, `upscale`, `upscale_to`, `upscale_method`}; common/catalog.py defines each field and
+its bounds, and the OpenAPI document is generated from the same tables. Presets and the sizes each
+model supports come from the profile (`[presets.<model>.<preset>]`, `[models.<model>]`), so a profile
+can scale them to its hardware.
 """
 
 from __future__ import annotations
@@ -318,6 +319,7 @@ def resolve(
     if s2v and cache is not None:  # the S2V DiT has no cache hooks: refused here, not by the stage later
         raise _bad("custom_options.cache", f"step caching is not available for {model}")
     postprocess = resolve_interpolation(config, model, options, resolve_postprocess(options, base, width, height, fps))
+    postprocess = resolve_upscale(config, model, options, postprocess, width, height)
     # A distilled draft's LoRA goes first, at scale 1, before the request's own.
     distilling = loras.resolve(config, model, [{"name": base["distill_lora"], "scale": 1.0}]) \
         if base.get("distill_lora") else []
@@ -422,6 +424,33 @@ def resolve_interpolation(config: Config, model: str, options: dict[str, Any],
     if method is None and configured:
         method = "rife"
     return postprocess if method is None else {**postprocess, "interpolate_method": method}
+
+
+def upscaler_configured(config: Config, model: str) -> bool:
+    """Whether every muxer on `model`'s route has an upscale model (`upscale_weights`)."""
+    muxers = [config.stage(name) for name in config.route(model) if config.stage(name).kind == "muxer"]
+    return bool(muxers) and all(spec.upscale_weights for spec in muxers)
+
+
+def resolve_upscale(config: Config, model: str, options: dict[str, Any], postprocess: dict[str, Any],
+                    width: int, height: int) -> dict[str, Any]:
+    """`postprocess` with its `upscale_method`: the request's, else model where the route's muxer has
+    upscale weights (an operator who places a super-resolution model wants it used: it restores
+    detail Lanczos cannot), else none (Lanczos). A model asked of a profile without one, or a
+    method with nothing to upscale, is refused."""
+    method = _option(options, "upscale_method", None)
+    if catalog.output_size(width, height, postprocess) == (width, height):
+        if method is not None:
+            raise _bad("custom_options.upscale_method", "upscale_method needs an upscale: give upscale or "
+                       "upscale_to (or a preset that upscales)", method=method)
+        return postprocess
+    configured = upscaler_configured(config, model)
+    if method == "model" and not configured:
+        raise _bad("custom_options.upscale_method", "model upscaling is not available: this server's profile "
+                   "configures no upscale model (the muxer's upscale_weights)", method=method, allowed=["lanczos"])
+    if method is None and configured:
+        method = "model"
+    return postprocess if method is None else {**postprocess, "upscale_method": method}
 
 
 def resolve_encoding(options: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:

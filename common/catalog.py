@@ -188,6 +188,9 @@ MAX_UPSCALE = 8.0
 # How interpolate_fps is reached: ffmpeg's minterpolate (CPU, no weights) or RIFE 4.25/4.26 (the
 # muxer's device, the profile's rife_weights). Unset: rife where the muxer has weights, else minterpolate.
 INTERPOLATION_METHODS: tuple[str, ...] = ("minterpolate", "rife")
+# How an upscale is done: Lanczos (FFmpeg, CPU) or the profile's super-resolution model (the muxer's
+# upscale_weights, on its device; then Lanczos to the exact size). Unset: model where configured.
+UPSCALE_METHODS: tuple[str, ...] = ("lanczos", "model")
 
 ENCODING_OPTIONS: tuple[Field, ...] = (
     Field("codec", "string", "video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)",
@@ -213,6 +216,10 @@ POSTPROCESS_OPTIONS: tuple[Field, ...] = (
           nullable=True, minimum=1.0, maximum=MAX_UPSCALE),
     Field("upscale_to", "string", "upscale to a named size (short side 1080, 2160, 4320; aspect kept); "
           "upscale_to wins if both are given", nullable=True, enum=tuple(UPSCALE_TARGETS)),
+    Field("upscale_method", "string", "how to upscale: lanczos (ffmpeg, CPU) or model (the profile's "
+          "super-resolution model, Real-ESRGAN compact or RRDBNet, on the muxer's device, then Lanczos to the "
+          "exact size; only where the profile configures upscale weights); null: model where configured, "
+          "else lanczos", nullable=True, enum=UPSCALE_METHODS),
 )
 
 

@@ -283,6 +283,12 @@ class StageSpec:
     # muxer: a RIFE v4.25/v4.26 flownet.pkl / .pth / .safetensors (stages/rife.py), run on `device`;
     # None: interpolation is minterpolate only (a request for RIFE is refused at submit)
     rife_weights: str | None = None
+    # muxer: an upscale model, SRVGGNetCompact or RRDBNet (Real-ESRGAN's .pth / .safetensors;
+    # stages/upscale.py), run on `device` in tiles of `upscale_tile` input pixels with
+    # `upscale_tile_overlap` pixels of context; None: upscaling is Lanczos only
+    upscale_weights: str | None = None
+    upscale_tile: int = 512
+    upscale_tile_overlap: int = 32
 
 
 _COMMON_STAGE_KEYS = {"kind", "device", "dtype", "storage_dtype", "attention", "models", "address_space_headroom_mib"}
@@ -292,7 +298,7 @@ STAGE_KEYS: dict[str, set[str]] = {
                                  "compile_cache_dir", "max_batch", "batch_wait_ms"},
     "vae": _COMMON_STAGE_KEYS | {"vae_tiling"},
     "muxer": _COMMON_STAGE_KEYS | {"crf", "preset", "crf_h265", "crf_av1", "av1_preset", "audio_bitrate",
-                                   "rife_weights"},
+                                   "rife_weights", "upscale_weights", "upscale_tile", "upscale_tile_overlap"},
 }
 DIT_PARTS = ("high", "low", "all")
 MODEL_LAYOUTS = ("diffusers", "official")

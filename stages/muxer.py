@@ -8,7 +8,8 @@ A speech-to-video job (`JobParams.audio`) also gets its audio: the file the brok
 job's spool folder, checked against its sha256, cut to the video from the audio time of frame 0
 and encoded as AAC (stages/soundtrack.py; the master carries it as float PCM).
 With `rife_weights` set, the muxer loads that RIFE model at startup on its `device` (and `dtype`
-on CUDA); a file whose keys or shapes do not match stops startup with MODEL_LOAD_ERROR.
+on CUDA); a file whose keys or shapes do not match stops startup with MODEL_LOAD_ERROR. So does
+`upscale_weights`: the super-resolution model (stages/upscale.py), loaded the same way.
 Every file is written to a temporary name in the results folder, fsynced and renamed into place
 (and the folder fsynced) only once every output is complete, so a reader never sees a partial
 file, even after a crash or power loss, and a job that fails part way leaves none of its files.
@@ -31,7 +32,7 @@ import numpy as np
 
 from common import messages as m
 from common.errors import InvalidRequest
-from stages import postprocess, rife
+from stages import postprocess, rife, upscale
 from stages.base import Stage
 from stages.encoders import Encoding, Track, check_frames, job_encoding, write_outputs
 from stages.placement import Placement, module_bytes
@@ -91,6 +92,7 @@ def postprocess_metadata(applied: dict[str, object]) -> dict[str, str]:
 class MuxerStage(Stage):
     kind = "muxer"
     rife: rife.Interpolator | None = None  # with `rife_weights`: loaded by setup()
+    upscaler: upscale.Upscaler | None = None  # with `upscale_weights`: loaded by setup()
 
     def setup(self) -> None:
         # Past a file size limit (RLIMIT_FSIZE) a write must fail with EFBIG, not kill the process.
@@ -110,6 +112,16 @@ class MuxerStage(Stage):
             self.placement.components["rife"] = module_bytes(self.rife.model)
             log.info("RIFE v%s from %s (sha256 %s) on %s, %s", rife.VERSION, self.rife.path, self.rife.sha256[:12],
                      self.rife.device, self.rife.describe()["dtype"])
+        if self.spec.upscale_weights:  # likewise: refused here, never run with random weights
+            self.placement = self.placement or Placement.from_spec(self.spec)
+            self.upscaler = upscale.Upscaler(self.config.path(self.spec.upscale_weights), self.placement.device,
+                                             self.placement.dtype, self.spec.upscale_tile,
+                                             self.spec.upscale_tile_overlap)
+            self.placement.components["upscale"] = module_bytes(self.upscaler.model)
+            u = self.upscaler.describe()
+            log.info("upscale model %s x%d from %s (sha256 %s) on %s, %s, tiles of %d + %d", u["architecture"],
+                     u["scale"], self.upscaler.path, self.upscaler.sha256[:12], u["device"], u["dtype"],
+                     self.upscaler.tile, self.upscaler.overlap)
 
     def handle(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.MuxJob):
@@ -119,7 +131,7 @@ class MuxerStage(Stage):
         frames = msg.frames.numpy()
         check_frames(frames)
         p = msg.params
-        plan = postprocess.plan(p, int(frames.shape[2]), int(frames.shape[1]), self.rife)
+        plan = postprocess.plan(p, int(frames.shape[2]), int(frames.shape[1]), self.rife, self.upscaler)
         encoding = job_encoding(p.encoding, self.spec)
         path = self.results_dir / f"{msg.job_id}.mp4"
         master = self.results_dir / f"{msg.job_id}.mkv" if p.encoding.get("lossless_master") else None

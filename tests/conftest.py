@@ -33,6 +33,7 @@ from tests.helpers import (  # noqa: E402
     running_system,
     short_tmpdir,
     tiny_rife_state,
+    tiny_srvgg_state,
     tiny_taehv_state,
 )
 
@@ -110,14 +111,16 @@ def keyed_system(model_cache: Path, foreign_origins: tuple[str, str]) -> Iterato
     test_cors, test_studio, test_webhooks: each takes it through `keyed_view`, with users of its
     own): allowed origins for each of them, one job in the pipeline at a time (so the order jobs
     are dispatched in shows, and a job behind another waits queued), webhooks signed with
-    WEBHOOK_SECRET with loopback allowed and a short backoff; tiny RIFE weights for the muxer and a
-    tiny TAEHV preview decoder for t2v-A14B (test_rife, test_taehv: their paths through the system)."""
+    WEBHOOK_SECRET with loopback allowed and a short backoff; tiny RIFE and SRVGG x2 upscale weights
+    for the muxer and a tiny TAEHV preview decoder for t2v-A14B (test_rife, test_upscale, test_taehv:
+    their paths through the system)."""
     def admin(s: System) -> None:
         s.tokens["admin"] = s.create_key("admin", "--admin")
         s.key_tokens.append(s.tokens["admin"])
         s.headers = {"Authorization": f"Bearer {s.tokens['admin']}"}
         torch.save({"module." + k: v for k, v in tiny_rife_state().items()}, s.state_dir / "flownet.pkl")
         torch.save(tiny_taehv_state(16, 1, seed=3), s.state_dir / "taew2_1.pth")
+        torch.save({"params": tiny_srvgg_state()}, s.state_dir / "realesr-tiny-x2.pth")
 
     with running_system(
         "wsk-", model_cache, setup=admin,
@@ -131,6 +134,7 @@ def keyed_system(model_cache: Path, foreign_origins: tuple[str, str]) -> Iterato
         WAN_SERVER__WEBHOOKS__BACKOFF_MAX_S="1",
         WAN_SERVER__WEBHOOKS__RETRY_WINDOW_S="120",
         WAN_SERVER__STAGES__MUXER__RIFE_WEIGHTS="{state}/flownet.pkl",
+        WAN_SERVER__STAGES__MUXER__UPSCALE_WEIGHTS="{state}/realesr-tiny-x2.pth",
         WAN_SERVER__MODELS__T2V_A14B__PREVIEW_DECODER="{state}/taew2_1.pth",
     ) as s:
         yield s

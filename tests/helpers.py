@@ -642,6 +642,56 @@ def tiny_taehv_state(z: int = 16, patch: int = 1, widths: tuple[int, ...] = TAEH
     return state
 
 
+def tiny_srvgg_state(num_feat: int = 4, num_conv: int = 2, scale: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random SRVGGNetCompact weights (Real-ESRGAN's compact model, stages/upscale.py) in the
+    released files' key layout, listed here from the architecture: `body.0` conv from RGB, a PReLU
+    after every conv but the last (`body.{odd}.weight`, one slope per channel), `num_conv` body
+    convs, the last conv to 3 x scale^2 channels; small, scaled so the residual stays O(0.1)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+
+    def conv(n_out: int, n_in: int, gain: float = 1.0) -> torch.Tensor:
+        return torch.randn(n_out, n_in, 3, 3, generator=g) * gain / math.sqrt(n_in * 9)
+
+    state: dict[str, torch.Tensor] = {}
+    for i in range(num_conv + 1):
+        state[f"body.{2 * i}.weight"] = conv(num_feat, 3 if i == 0 else num_feat)
+        state[f"body.{2 * i}.bias"] = torch.randn(num_feat, generator=g) * 0.05
+        state[f"body.{2 * i + 1}.weight"] = 0.25 + 0.1 * torch.randn(num_feat, generator=g)
+    last = 2 * num_conv + 2
+    state[f"body.{last}.weight"] = conv(3 * scale * scale, num_feat, 0.3)
+    state[f"body.{last}.bias"] = torch.randn(3 * scale * scale, generator=g) * 0.02
+    return state
+
+
+def tiny_rrdb_state(num_feat: int = 4, num_block: int = 1, num_grow_ch: int = 2, scale: int = 4,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random RRDBNet weights (ESRGAN / RealESRGAN_x4plus; x2plus with `scale=2`: 12 input channels,
+    the input pixel-unshuffled by 2) in the released files' key layout, listed here from the
+    architecture: conv_first, body.N.rdb{1,2,3}.conv{1..5} (dense: conv k sees num_feat + (k - 1)
+    x num_grow_ch channels), conv_body, conv_up1, conv_up2, conv_hr, conv_last; small."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, n_out: int, n_in: int, gain: float = 1.0) -> None:
+        state[f"{name}.weight"] = torch.randn(n_out, n_in, 3, 3, generator=g) * gain / math.sqrt(n_in * 9)
+        state[f"{name}.bias"] = torch.randn(n_out, generator=g) * 0.02
+
+    conv("conv_first", num_feat, 3 * (4 // scale) ** 2)
+    for b in range(num_block):
+        for r in (1, 2, 3):
+            for k in range(1, 6):
+                conv(f"body.{b}.rdb{r}.conv{k}", num_feat if k == 5 else num_grow_ch, num_feat + (k - 1) * num_grow_ch)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        conv(name, num_feat, num_feat)
+    conv("conv_last", 3, num_feat, 0.5)
+    state["conv_last.bias"] += 0.5  # mid-grey, so the picture is not clamped away
+    return state
+
+
 # ---- media files made here (uploads, pose videos) ----
 
 def moving_square(frames: int = 9, height: int = 32, width: int = 48) -> np.ndarray:

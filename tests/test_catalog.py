@@ -146,7 +146,7 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
         "custom_options": {"steps": 3, "cfg_scale": 4.5, "cfg_scale_2": 2.0, "shift": 3.0, "resolution": "64x32",
                            "fps": 12, "duration": 1.0, "num_frames": 13, "codec": "h265", "crf": 20, "bit_depth": 10,
                            "lossless_master": True, "interpolate_fps": 24, "upscale": 2.0, "upscale_to": "1080p",
-                           "interpolate_method": "minterpolate", "loras": [],
+                           "interpolate_method": "minterpolate", "upscale_method": "lanczos", "loras": [],
                            "cache": {"method": "first_block", "threshold": 0.1},
                            # s2v-14B's (checked, unused by ti2v): tests/test_s2v_upload.py resolves them
                            "max_area": 4096, "frames_per_clip": 8, "num_clips": 1},
@@ -163,7 +163,7 @@ def test_a_request_with_every_field_is_admitted_and_schema_valid():
         (3, 4.5, 2.0, 3.0, 64, 32, 12, 13)  # num_frames wins over duration
     assert p.encoding == {"codec": "h265", "crf": 20, "bit_depth": 10, "lossless_master": True}
     assert p.postprocess == {"interpolate_fps": 24, "upscale_to": "1080p",  # upscale_to wins over upscale
-                             "interpolate_method": "minterpolate"}
+                             "interpolate_method": "minterpolate", "upscale_method": "lanczos"}
 
 
 @pytest.mark.parametrize("name", ["negative_prompt", "seed", "custom_options"])

@@ -535,6 +535,11 @@ export interface paths {
                             /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
                             upscale?: number | null;
                             /**
+                             * @description how to upscale: lanczos (ffmpeg, CPU) or model (the profile's super-resolution model, Real-ESRGAN compact or RRDBNet, on the muxer's device, then Lanczos to the exact size; only where the profile configures upscale weights); null: model where configured, else lanczos
+                             * @enum {string|null}
+                             */
+                            upscale_method?: "lanczos" | "model" | null;
+                            /**
                              * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
                              * @enum {string|null}
                              */
@@ -672,6 +677,11 @@ export interface paths {
                                 steps?: number;
                                 /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
                                 upscale?: number | null;
+                                /**
+                                 * @description how to upscale: lanczos (ffmpeg, CPU) or model (the profile's super-resolution model, Real-ESRGAN compact or RRDBNet, on the muxer's device, then Lanczos to the exact size; only where the profile configures upscale weights); null: model where configured, else lanczos
+                                 * @enum {string|null}
+                                 */
+                                upscale_method?: "lanczos" | "model" | null;
                                 /**
                                  * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
                                  * @enum {string|null}
@@ -2368,6 +2378,11 @@ export interface paths {
                             /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
                             upscale?: number | null;
                             /**
+                             * @description how to upscale: lanczos (ffmpeg, CPU) or model (the profile's super-resolution model, Real-ESRGAN compact or RRDBNet, on the muxer's device, then Lanczos to the exact size; only where the profile configures upscale weights); null: model where configured, else lanczos
+                             * @enum {string|null}
+                             */
+                            upscale_method?: "lanczos" | "model" | null;
+                            /**
                              * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
                              * @enum {string|null}
                              */
@@ -2451,6 +2466,11 @@ export interface paths {
                         steps?: number;
                         /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
                         upscale?: number | null;
+                        /**
+                         * @description how to upscale: lanczos (ffmpeg, CPU) or model (the profile's super-resolution model, Real-ESRGAN compact or RRDBNet, on the muxer's device, then Lanczos to the exact size; only where the profile configures upscale weights); null: model where configured, else lanczos
+                         * @enum {string|null}
+                         */
+                        upscale_method?: "lanczos" | "model" | null;
                         /**
                          * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
                          * @enum {string|null}
