@@ -432,8 +432,8 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Submit a generation job (JSON, or multipart/form-data with input files: an image; for s2v-14B an image, an audio file and optionally a pose video)
-         * @description Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/WebP by its magic bytes, or not what its declared type says; or a body that is neither JSON nor multipart), 422 INVALID_IMAGE (bad base64, truncated or corrupt file), 400 INVALID_MULTIPART (parts other than request + image / audio / pose_video, each once), 422 VALIDATION_ERROR (field image: i2v-A14B without an image, or a model that takes none given one; field audio likewise for s2v-14B). Audio errors (field audio): 413 PAYLOAD_TOO_LARGE (over max_audio_bytes), 413 AUDIO_TOO_LONG (over max_audio_seconds, counted while decoding), 415 UNSUPPORTED_MEDIA_TYPE (not WAV/FLAC/MP3/OGG/M4A by its bytes, or not its declared type), 422 INVALID_AUDIO (bad base64, truncated or corrupt, channels or sample rate outside 1-8 / 8-192 kHz). Pose video errors (field pose_video): 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE (not MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames).
+         * Submit a generation job (JSON, or multipart/form-data with input files: an image; for s2v-14B an image, an audio file and optionally a pose video; for video-to-video a video)
+         * @description Image errors: 413 PAYLOAD_TOO_LARGE (file over max_upload_bytes), 413 IMAGE_TOO_LARGE (over max_image_pixels), 415 UNSUPPORTED_MEDIA_TYPE (not PNG/JPEG/WebP by its magic bytes, or not what its declared type says; or a body that is neither JSON nor multipart), 422 INVALID_IMAGE (bad base64, truncated or corrupt file), 400 INVALID_MULTIPART (parts other than request + image / audio / pose_video, each once), 422 VALIDATION_ERROR (field image: i2v-A14B without an image, or a model that takes none given one; field audio likewise for s2v-14B). Audio errors (field audio): 413 PAYLOAD_TOO_LARGE (over max_audio_bytes), 413 AUDIO_TOO_LONG (over max_audio_seconds, counted while decoding), 415 UNSUPPORTED_MEDIA_TYPE (not WAV/FLAC/MP3/OGG/M4A by its bytes, or not its declared type), 422 INVALID_AUDIO (bad base64, truncated or corrupt, channels or sample rate outside 1-8 / 8-192 kHz). Pose video errors (field pose_video): 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE (not MP4/WebM), 422 INVALID_VIDEO (truncated, corrupt, too many or too large frames). Video-to-video (field video, t2v-A14B and ti2v-5B): the same errors (MP4/WebM/MKV), 422 VALIDATION_ERROR (field video: a model that takes none, or with an image; field strength: without a video; custom_options.num_frames: more frames than the video gives).
          */
         post: {
             parameters: {
@@ -581,6 +581,10 @@ export interface paths {
                         quality_preset?: "draft" | "standard" | "pro" | "cinema" | "ultimate";
                         /** @description null or absent: a random seed (the result's metadata has it) */
                         seed?: number | null;
+                        /** @description video-to-video only (with `video`, or a promote): how much of the video is re-generated, 0 < strength <= 1; the job runs the last int(steps x strength) steps (at least one) from the video's latents noised to the first of them; null: 0.8 (0.6 for a promote) */
+                        strength?: number | null;
+                        /** @description video-to-video: the video to re-render, MP4/WebM/MKV recognised by its bytes, decoded completely before admission (in a JSON body base64); its frames are fitted to the job's size (cover and centre crop), VAE-encoded and noised to `strength` (README: Promote and video-to-video); optional for t2v-A14B, ti2v-5B; refused by the other models */
+                        video?: string | null;
                         /** @description POSTed the job's final state (video.completed, video.failed, video.cancelled), signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED) */
                         webhook_url?: string | null;
                     };
@@ -720,9 +724,13 @@ export interface paths {
                             quality_preset?: "draft" | "standard" | "pro" | "cinema" | "ultimate";
                             /** @description null or absent: a random seed (the result's metadata has it) */
                             seed?: number | null;
+                            /** @description video-to-video only (with `video`, or a promote): how much of the video is re-generated, 0 < strength <= 1; the job runs the last int(steps x strength) steps (at least one) from the video's latents noised to the first of them; null: 0.8 (0.6 for a promote) */
+                            strength?: number | null;
                             /** @description POSTed the job's final state (video.completed, video.failed, video.cancelled), signed as Standard Webhooks says; a host not in the server's [webhooks] allowed_hosts, or a private, loopback or link-local address it does not list, is refused (422 WEBHOOK_NOT_ALLOWED) */
                             webhook_url?: string | null;
                         };
+                        /** @description video-to-video: the video to re-render, MP4/WebM/MKV recognised by its bytes, decoded completely before admission (in a JSON body base64); its frames are fitted to the job's size (cover and centre crop), VAE-encoded and noised to `strength` (README: Promote and video-to-video); optional for t2v-A14B, ti2v-5B; refused by the other models (a file part, with a filename) */
+                        video?: string;
                     };
                 };
             };
@@ -1555,6 +1563,355 @@ export interface paths {
         };
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/promote/{job_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Re-render a completed job at a higher preset from its own video (video-to-video with the same prompt, seed and LoRAs unless given); the child's result metadata names its parent_job_id
+         * @description The source is the job's lossless master if it has one, else its MP4. Errors: 404 JOB_NOT_FOUND (no such job, or another user's), 409 JOB_NOT_COMPLETED (queued, running, failed or cancelled), 410 RESULT_EXPIRED (its video is gone), 422 VALIDATION_ERROR (quality_preset not above the job's: reason not_higher; num_frames, duration or fps in custom_options; a model that takes no video; an image-conditioned job), and those of POST /api/v1/generate for the child's request.
+         */
+        post: {
+            parameters: {
+                query?: never;
+                header?: {
+                    /** @description 1 to 255 characters; the same key and body (per API key) within 24 h return the same job (with Idempotent-Replayed: true), another body under the key is 409 IDEMPOTENCY_KEY_REUSED */
+                    "Idempotency-Key"?: string;
+                };
+                path: {
+                    job_id: string;
+                };
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/json": {
+                        /** @description overrides of the new preset, as in generate (loras replace the parent's; num_frames, duration and fps are the parent's and refused here); null: the parent's LoRAs and encoding */
+                        custom_options?: {
+                            /**
+                             * @description 8 or 10 (10-bit H.264 is High 10, which few hardware players decode: prefer h265 or av1)
+                             * @default 8
+                             */
+                            bit_depth?: number;
+                            /** @description step caching, trading quality for speed (the result's metadata records the method, its settings and the passes skipped); null: the preset's (none unless the profile names one) */
+                            cache?: {
+                                /**
+                                 * @description taylorseer: a full pass every `interval` passes, the others predicted
+                                 * @default 5
+                                 */
+                                interval?: number;
+                                /**
+                                 * @description none | first_block (First Block Cache) | taylorseer (TaylorSeer) | mag (MagCache: refused until calibrated ratios are configured)
+                                 * @enum {string}
+                                 */
+                                method: "none" | "first_block" | "taylorseer" | "mag";
+                                /**
+                                 * @description first_block: relative change of the first block's residual under which the other blocks are skipped (higher skips more, at more loss)
+                                 * @default 0.05
+                                 */
+                                threshold?: number;
+                                /**
+                                 * @description taylorseer: passes computed in full before predicting starts
+                                 * @default 3
+                                 */
+                                warmup?: number;
+                            } | null;
+                            /** @description classifier-free guidance (the high-noise expert's, for the A14B models) */
+                            cfg_scale?: number;
+                            /** @description the low-noise expert's guidance (A14B); null: the same as cfg_scale */
+                            cfg_scale_2?: number | null;
+                            /**
+                             * @description video codec of the MP4: h264, h265 (tagged hvc1; required above 4K) or av1 (SVT-AV1)
+                             * @default h264
+                             * @enum {string}
+                             */
+                            codec?: "h264" | "h265" | "av1";
+                            /** @description constant rate factor, 0 (best) .. 51 for every codec (for av1, that part of SVT-AV1's 0..63 scale); null: the muxer's configured default for the codec */
+                            crf?: number | null;
+                            /** @description seconds; frames = the 4n+1 nearest duration x fps (num_frames wins if both) */
+                            duration?: number;
+                            /** @description frames per second of the video */
+                            fps?: number;
+                            /** @description s2v-14B: frames generated per clip, a multiple of 4 (the first clip shows 3 fewer); null: the preset's, else 80 */
+                            frames_per_clip?: number | null;
+                            /** @description interpolate the video to this frame rate (above fps; motion-compensated, ffmpeg minterpolate or RIFE: interpolate_method); null: the preset's */
+                            interpolate_fps?: number | null;
+                            /**
+                             * @description how to interpolate to interpolate_fps: minterpolate (ffmpeg, motion-compensated, CPU) or rife (RIFE v4.25/4.26 on the muxer's device; only where the profile configures RIFE weights); null: rife where configured, else minterpolate
+                             * @enum {string|null}
+                             */
+                            interpolate_method?: "minterpolate" | "rife" | null;
+                            /** @description LoRAs applied in this order, each {name, scale}; for the A14B models a LoRA's high part goes to the high-noise expert, its low part to the low-noise expert (README: LoRAs) */
+                            loras?: {
+                                /** @description a LoRA of GET /api/v1/loras that fits the model */
+                                name: string;
+                                /**
+                                 * @description the LoRA's weight; the server's [loras] min_scale..max_scale narrow these bounds
+                                 * @default 1
+                                 */
+                                scale?: number;
+                            }[] | null;
+                            /**
+                             * @description also write an FFV1 (RGB) Matroska master, bit-identical to the decoded frames, served at /api/v1/files/{job_id}.mkv
+                             * @default false
+                             */
+                            lossless_master?: boolean;
+                            /** @description s2v-14B: the most pixels (width x height) of the video, whose size keeps the reference image's aspect with sides multiples of 64 (1024*704 = 720896 gives 1024x704 for a 16:11 image); null: the preset's (its max_area, else its resolution's area); at most the largest area of the model's resolutions in this profile; a `resolution` given wins */
+                            max_area?: number | null;
+                            /** @description s2v-14B: clips to generate, at most what the audio gives (one per frames_per_clip / fps seconds of audio, plus one); null: all of them */
+                            num_clips?: number | null;
+                            /** @description 4n+1 (5, 9, 13, ...), at most the model's max_frames in this profile (not for s2v-14B: its length follows the audio, see num_clips) */
+                            num_frames?: number;
+                            /** @description WxH, one the model supports in this profile (GET /api/v1/models) */
+                            resolution?: string;
+                            /** @description flow-matching timestep shift; null: the model's own */
+                            shift?: number | null;
+                            /** @description denoising steps */
+                            steps?: number;
+                            /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
+                            upscale?: number | null;
+                            /**
+                             * @description how to upscale: lanczos (ffmpeg, CPU) or model (the profile's super-resolution model, Real-ESRGAN compact or RRDBNet, on the muxer's device, then Lanczos to the exact size; only where the profile configures upscale weights); null: model where configured, else lanczos
+                             * @enum {string|null}
+                             */
+                            upscale_method?: "lanczos" | "model" | null;
+                            /**
+                             * @description upscale to a named size (short side 1080, 2160, 4320; aspect kept); upscale_to wins if both are given
+                             * @enum {string|null}
+                             */
+                            upscale_to?: "1080p" | "4k" | "8k" | null;
+                        } | null;
+                        /** @description null or absent: the parent's */
+                        negative_prompt?: string | null;
+                        /**
+                         * @description higher runs first
+                         * @default 0
+                         */
+                        priority?: number;
+                        /** @description null or absent: the parent's prompt */
+                        prompt?: string | null;
+                        /**
+                         * @description the preset to re-render at: one above the parent's
+                         * @enum {string}
+                         */
+                        quality_preset: "draft" | "standard" | "pro" | "cinema" | "ultimate";
+                        /**
+                         * @description how much of the parent's video is re-generated, 0 < strength <= 1 (see the generate request's strength)
+                         * @default 0.6
+                         */
+                        strength?: number | null;
+                        /** @description as in generate */
+                        webhook_url?: string | null;
+                    };
+                };
+            };
+            responses: {
+                /** @description queued */
+                202: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            created_at: number;
+                            eta_seconds: number | null;
+                            /** @description the n variants' group; null for n = 1 */
+                            group_id?: string | null;
+                            job_id: string;
+                            /** @description every job made, job_id first */
+                            job_ids?: string[];
+                            /** @description with n > 1: each job's submit status */
+                            jobs?: Record<string, unknown>[];
+                            queue_position: number | null;
+                            /** @description each job's seed, in job_ids order */
+                            seeds?: number[];
+                            status: string;
+                        };
+                    };
+                };
+                /** @description error */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                410: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                413: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+                /** @description error */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            error: {
+                                code: string;
+                                details: Record<string, unknown>;
+                                message: string;
+                            };
+                            /** @enum {boolean} */
+                            success: false;
+                        };
+                    };
+                };
+            };
+        };
         delete?: never;
         options?: never;
         head?: never;
@@ -2464,6 +2821,8 @@ export interface paths {
                         size?: string | null;
                         /** @description denoising steps */
                         steps?: number;
+                        /** @description video-to-video only (with `video`, or a promote): how much of the video is re-generated, 0 < strength <= 1; the job runs the last int(steps x strength) steps (at least one) from the video's latents noised to the first of them; null: 0.8 (0.6 for a promote) */
+                        strength?: number | null;
                         /** @description upscale by this factor (Lanczos), keeping the aspect; null: the preset's */
                         upscale?: number | null;
                         /**
