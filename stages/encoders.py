@@ -42,6 +42,12 @@ RANGE_FULL = 2
 CONTAINERS = {"mp4": "mp4", "mkv": "matroska"}
 MACROBLOCK = 16
 X265_CUTREE_MIN_SIDE = 64
+# Above 4K, x265 holds each picture of its lookahead and B-frame queue at 8K (about 100 MB each):
+# 301 frames of 8K took 4.3 GB of host memory at ultrafast (medium: 4.5 GB for x265 alone). With the
+# lookahead at 4 frames and no B-frames x265 alone stays under 2.9 GB at medium (bench/results/
+# x265_8k_memory.json), so an 8K job stays under the 4 GB the issue asks; the cost is bitrate.
+X265_BIG_PIXELS = 3840 * 2160
+X265_BIG_PARAMS = ":rc-lookahead=4:bframes=0"
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ class Encoding:
             # x265 4.x's CU-tree corrupts the heap on frames a few CTUs small (48x32 aborts the
             # process); no real video is that small, so only there is it turned off.
             tiny = ":cutree=0" if min(width, height) < X265_CUTREE_MIN_SIDE else ""
-            return {"crf": str(self.crf), "preset": self.preset, "x265-params": f"log-level=error{tiny}"}
+            big = X265_BIG_PARAMS if width * height > X265_BIG_PIXELS else ""
+            return {"crf": str(self.crf), "preset": self.preset, "x265-params": f"log-level=error{tiny}{big}"}
         if self.codec == "av1":
             return {"crf": str(self.crf), "preset": str(self.av1_preset)}
         return {"level": "3", "slicecrc": "1"}

@@ -277,3 +277,13 @@ def test_files_of_a_job_that_did_not_complete_go_mp4_and_mkv(tmp_path):
         assert not any(f.exists() for f in files) and all(f.exists() for f in pending)
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("width, height, capped", [(7680, 4320, True), (4320, 7680, True), (3840, 2160, False),
+                                                   (1280, 720, False)])
+def test_x265_keeps_a_short_queue_above_4k_only(width, height, capped):
+    """Above 4K x265 runs with a 4-frame lookahead and no B-frames, which keeps an 8K job's host
+    memory under 4 GB (bench/results/x265_8k_memory.json); up to 4K it keeps its preset's queue."""
+    params = Encoding("h265", 24).options(width, height)["x265-params"]
+    assert ("rc-lookahead=4" in params and "bframes=0" in params) == capped, params
+    assert params.startswith("log-level=error")
