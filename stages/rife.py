@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelLoadError
+from stages.weight_files import read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -223,26 +223,7 @@ def refuse(path: Path, why: str, **details: Any) -> ModelLoadError:
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors by name, `module.` stripped; a file that is not a state dict is refused."""
-    if not path.is_file():
-        raise refuse(path, "the file does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise refuse(path, f"not a readable state dict ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise refuse(path, "not a state dict of tensors")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name in out:
-            raise refuse(path, f"{name!r} appears both with and without the module. prefix")
-        out[name] = value
+    out = read_tensors(path, "RIFE weights")
     dropped = [k for k in out if k.startswith(TRAINING_ONLY)]
     if dropped:
         log.info("RIFE weights %s: ignoring %d tensors of training-only modules (%s)", path, len(dropped),

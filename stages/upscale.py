@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from torch import nn
 
 from common.errors import ModelLoadError
 from stages.rife import sha256
+from stages.weight_files import read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -190,31 +190,7 @@ def refuse(path: Path, why: str, **details: Any) -> ModelLoadError:
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors by name (unwrapped from `params_ema` / `params`, `module.` stripped)."""
-    if not path.is_file():
-        raise refuse(path, "the file does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise refuse(path, f"not a readable state dict ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if isinstance(state, dict):
-        wrapper = next((k for k in WRAPPERS if k in state), None)
-        if wrapper is not None:
-            state = state[wrapper]
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise refuse(path, "not a state dict of tensors")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = key.removeprefix("module.")
-        if name in out:
-            raise refuse(path, f"{name!r} appears both with and without the module. prefix")
-        out[name] = value
-    return out
+    return read_tensors(path, "upscale weights", WRAPPERS)
 
 
 def _shape(state: dict[str, torch.Tensor], key: str, path: Path, ndim: int) -> tuple[int, ...]:
