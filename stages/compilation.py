@@ -193,6 +193,9 @@ class StageCompile:
     sizes: dict[str, list[str]] = field(default_factory=dict)  # model -> sizes warmed
     graphs_at_ready: int = 0
     cache: dict[str, int] = field(default_factory=dict)
+    # The batch sizes warmed: 1, and with [stages.<dit>] max_batch > 1 (stages/batching.py) also 2
+    # (where symbolic shapes make the batch dimension dynamic) and max_batch, so batches run compiled.
+    batches: tuple[int, ...] = (1,)
 
     @classmethod
     def for_spec(cls, config: Config, spec: StageSpec) -> StageCompile:
@@ -200,8 +203,9 @@ class StageCompile:
         folder = Path(spec.compile_cache_dir) if spec.compile_cache_dir else config.model_cache_dir / "torch-compile"
         if not folder.is_absolute():
             folder = config.path(str(folder))
+        batches = tuple(sorted({1, min(2, spec.max_batch), spec.max_batch}))
         return cls(spec.name, spec.compile_backend, spec.compile_dynamic, configure_cache(folder),
-                   CountingBackend(spec.compile_backend))
+                   CountingBackend(spec.compile_backend), batches=batches)
 
     def compile(self, expert: torch.nn.Module) -> None:
         """Compile `expert`'s repeated blocks (in place; nothing runs until the warm-up)."""
@@ -230,8 +234,8 @@ class StageCompile:
             info: PipelineInfo = entry["info"]
             self.sizes[model] = [str(s) for s in sizes[model]]
             for expert in entry["experts"].values():
-                for size in sizes[model]:
-                    inputs = pass_inputs(expert, info, size, text_tokens)
+                for size, batch in ((size, batch) for size in sizes[model] for batch in self.batches):
+                    inputs = pass_inputs(expert, info, size, text_tokens, batch)
                     for _ in range(3):  # a new size may compile twice (a static graph, then a symbolic one)
                         count = graphs_compiled()
                         t0 = time.monotonic()
@@ -245,8 +249,8 @@ class StageCompile:
                         eager = run_pass(expert, inputs)
                     diff = float((compiled.float() - eager.float()).abs().max())
                     self.max_abs_diff = max(self.max_abs_diff, diff)
-                    log.info("compile: %s at %s (%d tokens): max |eager - compiled| %.3g", model, size, size.tokens,
-                             diff)
+                    log.info("compile: %s at %s (%d tokens), batch %d: max |eager - compiled| %.3g", model, size,
+                             size.tokens, batch, diff)
         torch.compiler.set_stance("eager_on_recompile")  # from here on, nothing compiles
         self.warmup_s = time.monotonic() - started
         self.graphs_at_ready = graphs_compiled()
@@ -259,7 +263,8 @@ class StageCompile:
 
     def report(self) -> dict[str, Any]:
         """What the heartbeat carries (`compile`)."""
-        return {"backend": self.backend, "dynamic": self.dynamic, "compile_s": round(self.compile_s, 3),
+        return {"backend": self.backend, "dynamic": self.dynamic, "batches": list(self.batches),
+                "compile_s": round(self.compile_s, 3),
                 "warmup_s": round(self.warmup_s, 3), "max_abs_diff": self.max_abs_diff,
                 "graphs": graphs_compiled(), "graphs_at_ready": self.graphs_at_ready, "sizes": self.sizes,
                 "compiled_calls": self.counter.calls,
@@ -267,18 +272,19 @@ class StageCompile:
 
 
 def pass_inputs(expert: torch.nn.Module, info: PipelineInfo, size: Size,
-                text_tokens: int = TEXT_TOKENS) -> dict[str, torch.Tensor]:
-    """Random inputs of one DiT pass at `size`, shaped as the DiT stage builds them (seeded)."""
+                text_tokens: int = TEXT_TOKENS, batch: int = 1) -> dict[str, torch.Tensor]:
+    """Random inputs of one DiT pass at `size` for `batch` jobs, shaped as the DiT stage (or a
+    batch of stages/batching.py) builds them (seeded)."""
     cfg: Any = expert.config
     model: Any = expert
     device, dtype = model.device, model.dtype  # a diffusers model's, as the DiT stage reads them
     g = torch.Generator().manual_seed(size.tokens)
     f, h, w = size.latent
     p = info.patch_size
-    latents = torch.randn(1, cfg.in_channels, f * p[0], h * p[1], w * p[2], generator=g)
-    text = torch.randn(1, text_tokens, cfg.text_dim, generator=g)
+    latents = torch.randn(batch, cfg.in_channels, f * p[0], h * p[1], w * p[2], generator=g)
+    text = torch.randn(batch, text_tokens, cfg.text_dim, generator=g)
     t = torch.tensor(500.0)
-    timestep = torch.full((1, size.tokens), 500.0) if info.expand_timesteps else t.expand(1)
+    timestep = torch.full((batch, size.tokens), 500.0) if info.expand_timesteps else t.expand(batch)
     return {"hidden_states": latents.to(device, dtype), "timestep": timestep.to(device),
             "encoder_hidden_states": text.to(device, dtype)}
 

@@ -172,21 +172,31 @@ def test_inductor_writes_its_cache_folder_and_reads_it_back(tmp_path, monkeypatc
     torch._dynamo.reset()
 
 
-def test_lora_switching_on_compiled_blocks_gives_the_eager_outputs(model_cache, tmp_path, monkeypatch):
+@pytest.fixture
+def compile_settings():
+    """The process-wide settings StageCompile.compile changes (duck sizing, the recompile limit),
+    restored after the test through torch's own config patching (monkeypatch's undo of a torch
+    config attribute removed it from the config module)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(use_duck_shape=fx_config.use_duck_shape), \
+            torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        yield
+
+
+def test_lora_switching_on_compiled_blocks_gives_the_eager_outputs(model_cache, tmp_path, compile_settings):
     """In process, on the tiny t2v expert: compiled and warmed up, then LoRAs switched per job by the
     stage's LoraCache (a LoRA at scale 1, at 0.5, none) give exactly the eager expert's outputs
     with the same LoRAs; the compiled graph ran before the first LoRA, and not after (peft's layers
     change the blocks: they run eager, never a compile inside a job)."""
     import torch._dynamo
-    import torch.fx.experimental._config as fx_config
     from diffusers import WanTransformer3DModel
 
     from stages.lora import LoraCache, file_sha256
     from stages.tiny_models import ensure
     from tests.helpers import make_lora
 
-    monkeypatch.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)  # restored after
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     folder = ensure("t2v-A14B", 0, model_cache)
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
@@ -237,3 +247,37 @@ def test_bad_compile_settings_are_config_errors(env, words):
     with pytest.raises(ConfigError) as caught:
         Config.load(environ=env)
     assert words in caught.value.message and caught.value.code == "CONFIG_ERROR"
+
+
+def test_a_batching_stage_warms_its_batch_sizes_too(model_cache, tmp_path, compile_settings):
+    """With max_batch 4 (stages/batching.py) the warm-up also runs batches of 2 and 4, so a batch
+    of 3 then runs compiled (under fail_on_recompile: nothing compiles) and gives the eager outputs."""
+    import torch._dynamo
+    from diffusers import WanTransformer3DModel
+
+    from stages.tiny_models import ensure
+
+    folder = ensure("t2v-A14B", 0, model_cache)
+    expert = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer").eval()
+    info = PipelineInfo.read(folder)
+    size = compilation.size_of(info, 5, 32, 32)
+    config = Config.load(environ={"WAN_SERVER__STAGES__DIT_HIGH__COMPILE": "true",
+                                  "WAN_SERVER__STAGES__DIT_HIGH__MAX_BATCH": "4",
+                                  "WAN_SERVER__STAGES__DIT_HIGH__COMPILE_BACKEND": '"eager"',
+                                  "WAN_SERVER__STAGES__DIT_HIGH__COMPILE_CACHE_DIR": f'"{tmp_path / "cache"}"'})
+    compiler = compilation.StageCompile.for_spec(config, config.stage("dit_high"))
+    assert compiler.batches == (1, 2, 4)
+    try:
+        compiler.compile(expert)
+        compiler.warm_up({"t2v-A14B": {"info": info, "experts": {"transformer": expert}}}, {"t2v-A14B": [size]})
+        inputs = compilation.pass_inputs(expert, info, size, batch=3)
+        calls = compiler.counter.calls
+        with compilation.stance("fail_on_recompile"):
+            compiled = compilation.run_pass(expert, inputs)
+        assert compiler.counter.calls == calls + LAYERS  # the batch of 3 ran the compiled graph
+        with compilation.stance("force_eager"):
+            assert torch.equal(compiled, compilation.run_pass(expert, inputs))
+        assert compiler.report()["batches"] == [1, 2, 4]
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()
