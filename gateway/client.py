@@ -2,6 +2,8 @@
 
     python -m gateway.client generate --prompt "a cat walks" --model t2v --quality draft --wait -o cat.mp4
     python -m gateway.client generate --prompt "she turns and smiles" --model i2v --image photo.jpg --wait
+    python -m gateway.client generate --prompt "a paper boat" --model t2v --video boat.mp4 --strength 0.7 --wait
+    python -m gateway.client promote JOB_ID --quality pro [--strength 0.6] [--prompt "..."] --wait -o best.mp4
     python -m gateway.client status JOB_ID | result JOB_ID | cancel JOB_ID | list [--status completed]
 
 With API keys on (`python -m gateway.keys create NAME`), pass the token as `--api-key` or in
@@ -65,13 +67,20 @@ class Client:
 
     def generate(self, prompt: str, model: str = "t2v-A14B", quality_preset: str = "standard",
                  image: Path | str | None = None, audio: Path | str | None = None,
-                 pose_video: Path | str | None = None, **extra: Any) -> dict[str, Any]:
-        """Submit a job; with `image` (a PNG, JPEG or WebP file), and for s2v `audio` (WAV, FLAC, MP3,
-        OGG, M4A) and `pose_video` (MP4, WebM), the files are uploaded as multipart/form-data."""
-        given = {"image": image, "audio": audio, "pose_video": pose_video}
+                 pose_video: Path | str | None = None, video: Path | str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+        """Submit a job; with `image` (a PNG, JPEG or WebP file), for s2v `audio` (WAV, FLAC, MP3,
+        OGG, M4A) and `pose_video` (MP4, WebM), and for video-to-video `video` (MP4, WebM, MKV; with
+        `strength` in `extra`), the files are uploaded as multipart/form-data."""
+        given = {"image": image, "audio": audio, "pose_video": pose_video, "video": video}
         return self._request("POST", "/api/v1/generate",
                              {"prompt": prompt, "model": model, "quality_preset": quality_preset, **extra},
                              files={k: Path(v) for k, v in given.items() if v is not None})
+
+    def promote(self, job_id: str, quality_preset: str, **extra: Any) -> dict[str, Any]:
+        """Re-render a completed job of yours at a higher preset from its own frames (`strength`,
+        `prompt`, `negative_prompt`, `custom_options`... in `extra`): a new job, as generate answers."""
+        return self._request("POST", f"/api/v1/promote/{job_id}", {"quality_preset": quality_preset, **extra})
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/status/{job_id}")
@@ -151,6 +160,19 @@ def _bar(event: dict[str, Any]) -> None:
               end="", file=sys.stderr, flush=True)
 
 
+def _submitted(client: Client, job: dict[str, Any], wait: bool, output: Path | None) -> int:
+    """Print the new job; with `wait`, follow it and download its MP4 (exit 1 if it did not complete)."""
+    print(json.dumps(job))
+    if wait:
+        final = client.wait(job["job_id"], on_event=_bar)
+        print(file=sys.stderr)
+        if final["status"] != "completed":
+            print(json.dumps(final), file=sys.stderr)
+            return 1
+        print(client.download(job["job_id"], output or Path(f"{job['job_id']}.mp4")))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wan-server client")
     parser.add_argument("--url", default=DEFAULT_URL)
@@ -172,8 +194,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="input image (PNG, JPEG, WebP): required by i2v and s2v, optional for ti2v")
     gen.add_argument("--audio", type=Path, help="speech (WAV, FLAC, MP3, OGG, M4A): required by s2v")
     gen.add_argument("--pose-video", type=Path, help="pose video (MP4, WebM): optional for s2v")
-    gen.add_argument("--wait", action="store_true", help="follow progress and download the video")
-    gen.add_argument("-o", "--output", type=Path, help="where --wait writes the MP4")
+    gen.add_argument("--video", type=Path, help="input video (MP4, WebM, MKV): video-to-video, for t2v and ti2v")
+    gen.add_argument("--strength", type=float, help="how far the input video is noised (0 < s <= 1)")
+    pro = sub.add_parser("promote", help="re-render a completed job at a higher preset from its frames")
+    pro.add_argument("job_id")
+    pro.add_argument("--quality", required=True, help="a preset above the job's")
+    pro.add_argument("--strength", type=float)
+    pro.add_argument("--prompt")
+    pro.add_argument("--negative-prompt")
+    for p in (gen, pro):
+        p.add_argument("--wait", action="store_true", help="follow progress and download the video")
+        p.add_argument("-o", "--output", type=Path, help="where --wait writes the MP4")
     for name in ("status", "result", "cancel"):
         sub.add_parser(name).add_argument("job_id")
     lst = sub.add_parser("list")
@@ -192,18 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             if options:
                 extra["custom_options"] = options
+            if args.strength is not None:
+                extra["strength"] = args.strength
             job = client.generate(args.prompt, args.model, args.quality, image=args.image, audio=args.audio,
-                                  pose_video=args.pose_video, **extra)
-            print(json.dumps(job))
-            if args.wait:
-                final = client.wait(job["job_id"], on_event=_bar)
-                print(file=sys.stderr)
-                if final["status"] != "completed":
-                    print(json.dumps(final), file=sys.stderr)
-                    return 1
-                dest = client.download(job["job_id"], args.output or Path(f"{job['job_id']}.mp4"))
-                print(dest)
-        elif args.command == "list":
+                                  pose_video=args.pose_video, video=args.video, **extra)
+            return _submitted(client, job, args.wait, args.output)
+        if args.command == "promote":
+            given = {"strength": args.strength, "prompt": args.prompt, "negative_prompt": args.negative_prompt}
+            job = client.promote(args.job_id, args.quality, **{k: v for k, v in given.items() if v is not None})
+            return _submitted(client, job, args.wait, args.output)
+        if args.command == "list":
             print(json.dumps(client.jobs(args.status, args.limit, args.offset), indent=1))
         else:
             print(json.dumps(getattr(client, args.command)(args.job_id), indent=1))

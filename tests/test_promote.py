@@ -19,6 +19,9 @@
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -253,11 +256,18 @@ def draft(api_system):
     return result_of(api_system, parent), result_of(api_system, body["job_id"]), video
 
 
-def test_promote_a_draft_from_its_lossless_master(api_system, draft):
+def test_promote_a_draft_from_its_lossless_master(api_system, draft, tmp_path):
+    """Through the command line client (`gateway.client promote ... --wait -o`): the child follows
+    to completion and its MP4 is downloaded."""
     parent, _, _ = draft
     pid = parent["job_id"]
-    status, body = api_system.json("POST", f"/api/v1/promote/{pid}", {"quality_preset": "standard", "strength": 0.5})
-    assert status == 202, body
+    out = tmp_path / "promoted.mp4"
+    run = subprocess.run([sys.executable, "-m", "gateway.client", "--url", api_system.url, "promote", pid,
+                          "--quality", "standard", "--strength", "0.5", "--wait", "-o", str(out)],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    body = json.loads(run.stdout.splitlines()[0])
+    assert run.stdout.splitlines()[-1] == str(out) and out.stat().st_size > 0
     child = result_of(api_system, body["job_id"])
     meta, p = child["metadata"], child["metadata"]["params"]
     assert meta["parent_job_id"] == pid and meta["quality_preset"] == "standard"
