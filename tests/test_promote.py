@@ -302,6 +302,25 @@ def test_plain_video_to_video_and_promoting_it_from_its_mp4(api_system, draft):
                                                          {"job_id": v2v["job_id"], "source": "mp4"})
 
 
+def test_a_video_uploaded_as_multipart_by_the_cli(api_system, draft, tmp_path):
+    """`gateway.client generate --video FILE --strength` sends the video as a multipart part: the
+    job is admitted with the same video (its sha256, frames) and parameters as the base64 upload of
+    the same bytes, and completes with an MP4."""
+    _, v2v, video = draft
+    (tmp_path / "block.mp4").write_bytes(video)
+    run = subprocess.run([sys.executable, "-m", "gateway.client", "--url", api_system.url, "generate", "--model", "t2v",
+                          "--quality", "draft", "--prompt", "a block slides", "--seed", "3", "--strength", "0.5",
+                          "--video", str(tmp_path / "block.mp4")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    job = result_of(api_system, json.loads(run.stdout.splitlines()[0])["job_id"])
+    assert job["metadata"]["video"]["sha256"] == v2v["metadata"]["video"]["sha256"]
+    assert job["metadata"]["video"] == v2v["metadata"]["video"]
+    assert {k: v for k, v in job["metadata"]["params"].items() if k != "prompt"} == \
+        {k: v for k, v in v2v["metadata"]["params"].items() if k != "prompt"}
+    status, headers, data = api_system.request("GET", job["output_url"])
+    assert status == 200 and headers["content-type"] == "video/mp4" and len(data) > 0
+
+
 def test_promote_errors(api_system, draft):
     parent, _, _ = draft
     pid = parent["job_id"]
