@@ -18,13 +18,14 @@ base model exactly. A file that is missing, changed since submit, or fails to lo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.weight_files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ class LoraLoadFailed(RuntimeError):
 def adapter_name(part: dict[str, str]) -> str:
     tag = "" if part.get("prefix", "transformer.") == "transformer." else "_2"
     return f"lora_{part['sha256'][:24]}{tag}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_part(module: torch.nn.Module, path: Path, prefix: str, name: str) -> None:

@@ -36,7 +36,6 @@ k shows source time k x fps / out_fps; n frames give (n - 1) x out_fps // fps + 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelLoadError
-from stages.weight_files import read_tensors
+from stages.weight_files import file_sha256, load_strictly, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -264,29 +263,7 @@ def detect(state: dict[str, torch.Tensor], path: Path) -> Layout:
 def build(state: dict[str, torch.Tensor], path: Path) -> IFNet:
     """The network of `state`'s layout, loaded strictly: every tensor present, none extra, each shape right."""
     layout = detect(state, path)
-    model = IFNet(layout)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        shapes = {k: {"file": list(state[k].shape), "expected": list(expected[k].shape)} for k in wrong[:5]}
-        raise refuse(path, f"keys or shapes do not match the v{VERSION} layout ({len(missing)} missing, "
-                     f"{len(unexpected)} unexpected, {len(wrong)} of the wrong shape)",
-                     missing=missing[:10], unexpected=unexpected[:10], wrong_shapes=shapes)
-    bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
-    if bad:
-        raise refuse(path, "tensors that are not finite floating-point numbers", keys=bad[:10])
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return load_strictly(IFNet(layout), state, "RIFE weights", path, f"the v{VERSION} layout")
 
 
 # ---- running it ----------------------------------------------------------------------------------
@@ -302,7 +279,7 @@ class Interpolator:
             dtype = torch.float32
         self.dtype = dtype
         self.model = build(read_state(path), path).to(self.device, dtype)
-        self.sha256 = sha256(path)
+        self.sha256 = file_sha256(path)
 
     @property
     def layout(self) -> Layout:

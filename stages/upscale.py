@@ -57,8 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelLoadError
-from stages.rife import sha256
-from stages.weight_files import read_tensors
+from stages.weight_files import file_sha256, load_strictly, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -235,21 +234,8 @@ def detect(state: dict[str, torch.Tensor], path: Path) -> Layout:
 def build(state: dict[str, torch.Tensor], path: Path) -> nn.Module:
     """The network of `state`'s layout, loaded strictly: every tensor present, none extra, each shape right."""
     layout = detect(state, path)
-    model = network(layout)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        shapes = {k: {"file": list(state[k].shape), "expected": list(expected[k].shape)} for k in wrong[:5]}
-        raise refuse(path, f"keys or shapes do not match {layout.arch} x{layout.scale} ({len(missing)} missing, "
-                     f"{len(unexpected)} unexpected, {len(wrong)} of the wrong shape)",
-                     missing=missing[:10], unexpected=unexpected[:10], wrong_shapes=shapes, **layout.describe())
-    bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
-    if bad:
-        raise refuse(path, "tensors that are not finite floating-point numbers", keys=bad[:10])
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return load_strictly(network(layout), state, "upscale weights", path, f"{layout.arch} x{layout.scale}",
+                         **layout.describe())
 
 
 # ---- tiling --------------------------------------------------------------------------------------
@@ -303,7 +289,7 @@ class Upscaler:
             dtype = torch.float32
         self.dtype = dtype
         self.model = build(read_state(path), path).to(self.device, dtype)
-        self.sha256 = sha256(path)
+        self.sha256 = file_sha256(path)
         step = self.layout.unshuffle  # tiles on the unshuffle grid
         if tile < 16 or overlap < 0:
             raise ModelLoadError(f"upscale tiling needs a tile of at least 16 pixels and an overlap of 0 or more, "

@@ -4,13 +4,16 @@ pickle that would run code is refused, and no `pickle` import is needed here to 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from common.errors import ModelLoadError
 
+M = TypeVar("M", bound=nn.Module)
 READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError)
 
 
@@ -51,3 +54,32 @@ def read_tensors(path: Path, what: str, wrappers: tuple[str, ...] = ()) -> dict[
             raise refuse(what, path, f"{name!r} appears both with and without the module. prefix")
         out[name] = value
     return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_strictly(model: M, state: dict[str, torch.Tensor], what: str, path: Path, layout: str,
+                  **details: Any) -> M:
+    """`model` (built from the layout detected in `state`) with `state` loaded: every tensor present,
+    none extra, each shape right, all finite floating point; else MODEL_LOAD_ERROR naming the file,
+    what differs, and `details`."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        shapes = {k: {"file": list(state[k].shape), "expected": list(expected[k].shape)} for k in wrong[:5]}
+        raise refuse(what, path, f"keys or shapes do not match {layout} ({len(missing)} missing, "
+                     f"{len(unexpected)} unexpected, {len(wrong)} of the wrong shape)",
+                     missing=missing[:10], unexpected=unexpected[:10], wrong_shapes=shapes, **details)
+    bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+    if bad:
+        raise refuse(what, path, "tensors that are not finite floating-point numbers", keys=bad[:10])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
