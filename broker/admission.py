@@ -399,10 +399,11 @@ def resolve_postprocess(options: dict[str, Any], base: dict[str, Any], width: in
     return wanted
 
 
-def rife_configured(config: Config, model: str) -> bool:
-    """Whether every muxer on `model`'s route has RIFE weights (`rife_weights`)."""
+def muxers_have(config: Config, model: str, weights: str) -> bool:
+    """Whether every muxer on `model`'s route has the side model `weights` names (`rife_weights`,
+    `upscale_weights`) configured."""
     muxers = [config.stage(name) for name in config.route(model) if config.stage(name).kind == "muxer"]
-    return bool(muxers) and all(spec.rife_weights for spec in muxers)
+    return bool(muxers) and all(getattr(spec, weights) for spec in muxers)
 
 
 def resolve_interpolation(config: Config, model: str, options: dict[str, Any],
@@ -416,7 +417,7 @@ def resolve_interpolation(config: Config, model: str, options: dict[str, Any],
             raise _bad("custom_options.interpolate_method", "interpolate_method needs interpolation: give "
                        "interpolate_fps (or a preset that interpolates)", method=method)
         return postprocess
-    configured = rife_configured(config, model)
+    configured = muxers_have(config, model, "rife_weights")
     if method == "rife" and not configured:
         raise _bad("custom_options.interpolate_method", "RIFE interpolation is not available: this server's "
                    "profile configures no RIFE weights (the muxer's rife_weights)", method=method,
@@ -424,12 +425,6 @@ def resolve_interpolation(config: Config, model: str, options: dict[str, Any],
     if method is None and configured:
         method = "rife"
     return postprocess if method is None else {**postprocess, "interpolate_method": method}
-
-
-def upscaler_configured(config: Config, model: str) -> bool:
-    """Whether every muxer on `model`'s route has an upscale model (`upscale_weights`)."""
-    muxers = [config.stage(name) for name in config.route(model) if config.stage(name).kind == "muxer"]
-    return bool(muxers) and all(spec.upscale_weights for spec in muxers)
 
 
 def resolve_upscale(config: Config, model: str, options: dict[str, Any], postprocess: dict[str, Any],
@@ -444,7 +439,7 @@ def resolve_upscale(config: Config, model: str, options: dict[str, Any], postpro
             raise _bad("custom_options.upscale_method", "upscale_method needs an upscale: give upscale or "
                        "upscale_to (or a preset that upscales)", method=method)
         return postprocess
-    configured = upscaler_configured(config, model)
+    configured = muxers_have(config, model, "upscale_weights")
     if method == "model" and not configured:
         raise _bad("custom_options.upscale_method", "model upscaling is not available: this server's profile "
                    "configures no upscale model (the muxer's upscale_weights)", method=method, allowed=["lanczos"])
