@@ -737,8 +737,10 @@ def post_multipart(system, parts):
 
 
 
-def encode_video(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "mpeg4", fps: int = 16) -> bytes:
-    """(H, W, 3) uint8 frames as a video file in memory (`fmt` container, `codec`), yuv420p."""
+def encode_video(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "mpeg4", fps: int = 16,
+                 pix_fmt: str = "yuv420p") -> bytes:
+    """(H, W, 3) uint8 frames as a video file in memory (`fmt` container, `codec`, `pix_fmt`; FFV1 in
+    "matroska" with "bgr0" is the muxer's lossless master)."""
     import av
 
     out = io.BytesIO()
@@ -746,7 +748,7 @@ def encode_video(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "mpeg4
         stream = container.add_stream(codec, rate=fps)
         assert isinstance(stream, av.VideoStream)
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)

@@ -52,21 +52,8 @@ def moving_frames(n: int, width: int, height: int, seed: int) -> list[np.ndarray
     return frames
 
 
-def lossless_mkv(frames: list[np.ndarray], fps: int = 16) -> bytes:
-    """Frames as FFV1 (RGB) in Matroska, as the muxer writes a lossless master."""
-    import io
-
-    out = io.BytesIO()
-    with av.open(out, "w", format="matroska") as container:
-        stream = container.add_stream("ffv1", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "bgr0"
-        for img in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+# The muxer's lossless master: FFV1 (RGB) in Matroska.
+LOSSLESS: dict[str, str] = {"fmt": "matroska", "codec": "ffv1", "pix_fmt": "bgr0"}
 
 
 def decoded(data: bytes) -> list[Image.Image]:
@@ -166,7 +153,7 @@ def v2v_results(stack, tmp_path_factory):
     jobs = []
     for model, seed, steps, strength, (w, h), (sw, sh), n in CASES:
         path = folder / f"{seed}.mkv"
-        data = lossless_mkv(moving_frames(n, sw, sh, seed))
+        data = encode_video(moving_frames(n, sw, sh, seed), **LOSSLESS)
         path.write_bytes(data)
         p = default_params(stack.config, model, prompt="a red block slides over a gradient", negative_prompt="dull",
                            seed=seed, steps=steps, height=h, width=w, num_frames=n, guidance_scale=3.5)
@@ -372,7 +359,7 @@ def test_too_many_frames(tmp_path):
     with pytest.raises(InvalidVideo) as info:
         check_video(data, "video/mp4", UploadLimits(max_video_frames=8), "video")
     assert info.value.details == {"field": "video", "max_frames": 8}
-    mkv = lossless_mkv(moving_frames(5, 16, 16, 2))
+    mkv = encode_video(moving_frames(5, 16, 16, 2), **LOSSLESS)
     assert check_video(mkv, "", UploadLimits(), "video")["format"] == "mkv"
     with pytest.raises(Exception) as refused:  # a pose video stays MP4 / WebM
         check_video(mkv, "", UploadLimits(), "pose_video")
@@ -417,9 +404,9 @@ def test_bad_input_videos_fail_in_the_text_encoder(stack, tmp_path):
     model here without a VAE for video) fails the job with a structured error; the stages go on."""
     from common.errors import JobFailedError
 
-    data = lossless_mkv(moving_frames(5, 32, 32, 9))
+    data = encode_video(moving_frames(5, 32, 32, 9), **LOSSLESS)
     (tmp_path / "junk.mkv").write_bytes(data[:4] + bytes(range(256)) * 4)  # an EBML magic, then nothing
-    (tmp_path / "short.mkv").write_bytes(lossless_mkv(moving_frames(3, 32, 32, 9)))
+    (tmp_path / "short.mkv").write_bytes(encode_video(moving_frames(3, 32, 32, 9), **LOSSLESS))
     cases = [("t2v-A14B", "junk.mkv", "does not decode"), ("t2v-A14B", "short.mkv", "gives 3 frames"),
              ("t2v-A14B", "missing.mkv", "missing"), ("i2v-A14B", "short.mkv", "takes no input video")]
     for model, name, words in cases:
