@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 
 from bench.gpu.clock import Env, max_abs_diff, r4, say, sub  # noqa: E402
 from bench.gpu.sizes import DTYPES, REAL, SMALL  # noqa: E402
-from bench.gpu.stages import StepClock, scheduler_config, serve  # noqa: E402
+from bench.gpu.stages import StepClock, add_experts, serve  # noqa: E402
 from bench.gpu.weights import build_random  # noqa: E402
 from broker import distill  # noqa: E402
 from common import messages as m  # noqa: E402
@@ -109,7 +109,6 @@ def stages(env: Env, P: dict[str, Any], sp: dict[str, Any], experts: dict[str, n
            lora_dir: Path) -> tuple[Any, Any, StepClock]:
     """Our DiT stage (part "all", both experts, LoRAs from `lora_dir`) and VAE stage (float32)."""
     from stages.dit import DitStage
-    from stages.models import PipelineInfo
     from stages.vae import VaeStage
 
     device = str(env.device)
@@ -123,14 +122,7 @@ def stages(env: Env, P: dict[str, Any], sp: dict[str, Any], experts: dict[str, n
     clock = StepClock(env)
     dit = DitStage(config, config.stage("dit_bench"), clock)
     dit.setup()
-    first: Any = experts["transformer"]
-    assert dit.placement is not None  # setup() places the stage on its device
-    info = PipelineInfo(folder=Path("in-memory"), boundary_ratio=sp["boundary"], expand_timesteps=False,
-                        has_transformer_2=True, vae_scale_temporal=4, vae_scale_spatial=sp["spatial"],
-                        z_dim=first.config.in_channels, patch_size=tuple(first.config.patch_size),
-                        in_channels=first.config.in_channels)
-    dit.add_model(sp["name"], info, {k: dit.placement.place(v, f"{sp['name']}/{k}") for k, v in experts.items()},
-                  scheduler_config(sp), boundary_ratio=sp["boundary"])
+    add_experts(dit, sp, experts, two_experts=True)
     serve(dit)
     vae_stage = VaeStage(config, config.stage("vae_bench"))
     vae_stage.setup()

@@ -47,10 +47,9 @@ def build_stage(P: dict[str, Any], part: str, device: str, experts: tuple[str, .
     from diffusers import WanTransformer3DModel
 
     from bench.gpu.clock import Env
-    from bench.gpu.stages import StepClock, make_config, scheduler_config, serve
+    from bench.gpu.stages import StepClock, add_experts, make_config, serve
     from bench.gpu.weights import build_random
     from stages.dit import DitStage
-    from stages.models import PipelineInfo
 
     if device == "cpu":
         torch.set_num_threads(1)
@@ -63,13 +62,7 @@ def build_stage(P: dict[str, Any], part: str, device: str, experts: tuple[str, .
     dtype = DTYPES[P["dtype"]]
     models = {name: build_random(WanTransformer3DModel, sp["config"], env.device, dtype,
                                  seed=1 if name == "transformer" else 2) for name in experts}
-    first: Any = next(iter(models.values()))
-    info = PipelineInfo(folder=Path("in-memory"), boundary_ratio=sp["boundary"], expand_timesteps=False,
-                        has_transformer_2=True, vae_scale_temporal=4, vae_scale_spatial=sp["spatial"],
-                        z_dim=first.config.in_channels, patch_size=tuple(first.config.patch_size),
-                        in_channels=first.config.in_channels)
-    stage.add_model(sp["name"], info, {k: stage.placement.place(v, f"{sp['name']}/{k}") for k, v in models.items()},
-                    scheduler_config(sp), boundary_ratio=sp["boundary"])
+    add_experts(stage, sp, models, two_experts=True)
     serve(stage)
     return stage
 

@@ -55,13 +55,24 @@ def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: s
     when `two_experts`, with the model's boundary). `attention` as in a profile (placement sets
     the backend on the model, so direct calls on the same model use it too)."""
     from stages.dit import DitStage
-    from stages.models import PipelineInfo
 
     config, spec = make_config("dit_bench", "dit", str(env.device), dtype_name, [sp["name"]], part=part,
                                attention=attention)
     stage = DitStage(config, spec, clock)
     stage.setup()
     assert stage.placement is not None  # setup() places the stage on its device
+    add_experts(stage, sp, {"transformer": model}, two_experts)
+    serve(stage)
+    return stage
+
+
+def add_experts(stage: Any, sp: dict[str, Any], experts: dict[str, Any], two_experts: bool) -> None:
+    """Serve `sp["name"]` in a set-up DitStage with these built experts (`transformer`, and
+    `transformer_2` for both A14B experts in one process), placed on the stage's device, with the
+    model's boundary when `two_experts`."""
+    from stages.models import PipelineInfo
+
+    first: Any = next(iter(experts.values()))
     info = PipelineInfo(
         folder=Path("in-memory"),
         boundary_ratio=sp.get("boundary"),
@@ -69,15 +80,14 @@ def dit_stage(env: Env, dtype_name: str, sp: dict[str, Any], model: Any, part: s
         has_transformer_2=two_experts,
         vae_scale_temporal=4,
         vae_scale_spatial=sp["spatial"],
-        z_dim=model.config.in_channels,
-        patch_size=tuple(model.config.patch_size),
-        in_channels=model.config.in_channels,
+        z_dim=first.config.in_channels,
+        patch_size=tuple(first.config.patch_size),
+        in_channels=first.config.in_channels,
     )
-    stage.add_model(sp["name"], info, {"transformer": stage.placement.place(model, f"{sp['name']}/transformer")},
+    assert stage.placement is not None  # setup() places the stage on its device
+    stage.add_model(sp["name"], info, {k: stage.placement.place(v, f"{sp['name']}/{k}") for k, v in experts.items()},
                     dict(scheduler_config(sp)), boundary_ratio=info.boundary_ratio,
-                    split_fraction=config.model(sp["name"]).split_fraction)
-    serve(stage)
-    return stage
+                    split_fraction=stage.config.model(sp["name"]).split_fraction)
 
 
 def vae_stage(env: Env, dtype_name: str, sp: dict[str, Any], vae: torch.nn.Module) -> Any:
